@@ -1,0 +1,185 @@
+"""The `finetune` command: Hydra composes the recipe, the pipeline runs the stages.
+
+    finetune +recipe=tiny-demo
+    finetune +recipe=llama2-7b-medical stages=[preflight] hardware=rtx4090
+    finetune -m +recipe=tiny-demo adapter.rank=8,16
+
+Exit codes (contract, ../shared/DESIGN.md): 0 success, 2 recipe/config error,
+3 data error, 4 does not fit, 5 environment, 130/143 interrupted, 1 anything else.
+A multirun exits with the worst (highest) code of its jobs.
+
+Expected errors print one line, ``error: ...``, and no traceback; set
+HYDRA_FULL_ERROR=1 to see the traceback. Hydra itself reports composition errors
+(a misspelled key, a missing recipe) in several lines and exits 1; we map those to
+one line and exit 2 by wrapping Hydra's reporting function for the duration of
+the call (hydra-core is pinned to 1.3.x, and tests/test_cli.py holds this to it).
+
+Only this module, the config schema and the preflight are imported before a stage
+needs more: `finetune --help` and a preflight dry run never import torch or mlflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from finetune.config import register_configs
+from finetune.errors import ConfigError, FinetuneError
+from finetune.paths import recipes_dir
+
+# Exit codes of the jobs run by this process (one per job; several in a multirun).
+_EXIT_CODES: list[int] = []
+
+
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def print_error(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
+def _available_recipes() -> list[str]:
+    return sorted(p.stem for p in (recipes_dir() / "recipe").glob("*.yaml"))
+
+
+def describe_config_error(ex: BaseException) -> str:
+    """One line for a Hydra / OmegaConf composition error: the key at fault and what to do."""
+    import re
+
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    recipes = ", ".join(_available_recipes()) or "none found"
+    if isinstance(ex, MissingConfigException):
+        group, _, name = (ex.missing_cfg_file or "").rpartition("/")
+        if group == "recipe":
+            return (f"no recipe named '{name}' (recipes: {recipes}; "
+                    f"add your own with --config-dir DIR holding DIR/recipe/NAME.yaml)")
+        if group:
+            options = f" (options: {', '.join(ex.options)})" if ex.options else ""
+            return f"no {group} named '{name}'{options}"
+        return str(ex).splitlines()[0]
+    if isinstance(ex, OverrideParseException):
+        return f"cannot parse the override: {str(ex).splitlines()[0]}"
+
+    # Find the OmegaConf error that says which key is at fault.
+    cause: BaseException | None = ex
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        key = getattr(cause, "full_key", None) or getattr(cause, "key", None) or "?"
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+            # Hydra names the whole override ("Could not override 'adaptr.rank'"); OmegaConf only its first part.
+            m = re.search(r"override '([^']+)'", str(ex))
+            key = m.group(1) if m else key
+            return (f"unknown recipe key '{key}': check its spelling "
+                    f"(`finetune +recipe=NAME --cfg job` lists every key)")
+        if re.search(r"Missing mandatory value: name$", str(cause).splitlines()[0]):
+            return f"no recipe given: run finetune +recipe=NAME (recipes: {recipes})"
+        if isinstance(cause, ValidationError):
+            return f"{key}: {str(cause).splitlines()[0]}"
+        return f"{key}: {str(cause).splitlines()[0]}"
+    text = " ".join(line.strip() for line in str(ex).splitlines() if line.strip())
+    return text or type(ex).__name__
+
+
+def classify(ex: BaseException) -> tuple[int, str]:
+    """Exit code and one-line message for an exception that reached the top."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(ex, FinetuneError):
+        return ex.exit_code, str(ex)
+    if isinstance(ex, (HydraException, OmegaConfBaseException)):
+        return ConfigError.exit_code, describe_config_error(ex)
+    return 1, f"{type(ex).__name__}: {ex}"
+
+
+@contextlib.contextmanager
+def _hydra_errors_as_exit_codes() -> Iterator[None]:
+    """Replace Hydra's multi-line error report (exit 1) with ours: one line, the right exit code."""
+    import hydra._internal.utils as hydra_utils
+
+    original = hydra_utils.run_and_report
+
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        try:
+            return func()
+        except Exception as ex:
+            if _full_error():
+                raise
+            code, message = classify(ex)
+            if code == 1:
+                traceback.print_exception(ex)
+            print_error(message)
+            sys.exit(code)
+
+    hydra_utils.run_and_report = run_and_report
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = original
+
+
+def _run_job(cfg: DictConfig) -> int:
+    """One job: validate the recipe, run the pipeline, turn expected errors into an exit code."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from finetune.config import to_run_config
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = str(hydra_cfg.mode) == "RunMode.MULTIRUN"
+    try:
+        run_cfg = to_run_config(cfg)
+        from finetune.pipeline import run_pipeline
+
+        run_pipeline(run_cfg, run_dir, sweep=_sweep_info(hydra_cfg) if multirun else None)
+        return 0
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        return 130
+    except Exception as ex:
+        if _full_error():
+            raise
+        code, message = classify(ex)
+        if code == 1:
+            traceback.print_exception(ex)
+        print_error(message)
+        return code
+
+
+def _sweep_info(hydra_cfg: Any) -> dict[str, Any]:
+    """What a multirun job knows of its sweep: the sweep directory and the swept overrides."""
+    return {
+        "dir": str(hydra_cfg.sweep.dir),
+        "job_num": int(hydra_cfg.job.num),
+        "overrides": list(hydra_cfg.overrides.task),
+    }
+
+
+@hydra.main(version_base="1.3", config_path=str(recipes_dir()), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    _EXIT_CODES.append(_run_job(cfg))
+
+
+def main() -> None:
+    register_configs()
+    _EXIT_CODES.clear()
+    with _hydra_errors_as_exit_codes():
+        _hydra_main()
+    sys.exit(max(_EXIT_CODES, default=0))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""The recipe schema: typed settings groups, registered in Hydra's ConfigStore.
+
+``recipes/config.yaml`` extends this schema through its defaults list, so every
+YAML file and every command-line override is checked against these dataclasses at
+composition: a misspelled key or a value of the wrong type fails before anything
+runs (exit 2), instead of being silently ignored.
+
+Cross-field checks live in ``__post_init__`` next to the fields they check; they
+run when :func:`to_run_config` turns the composed config into these objects.
+
+This module must stay light: the CLI's ``--help`` and the preflight import it, and
+neither may pull in torch, transformers or mlflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from finetune.errors import ConfigError
+
+
+class Stage(Enum):
+    data = "data"
+    preflight = "preflight"
+    train = "train"
+    eval = "eval"
+
+
+class DatasetFormat(Enum):
+    alpaca = "alpaca"
+    sharegpt = "sharegpt"
+    messages = "messages"
+    text = "text"
+    auto = "auto"
+
+
+class Quantization(Enum):
+    nf4 = "nf4"
+    int8 = "int8"
+    none = "none"
+
+
+class Optimizer(Enum):
+    adamw = "adamw"
+    adamw_8bit = "adamw_8bit"
+    paged_adamw_8bit = "paged_adamw_8bit"
+    paged_adamw_32bit = "paged_adamw_32bit"
+
+
+class Device(Enum):
+    cuda = "cuda"
+    cpu = "cpu"
+    mps = "mps"
+
+
+class LRScheduler(Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """The base model. Nothing is downloaded until training starts."""
+
+    # Hub id (meta-llama/Llama-2-7b-hf), a local directory, or a built-in tiny model (tiny:llama).
+    name_or_path: str = MISSING
+    # A hub revision (branch, tag or commit) to pin; null takes the default branch.
+    revision: str | None = None
+    # Runs code from the model's repository: only for models you trust.
+    trust_remote_code: bool = False
+    # null uses the tokenizer's own chat template; a built-in name (llama-2, alpaca, chatml)
+    # for base models that have none (Llama-2 base has none).
+    chat_template: str | None = None
+
+
+@dataclass
+class DatasetConfig:
+    """Where the training data comes from and how it becomes tokens."""
+
+    format: DatasetFormat = DatasetFormat.auto
+    # A file, directory or glob; a hub dataset id; or a built-in sample (sample:medical-qa).
+    path: str = MISSING
+    # Longest tokenized example kept (longer ones are dropped and counted).
+    max_seq_len: int = 1024
+    # Share of rows held out for evaluation (split by content hash, stable under reordering).
+    eval_fraction: float = 0.1
+    # Train on the prompt tokens too, not only on the answers.
+    train_on_inputs: bool = False
+    # The run fails (exit 3) when more than this share of rows is rejected.
+    max_rejected_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check(self.max_seq_len >= 8, "dataset.max_seq_len", f"must be at least 8, got {self.max_seq_len}")
+        _check(0.0 <= self.eval_fraction < 1.0, "dataset.eval_fraction",
+               f"must be in [0, 1), got {self.eval_fraction}")
+        _check(0.0 <= self.max_rejected_fraction <= 1.0, "dataset.max_rejected_fraction",
+               f"must be in [0, 1], got {self.max_rejected_fraction}")
+
+
+@dataclass
+class AdapterConfig:
+    """The LoRA adapter trained on top of the frozen base."""
+
+    rank: int = 16  # higher: more capacity, more memory and optimizer state
+    alpha: float = 32.0  # scaling is alpha / rank
+    dropout: float = 0.05
+    # Module names, or all-linear for every linear layer of the decoder blocks.
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "adapter.rank", f"must be a positive integer, got {self.rank}")
+        _check(self.alpha > 0, "adapter.alpha", f"must be positive, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, "adapter.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(len(self.targets) > 0, "adapter.targets", "must name at least one module (or all-linear)")
+
+
+@dataclass
+class HardwareConfig:
+    """The machine the plan must fit."""
+
+    name: str = "custom"
+    device: Device = Device.cuda
+    # The memory the plan must fit, per GPU, in GiB (a "12 GB" RTX 4070 has 12 GiB).
+    vram_gib: float = 24.0
+    num_gpus: int = 1
+    # False on cards without bfloat16 (T4, V100, 2080 Ti): compute runs in fp16 with loss scaling.
+    bf16: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.vram_gib > 0, "hardware.vram_gib", f"must be positive, got {self.vram_gib}")
+        _check(self.num_gpus >= 1, "hardware.num_gpus", f"must be at least 1, got {self.num_gpus}")
+
+
+@dataclass
+class PinConfig:
+    """Choices the planner must respect; null lets it decide."""
+
+    quantization: Quantization | None = None
+    double_quant: bool | None = None
+    gradient_checkpointing: bool | None = None
+    micro_batch_size: int | None = None
+    optimizer: Optimizer | None = None
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size is not None:
+            _check(self.micro_batch_size >= 1, "preflight.pin.micro_batch_size",
+                   f"must be at least 1, got {self.micro_batch_size}")
+
+
+@dataclass
+class PreflightConfig:
+    # Share of hardware.vram_gib kept free for what the estimate cannot see.
+    margin: float = 0.1
+    pin: PinConfig = field(default_factory=PinConfig)
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.margin < 1.0, "preflight.margin", f"must be in [0, 1), got {self.margin}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    # Optimizer steps; -1 trains for `epochs` instead.
+    max_steps: int = -1
+    epochs: float = 1.0
+    learning_rate: float = 2e-4
+    # Sequences per optimizer step, kept constant by gradient accumulation whatever micro-batch fits.
+    effective_batch_size: int = 16
+    lr_scheduler: LRScheduler = LRScheduler.cosine
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3  # the QLoRA paper's clipping
+    save_steps: int = 100
+    # Evaluate on the held-out split every N steps during training; null: only at the end.
+    eval_steps: int | None = None
+    # auto: continue the newest complete checkpoint of this recipe; never; or a checkpoint path.
+    resume: str = "auto"
+    logging_steps: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps == -1 or self.max_steps > 0, "train.max_steps",
+               f"must be -1 (use epochs) or positive, got {self.max_steps}")
+        _check(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
+        _check(self.learning_rate > 0, "train.learning_rate", f"must be positive, got {self.learning_rate}")
+        _check(self.effective_batch_size >= 1, "train.effective_batch_size",
+               f"must be at least 1, got {self.effective_batch_size}")
+        _check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.save_steps >= 1, "train.save_steps", f"must be at least 1, got {self.save_steps}")
+        _check(self.logging_steps >= 1, "train.logging_steps", f"must be at least 1, got {self.logging_steps}")
+        if self.eval_steps is not None:
+            _check(self.eval_steps >= 1, "train.eval_steps", f"must be at least 1 or null, got {self.eval_steps}")
+
+
+@dataclass
+class EvalConfig:
+    # Compare the adapter with the base model (the adapter switched off) on the eval split.
+    compare_base: bool = True
+    batch_size: int = 8
+    # Evaluate on at most this many held-out examples; null: all of them.
+    max_examples: int | None = None
+
+
+@dataclass
+class TrackingConfig:
+    # MLflow's own default store, relative to the working directory (the Makefile runs from the repo root).
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "finetune"
+
+
+@dataclass
+class RunConfig:
+    """The whole recipe, composed and validated."""
+
+    # The recipe's name: names the run directory (outputs/<name>/<time>/) and the MLflow run.
+    name: str = MISSING
+    stages: list[Stage] = field(
+        default_factory=lambda: [Stage.data, Stage.preflight, Stage.train, Stage.eval]
+    )
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _check(len(self.stages) > 0, "stages", "must list at least one of data, preflight, train, eval")
+
+
+def register_configs() -> None:
+    """Register the schema so that recipes/config.yaml can extend it (`- finetune_schema` in its defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="finetune_schema", node=RunConfig)
+
+
+def compose(overrides: list[str]) -> RunConfig:
+    """Compose and validate a recipe in-process, as the CLI would: compose(["+recipe=tiny-demo", "adapter.rank=8"]).
+
+    For scripts and tests; the hydra: resolvers (run directory, choices) are not available here.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from finetune.paths import recipes_dir
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    return to_run_config(cfg)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Resolve interpolations, build the dataclasses (running their cross-field checks)."""
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", None) or "?"
+        hint = " (pick a recipe: finetune +recipe=NAME)" if key in ("name", "model.name_or_path", "dataset.path") else ""
+        raise ConfigError(f"{key}: missing a value{hint}") from e
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from e
+    assert isinstance(obj, RunConfig)
+    return obj
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a (resolved) recipe into stable dotted keys: {"adapter.rank": 16, ...}."""
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(cfg):
+        cfg = asdict(cfg)
+    elif isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, Enum):
+            out[name] = value.value
+        elif isinstance(value, list):
+            out[name] = ",".join(str(v.value if isinstance(v, Enum) else v) for v in value)
+        else:
+            out[name] = value
+    return out
+
+
+def to_plain_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved recipe as plain YAML-able data (enums as their values)."""
+    from dataclasses import asdict
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Enum):
+            return value.value
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(asdict(cfg))
