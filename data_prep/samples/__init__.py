@@ -1,0 +1,34 @@
+"""Sample datasets the project writes itself (no network): ``dataset.path: sample:NAME``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from data_prep.samples import medical
+
+# name -> (file name in the cache, writer)
+SAMPLES: dict[str, tuple[str, Callable[[Path], Path]]] = {
+    "medical-qa": ("medical_qa.jsonl", medical.write),
+}
+
+PREFIX = "sample:"
+
+
+def is_sample(path: str) -> bool:
+    return path.startswith(PREFIX)
+
+
+def resolve(path: str) -> Path:
+    """The file behind ``sample:NAME``, written into the cache on first use."""
+    from finetune.errors import ConfigError
+    from finetune.paths import cache_dir
+
+    name = path[len(PREFIX):]
+    if name not in SAMPLES:
+        raise ConfigError(f"dataset.path: no sample named '{name}' (samples: {', '.join(sorted(SAMPLES))})")
+    file_name, writer = SAMPLES[name]
+    target = cache_dir() / "samples" / file_name
+    if not target.is_file():
+        writer(target)
+    return target
