@@ -1,0 +1,67 @@
+"""The plan as rich tables: the choice, where the memory goes, and what else was considered."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from finetune.preflight.memory import GiB
+from finetune.preflight.planner import Plan
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def count(n: int) -> str:
+    """6738415616 -> 6.74B; 39976960 -> 40.0M; 354624 -> 355K."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}" if unit != "B" else f"{n / size:.2f}B"
+    return str(n)
+
+
+def show_plan(plan: Plan, console: Console | None = None) -> None:
+    console = console or Console()
+    c = plan.choices
+    m = plan.model
+    head = Table(title=f"Plan for {m['name']}", show_header=False, title_justify="left")
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("model", f"{m['architecture']}, {count(m['params_total'])} params, "
+                          f"{count(m['params_trainable'])} trainable (LoRA)")
+    q = c["quantization"] + (" + double quant" if c["quantization"] == "nf4" and c["double_quant"] else "")
+    head.add_row("quantization", q)
+    head.add_row("compute dtype", c["compute_dtype"])
+    head.add_row("gradient checkpointing", "on" if c["gradient_checkpointing"] else "off")
+    head.add_row("batch", f"micro-batch {c['micro_batch_size']} x {c['gradient_accumulation_steps']} accumulation"
+                          f" x {c['num_gpus']} GPU(s)")
+    head.add_row("sequence length", f"{c['max_seq_len']} (from the {c['seq_len_source']})")
+    head.add_row("optimizer", c["optimizer"])
+    p = plan.predicted
+    verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
+    head.add_row("predicted", f"{_gib(p['device_total_bytes'])} GiB on the device (allocated "
+                              f"{_gib(p['peak_allocated_bytes'])}, reserved {_gib(p['peak_reserved_bytes'])}) "
+                              f"of a {_gib(plan.budget_bytes)} GiB budget: {verdict}")
+    console.print(head)
+
+    parts = Table(title="Where the memory goes (GiB)", title_justify="left")
+    parts.add_column("part")
+    parts.add_column("GiB", justify="right")
+    for name, value in sorted(plan.breakdown_bytes.items(), key=lambda kv: -kv[1]):
+        if value:
+            parts.add_row(name, _gib(value))
+    console.print(parts)
+
+    if plan.alternatives:
+        alts = Table(title="Next best", title_justify="left")
+        for col in ("quant", "ckpt", "micro-batch", "optimizer", "GiB", "speed", "why not"):
+            alts.add_column(col)
+        for a in plan.alternatives:
+            ac = a["choices"]
+            alts.add_row(ac["quantization"], "on" if ac["gradient_checkpointing"] else "off",
+                         str(ac["micro_batch_size"]), ac["optimizer"], _gib(a["device_total_bytes"]),
+                         f"{a['relative_speed']:.2f}", a["why_not"])
+        console.print(alts)
+    for line in plan.explanation:
+        console.print(f"  - {line}")
