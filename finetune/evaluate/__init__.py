@@ -1,0 +1,108 @@
+"""The eval stage: loss and perplexity of the base model and of the adapter on the held-out split.
+
+The loss is averaged over the tokens that carry a label (the answers and their end
+token), summed over the whole split before dividing, so the perplexity does not
+depend on how examples fall into batches (the Trainer's eval_loss averages batch
+means, which weighs short batches up).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LossReport:
+    loss: float
+    perplexity: float
+    tokens: int
+    examples: int
+
+
+@dataclass
+class EvalReport:
+    adapter: LossReport
+    base: LossReport | None = None
+    improvement: float | None = None  # base loss - adapter loss (positive: the adapter is better)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, path: Path) -> Path:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def metrics(self) -> dict[str, float]:
+        out = {"eval/adapter_loss": self.adapter.loss, "eval/adapter_perplexity": self.adapter.perplexity}
+        if self.base is not None:
+            out.update({"eval/base_loss": self.base.loss, "eval/base_perplexity": self.base.perplexity,
+                        "eval/loss_improvement": self.improvement or 0.0})
+        return out
+
+
+def token_loss(model, examples, pad_token_id: int, batch_size: int, label: str = "eval") -> LossReport:
+    """Mean next-token loss over labelled tokens, and its perplexity."""
+    import torch
+    import torch.nn.functional as F
+    from rich.progress import track
+
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    total_tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            starts = range(0, len(examples), batch_size)
+            for start in track(starts, description=label, total=len(starts), transient=True):
+                batch = examples[start:start + batch_size]
+                width = max(len(e.input_ids) for e in batch)
+                ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+                labels = torch.full((len(batch), width), -100, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for i, e in enumerate(batch):
+                    n = len(e.input_ids)
+                    ids[i, :n] = torch.tensor(e.input_ids)
+                    labels[i, :n] = torch.tensor(e.labels)
+                    mask[i, :n] = 1
+                ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+                shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
+                shift_labels = labels[:, 1:].reshape(-1)
+                total_nll += F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum").item()
+                total_tokens += int((shift_labels != -100).sum())
+    finally:
+        model.train(was_training)
+    loss = total_nll / max(total_tokens, 1)
+    return LossReport(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=total_tokens, examples=len(examples))
+
+
+def evaluate(cfg, data, model, tokenizer) -> EvalReport:
+    """Evaluate `model` (a peft model: base + adapter) on the eval split; the base with the adapter off."""
+    examples = list(data.eval)
+    notes = []
+    if not examples:
+        notes.append("the eval split is empty (dataset.eval_fraction too small for this dataset); "
+                     "evaluated on the training split instead, which overstates the adapter")
+        examples = list(data.train)
+    if cfg.eval.max_examples is not None:
+        examples = examples[: cfg.eval.max_examples]
+    pad = tokenizer.pad_token_id
+    adapter = token_loss(model, examples, pad, cfg.eval.batch_size, "eval adapter")
+    base = None
+    if cfg.eval.compare_base:
+        with model.disable_adapter():
+            base = token_loss(model, examples, pad, cfg.eval.batch_size, "eval base")
+    report = EvalReport(adapter=adapter, base=base,
+                        improvement=(base.loss - adapter.loss) if base is not None else None, notes=notes)
+    log.info("eval: adapter loss %.4f (ppl %.2f)%s on %d held-out examples", adapter.loss, adapter.perplexity,
+             f" vs base {base.loss:.4f} (ppl {base.perplexity:.2f})" if base else "", adapter.examples)
+    return report

@@ -1,0 +1,131 @@
+"""Load the tokenizer and the base model the way a Plan says (4-bit NF4, 8-bit, or unquantized)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import ConfigError, EnvError
+from finetune.models import tiny
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def resolve_path(model_cfg) -> str:
+    """A loadable name: the tiny model's built directory, or the hub id / local directory as given."""
+    if tiny.is_tiny(model_cfg.name_or_path):
+        return str(tiny.ensure_built(model_cfg.name_or_path))
+    return model_cfg.name_or_path
+
+
+def ensure_pad_token(tokenizer, model_vocab_size: int | None = None) -> None:
+    """Give the tokenizer a pad token distinct from EOS, so that EOS is never masked as padding.
+
+    Keeps a distinct existing pad token; else uses UNK (what Llama recipes do); else adds
+    ``<pad>`` when the embedding matrix has a spare row for it. Never resizes embeddings
+    (that would put the embedding matrix into the adapter).
+    """
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != eos:
+        tokenizer.pad_token = tokenizer.unk_token
+        return
+    if model_vocab_size is not None and len(tokenizer) < model_vocab_size:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        return
+    raise ConfigError("model.name_or_path: the tokenizer has no pad or unk token distinct from EOS and no spare "
+                      "embedding row to add one; use a tokenizer with a pad token")
+
+
+def _hub_kwargs(model_cfg) -> dict[str, Any]:
+    # The hub token comes from HF_TOKEN or `huggingface-cli login` through huggingface_hub itself;
+    # it is never passed through (or logged by) us.
+    return {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+
+
+def load_tokenizer(model_cfg, model_vocab_size: int | None = None):
+    from transformers import AutoTokenizer
+
+    path = resolve_path(model_cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(model_cfg))
+    except OSError as e:
+        raise _load_error(model_cfg, e) from e
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"model.name_or_path: {model_cfg.name_or_path} has no fast tokenizer "
+                          "(the loss mask needs character offsets)")
+    ensure_pad_token(tokenizer, model_vocab_size)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _load_error(model_cfg, e: Exception) -> Exception:
+    name = model_cfg.name_or_path
+    if Path(name).expanduser().exists():
+        return ConfigError(f"model.name_or_path: cannot load {name}: {str(e).splitlines()[0]}")
+    return EnvError(
+        f"model.name_or_path: cannot load '{name}' ({str(e).splitlines()[0]}); check the id, the network, "
+        "and for gated models your access (HF_TOKEN or `huggingface-cli login`)"
+    )
+
+
+def quantization_config(choices: dict[str, Any]):
+    """The BitsAndBytesConfig for a plan's choices, or None for an unquantized base."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = getattr(torch, DTYPES[choices["compute_dtype"]])
+    if choices["quantization"] == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=bool(choices["double_quant"]),
+            bnb_4bit_compute_dtype=compute,
+        )
+    if choices["quantization"] == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_model(model_cfg, choices: dict[str, Any], device: str):
+    """The frozen base model, quantized as the plan chose, on `device` ("cuda" or "cpu")."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_path(model_cfg)
+    kwargs: dict[str, Any] = dict(_hub_kwargs(model_cfg))
+    kwargs["dtype"] = getattr(torch, DTYPES[choices["compute_dtype"]])
+    kwargs["quantization_config"] = quantization_config(choices)
+    kwargs["use_safetensors"] = True  # never unpickle weights
+    if device == "cuda":
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise _load_error(model_cfg, e) from e
+    model.config.use_cache = False  # no KV cache during training (it only costs memory)
+    return model
+
+
+def load_with_adapter(model_cfg, choices: dict[str, Any], adapter_dir: Path | str, device: str):
+    """Base model + a saved adapter, computing exactly as during training.
+
+    TRL trains the LoRA weights of a quantized model in bf16; peft creates a loaded adapter's
+    weights in the base layer's dtype (fp32 on the CPU) whatever ``autocast_adapter_dtype``
+    says, which shifts logits by ~1e-2. Casting them back to bf16 reproduces the trained model.
+    """
+    import torch
+    from peft import PeftModel
+
+    base = load_model(model_cfg, choices, device)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), autocast_adapter_dtype=False)
+    if choices["quantization"] != "none":
+        for name, param in model.named_parameters():
+            if "lora_" in name and "magnitude" not in name:
+                param.data = param.data.to(torch.bfloat16)
+    model.eval()
+    return model

@@ -1,0 +1,195 @@
+"""Tiny models for the demo and the tests, built locally once and loaded like hub models.
+
+``model.name_or_path: tiny:llama`` names one. On first use :func:`ensure_built`
+writes a real model directory into the cache — config.json, model.safetensors and
+a byte-level BPE tokenizer trained on local text (the sample medical set and the
+chat-template markers) — and every later use reads it with ``from_pretrained``,
+exactly the path a hub model takes. No network is ever needed.
+
+The weights are not left random: a few hundred steps of plain language-model
+training on short encyclopedia entries about the sample set's conditions
+(data_prep.samples.medical.encyclopedia) make it a small *base* model, that has
+read about the topic but never seen a question or a chat template. Fine-tuning
+then has something real to do (learn the instruction format and answer from what
+it knows), like a real base model; a random network with a frozen 64-wide LM head
+cannot even express a confident prediction.
+
+The specs are plain dicts so that the preflight can plan a tiny model without
+importing torch or building anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+PREFIX = "tiny:"
+
+# Embedding rows; the trained tokenizer may use fewer (the rest stay unused, as in many real models).
+TINY_VOCAB = 2048
+BUILDER_VERSION = 2
+PRETRAIN_STEPS = 300
+PRETRAIN_BATCH = 8
+PRETRAIN_LR = 3e-3
+
+_COMMON: dict[str, Any] = {
+    "vocab_size": TINY_VOCAB,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 3,
+    "dtype": "float32",
+}
+
+# config.json contents of each tiny model (model_type selects the transformers class).
+# Every linear layer's output width is a multiple of 32: bitsandbytes' CPU 4-bit inference
+# kernel repacks weights in blocks of 32 output rows (and asserts it).
+SPECS: dict[str, dict[str, Any]] = {
+    "llama": {
+        **_COMMON,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
+}
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, as in _COMMON
+
+
+def is_tiny(name_or_path: str) -> bool:
+    return name_or_path.startswith(PREFIX)
+
+
+def spec(name_or_path: str) -> dict[str, Any]:
+    from finetune.errors import ConfigError
+
+    name = name_or_path[len(PREFIX):]
+    if name not in SPECS:
+        raise ConfigError(f"model.name_or_path: no tiny model '{name}' (tiny models: "
+                          f"{', '.join(PREFIX + n for n in sorted(SPECS))})")
+    return dict(SPECS[name])
+
+
+def _model_dir(name: str) -> Path:
+    from finetune.paths import cache_dir
+
+    digest = hashlib.sha256(json.dumps([SPECS[name], BUILDER_VERSION], sort_keys=True).encode()).hexdigest()[:10]
+    return cache_dir() / "models" / f"tiny-{name}-{digest}"
+
+
+def _tokenizer_corpus() -> list[str]:
+    from data_prep.samples.medical import encyclopedia, generate_rows
+
+    texts = list(encyclopedia())
+    for row in generate_rows():
+        texts.extend([row["instruction"], row["input"], row["output"]])
+    # Chat-template markers of the built-in templates, so they become single tokens or short runs.
+    texts += ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "### Instruction:", "### Input:", "### Response:",
+              "<|im_start|>", "<|im_end|>", "user", "assistant", "system",
+              "Below is an instruction that describes a task. Write a response that appropriately completes the request."]
+    return [t for t in texts if t]
+
+
+def _build_tokenizer(out_dir: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(), trainer)
+    # Like Llama's tokenizer: plain encoding starts with BOS. Chat templates write their own
+    # BOS and are tokenized without special tokens.
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                 unk_token="<unk>", pad_token="<pad>", model_max_length=1024)
+    hf.save_pretrained(out_dir)
+
+
+def _pretrain(model, tokenizer) -> float:
+    """Plain causal-LM training on the encyclopedia entries; returns the last loss."""
+    import random
+
+    import torch
+
+    from data_prep.samples.medical import encyclopedia
+
+    docs = [tokenizer(d).input_ids + [tokenizer.eos_token_id] for d in encyclopedia()]
+    rng = random.Random(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=PRETRAIN_STEPS)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(PRETRAIN_STEPS):
+        batch = rng.sample(docs, k=min(PRETRAIN_BATCH, len(docs)))
+        width = max(len(d) for d in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, d in enumerate(batch):
+            ids[i, : len(d)] = torch.tensor(d)
+            labels[i, : len(d)] = torch.tensor(d)
+            mask[i, : len(d)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss.detach())
+
+
+def ensure_built(name_or_path: str) -> Path:
+    """The tiny model's directory, built on first use (atomically: a crash leaves no half-built model)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config_dict = spec(name_or_path)
+    name = name_or_path[len(PREFIX):]
+    target = _model_dir(name)
+    if (target / "config.json").is_file():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _build_tokenizer(tmp)
+        model_type = config_dict.pop("model_type")
+        config_dict.pop("architectures", None)
+        config = AutoConfig.for_model(model_type, **config_dict)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            loss = _pretrain(model, AutoTokenizer.from_pretrained(tmp))
+        finally:
+            torch.random.set_rng_state(state)
+        model.save_pretrained(tmp)
+        (tmp / "build.json").write_text(json.dumps({"builder_version": BUILDER_VERSION, "pretrain_steps":
+                                                    PRETRAIN_STEPS, "pretrain_final_loss": loss}, indent=2))
+        try:
+            tmp.rename(target)
+        except OSError:
+            # Another process built it first: keep theirs.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
