@@ -1,0 +1,119 @@
+"""The command line contract: exit codes, one-line errors, the preflight dry run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PLAN_KEYS = {"schema_version", "model", "choices", "predicted", "breakdown_bytes", "budget_bytes", "fits",
+             "alternatives", "explanation", "measured"}
+CHOICE_KEYS = {"quantization", "double_quant", "compute_dtype", "gradient_checkpointing", "micro_batch_size",
+               "gradient_accumulation_steps", "max_seq_len", "seq_len_source", "packing", "optimizer",
+               "attention", "distributed", "num_gpus"}
+BREAKDOWN_KEYS = {"weights_quantized", "weights_unquantized", "quant_constants", "lora_params", "lora_grads",
+                  "optimizer_state", "activations", "lm_head_and_loss", "workspace", "cuda_context"}
+
+
+def _one_error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_misspelled_key_exits_2_with_one_line(run_cli):
+    proc = run_cli("+recipe=tiny-demo", "adaptr.rank=8")
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert "adaptr.rank" in line
+
+
+def test_unknown_recipe_exits_2_and_lists_recipes(run_cli):
+    proc = run_cli("+recipe=no-such-recipe")
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert "no-such-recipe" in line and "tiny-demo" in line
+
+
+def test_no_recipe_exits_2(run_cli):
+    proc = run_cli()
+    assert proc.returncode == 2
+    assert "+recipe=NAME" in _one_error_line(proc)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("adapter.rank=abc", "adapter.rank"),
+    ("adapter.rank=0", "adapter.rank"),
+    ("dataset.format=yaml", "dataset.format"),
+    ("hardware=no-such-card", "hardware"),
+])
+def test_bad_values_exit_2_naming_the_key(run_cli, override, needle):
+    proc = run_cli("+recipe=tiny-demo", override, "stages=[preflight]")
+    assert proc.returncode == 2
+    assert needle in _one_error_line(proc)
+
+
+def test_full_error_shows_the_traceback(run_cli):
+    proc = run_cli("+recipe=tiny-demo", "adapter.rank=0", "stages=[preflight]", env={"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr
+
+
+def test_headline_preflight_is_an_offline_dry_run(run_cli, tmp_path):
+    proc = run_cli("+recipe=llama2-7b-medical", "stages=[preflight]", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Plan for meta-llama/Llama-2-7b-hf" in proc.stdout
+    plans = list((tmp_path / "outputs" / "llama2-7b-medical").glob("*/plan.json"))
+    assert len(plans) == 1
+    plan = json.loads(plans[0].read_text())
+    assert set(plan) == PLAN_KEYS
+    assert set(plan["choices"]) == CHOICE_KEYS
+    assert set(plan["breakdown_bytes"]) == BREAKDOWN_KEYS
+    assert plan["model"]["params_total"] == 6_738_415_616
+    assert plan["fits"] is True
+    assert plan["choices"]["quantization"] == "nf4"  # 7B in bf16 cannot fit 12 GiB
+    assert plan["predicted"]["device_total_bytes"] <= plan["budget_bytes"] == int(12 * 2**30 * 0.9)
+    assert plan["measured"] is None
+    assert not (tmp_path / "mlflow.db").exists(), "a dry run opens no MLflow run"
+
+
+def test_preflight_imports_neither_torch_nor_mlflow(tmp_path):
+    code = (
+        "import sys\n"
+        "sys.argv = ['finetune', '+recipe=llama2-7b-medical', 'stages=[preflight]']\n"
+        "from finetune import cli\n"
+        "try:\n"
+        "    cli.main()\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "print('IMPORTED', 'torch' in sys.modules, 'mlflow' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "IMPORTED False False False" in proc.stdout
+
+
+def test_model_dir_with_only_config_json_is_planned(run_cli, tmp_path):
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({
+        "model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False,
+    }))
+    proc = run_cli("+recipe=llama2-7b-medical", "stages=[preflight]", f"model.name_or_path={model_dir}")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(next((tmp_path / "outputs").rglob("plan.json")).read_text())
+    assert plan["model"]["architecture"] == "MistralForCausalLM"
+    assert plan["model"]["params_total"] == 7_241_732_096
+
+
+def test_does_not_fit_exits_4_with_a_suggestion(run_cli):
+    proc = run_cli("+recipe=llama2-7b-medical", "stages=[preflight]", "model.name_or_path=meta-llama/Llama-2-70b-hf")
+    assert proc.returncode == 4, proc.stderr
+    line = _one_error_line(proc)
+    assert "does not fit" in line and "GiB" in line
