@@ -117,3 +117,25 @@ def test_does_not_fit_exits_4_with_a_suggestion(run_cli):
     assert proc.returncode == 4, proc.stderr
     line = _one_error_line(proc)
     assert "does not fit" in line and "GiB" in line
+
+
+def test_users_own_recipe_directory(run_cli, tmp_path):
+    mine = tmp_path / "my-recipes" / "recipe"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - override /model: llama2-7b\n  - override /hardware: rtx4090\n  - _self_\n"
+        "name: mine\ndataset:\n  path: data.jsonl\n  format: alpaca\nadapter:\n  rank: 8\n"
+    )
+    proc = run_cli("--config-dir", str(tmp_path / "my-recipes"), "+recipe=mine", "stages=[preflight]")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(next((tmp_path / "outputs" / "mine").glob("*/plan.json")).read_text())
+    assert plan["model"]["name"] == "meta-llama/Llama-2-7b-hf"
+    assert plan["budget_bytes"] == int(24 * 2**30 * 0.9)
+
+
+def test_multirun_exits_with_the_worst_jobs_code(run_cli, tmp_path):
+    proc = run_cli("-m", "+recipe=llama2-7b-medical", "stages=[preflight]", "adapter.rank=8,0")
+    assert proc.returncode == 2
+    assert len(list((tmp_path / "outputs" / "llama2-7b-medical").glob("*-sweep/0/plan.json"))) == 1
+    assert "adapter.rank" in proc.stderr
