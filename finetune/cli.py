@@ -105,6 +105,18 @@ def classify(ex: BaseException) -> tuple[int, str]:
     return 1, f"{type(ex).__name__}: {ex}"
 
 
+def report(ex: Exception) -> int:
+    """Print an error the way the contract says (one line; a traceback only for unexpected ones)
+    and return its exit code. With HYDRA_FULL_ERROR=1 the exception propagates instead."""
+    if _full_error():
+        raise ex
+    code, message = classify(ex)
+    if code == 1:
+        traceback.print_exception(ex)
+    print_error(message)
+    return code
+
+
 @contextlib.contextmanager
 def _hydra_errors_as_exit_codes() -> Iterator[None]:
     """Replace Hydra's multi-line error report (exit 1) with ours: one line, the right exit code."""
@@ -116,13 +128,7 @@ def _hydra_errors_as_exit_codes() -> Iterator[None]:
         try:
             return func()
         except Exception as ex:
-            if _full_error():
-                raise
-            code, message = classify(ex)
-            if code == 1:
-                traceback.print_exception(ex)
-            print_error(message)
-            sys.exit(code)
+            sys.exit(report(ex))
 
     hydra_utils.run_and_report = run_and_report
     try:
@@ -150,13 +156,7 @@ def _run_job(cfg: DictConfig) -> int:
         print_error("interrupted")
         return 130
     except Exception as ex:
-        if _full_error():
-            raise
-        code, message = classify(ex)
-        if code == 1:
-            traceback.print_exception(ex)
-        print_error(message)
-        return code
+        return report(ex)
 
 
 def _sweep_info(hydra_cfg: Any) -> dict[str, Any]:
