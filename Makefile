@@ -12,7 +12,10 @@ PORT   ?= 5000
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install demo test preflight train ui lint clean
+GPUS   ?= 2
+RUN_DIR = outputs/$(RECIPE)/$(shell date +%Y-%m-%d_%H-%M-%S)
+
+.PHONY: help install demo test preflight train train-multi ui lint clean
 
 help:
 	@echo "make install                 create $(VENV) (if missing) and install finetune with its dev tools"
@@ -20,6 +23,7 @@ help:
 	@echo "make test                    run the test suite (CPU only, no network)"
 	@echo "make preflight RECIPE=NAME   print the memory plan for a recipe (no GPU, no download)"
 	@echo "make train RECIPE=NAME       run a recipe end to end (ARGS='key=value ...' to override)"
+	@echo "make train-multi GPUS=N RECIPE=NAME   the same on N GPUs of this machine (one process each, DDP)"
 	@echo "make ui                      MLflow UI on http://127.0.0.1:$(PORT) over ./mlflow.db"
 	@echo "make lint                    ruff"
 	@echo "make clean                   remove outputs/, mlflow.db, mlruns/ (not the venv)"
@@ -47,6 +51,12 @@ preflight: $(STAMP)
 
 train: $(STAMP)
 	$(BIN)/finetune +recipe=$(RECIPE) $(ARGS)
+
+# One process per GPU through torchrun (DDP; the plan's FSDP choice is taken from the recipe).
+# Every process gets the same run directory, named here once.
+train-multi: $(STAMP)
+	$(BIN)/torchrun --standalone --nproc_per_node $(GPUS) -m finetune +recipe=$(RECIPE) \
+		hardware.num_gpus=$(GPUS) hydra.run.dir=$(RUN_DIR) $(ARGS)
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)

@@ -152,9 +152,11 @@ def _run_job(cfg: DictConfig) -> int:
 
         run_pipeline(run_cfg, run_dir, sweep=_sweep_info(hydra_cfg) if multirun else None)
         return 0
-    except KeyboardInterrupt:
-        print_error("interrupted")
-        return 130
+    except KeyboardInterrupt as ex:
+        # Ctrl-C or SIGTERM: stop here, do not go on with the next job of a sweep.
+        code = getattr(ex, "exit_code", 130)
+        print_error(str(ex) or "interrupted")
+        sys.exit(code)
     except Exception as ex:
         return report(ex)
 
@@ -174,6 +176,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from finetune.signals import install_process_handlers
+
+    install_process_handlers()
     register_configs()
     _EXIT_CODES.clear()
     with _hydra_errors_as_exit_codes():

@@ -115,8 +115,13 @@ class AdapterConfig:
     rank: int = 16  # higher: more capacity, more memory and optimizer state
     alpha: float = 32.0  # scaling is alpha / rank
     dropout: float = 0.05
-    # Module names, or all-linear for every linear layer of the decoder blocks.
+    # Module names, or presets: all-linear (every linear layer of the decoder blocks, MoE experts
+    # included), attention, mlp.
     targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    # rsLoRA: scale updates by alpha / sqrt(rank) instead of alpha / rank (stabler at high rank).
+    use_rslora: bool = False
+    # DoRA: learn a magnitude vector besides the LoRA direction (better at low rank; slower, more memory).
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "adapter.rank", f"must be a positive integer, got {self.rank}")
@@ -184,7 +189,16 @@ class TrainConfig:
     save_steps: int = 100
     # Evaluate on the held-out split every N steps during training; null: only at the end.
     eval_steps: int | None = None
-    # auto: continue the newest complete checkpoint of this recipe; never; or a checkpoint path.
+    # With eval_steps: end with the checkpoint of the best eval loss, not the last one.
+    keep_best: bool = True
+    # With eval_steps: stop after this many evaluations without improvement; null: never stop early.
+    early_stopping_patience: int | None = None
+    # NEFTune: noise on the input embeddings during training (5 is the paper's choice); null: off.
+    neftune_noise_alpha: float | None = None
+    # Checkpoints kept on disk (the oldest are deleted; the best one is kept too with keep_best).
+    keep_checkpoints: int = 3
+    # auto: continue the newest complete checkpoint of an unfinished run of this recipe (refused if
+    # the recipe or the data changed); never: start fresh; or a checkpoint / run directory path.
     resume: str = "auto"
     logging_steps: int = 1
 
@@ -200,6 +214,20 @@ class TrainConfig:
         _check(self.logging_steps >= 1, "train.logging_steps", f"must be at least 1, got {self.logging_steps}")
         if self.eval_steps is not None:
             _check(self.eval_steps >= 1, "train.eval_steps", f"must be at least 1 or null, got {self.eval_steps}")
+            if self.keep_best:
+                _check(self.save_steps % self.eval_steps == 0, "train.save_steps",
+                       f"must be a multiple of train.eval_steps={self.eval_steps} to keep the best checkpoint "
+                       f"(got {self.save_steps}); or set train.keep_best=false")
+        if self.early_stopping_patience is not None:
+            _check(self.early_stopping_patience >= 1, "train.early_stopping_patience",
+                   f"must be at least 1 or null, got {self.early_stopping_patience}")
+            _check(self.eval_steps is not None and self.keep_best, "train.early_stopping_patience",
+                   "needs train.eval_steps (and train.keep_best=true): early stopping watches the eval loss")
+        if self.neftune_noise_alpha is not None:
+            _check(self.neftune_noise_alpha > 0, "train.neftune_noise_alpha",
+                   f"must be positive or null, got {self.neftune_noise_alpha}")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
+        _check(bool(self.resume.strip()), "train.resume", "must be auto, never, or a checkpoint path")
 
 
 @dataclass

@@ -37,9 +37,14 @@ class EnvError(FinetuneError):
     exit_code = 5
 
 
-class Interrupted(FinetuneError):
-    """SIGINT / SIGTERM arrived; raised after a checkpoint was saved."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM arrived (during training: raised after a checkpoint was saved).
+
+    A KeyboardInterrupt, not an Exception, so that no ``except Exception`` on the way up
+    swallows it; exits 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+    """
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
+        self.signum = signum
         self.exit_code = 128 + signum

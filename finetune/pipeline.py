@@ -20,6 +20,7 @@ import yaml
 from rich.console import Console
 
 from finetune.config import RunConfig, Stage, flatten, to_plain_dict
+from finetune.distributed import is_leader
 from finetune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ def run_data_stage(cfg: RunConfig, run_dir: Path):
 
     tokenizer = load_tokenizer(cfg.model, _model_vocab_size(cfg))
     data = prepare(cfg.dataset, tokenizer, cfg.model.chat_template)
-    data.report.write(run_dir / "data_report.json")
+    if is_leader():
+        data.report.write(run_dir / "data_report.json")
     r = data.report
     rejected = f", {r.rows_rejected} rejected ({', '.join(f'{k} {v}' for k, v in r.rejected.items())})" \
         if r.rows_rejected else ""
@@ -93,15 +95,22 @@ def _quiet_libraries() -> None:
 
 
 def run_pipeline(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the recipe's stages in `run_dir`; returns what each stage produced (for callers and tests)."""
-    from finetune.preflight import run_preflight, write_plan
+    """Run the recipe's stages in `run_dir`; returns what each stage produced (for callers and tests).
+
+    A training run that continues an interrupted one (train.resume) trains on in that run's
+    directory and MLflow run; `run_dir` then holds this invocation's log and a resume.json
+    pointing there.
+    """
+    from finetune.preflight import Plan, run_preflight, write_plan
     from finetune.preflight.show import show_plan
 
     _quiet_libraries()
     stages = _stages(cfg)
+    leader = is_leader()
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = to_plain_dict(cfg)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    if leader:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     results: dict[str, Any] = {"run_dir": run_dir}
 
     data = tokenizer = None
@@ -109,27 +118,53 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None = N
         data, tokenizer = run_data_stage(cfg, run_dir)
         results["data"] = data
 
+    resume_point = None
+    if Stage.train.value in stages:
+        from finetune.train.resume import resolve
+
+        resume_point = resolve(cfg.train.resume, run_dir.parent, run_dir, recipe, data.report.fingerprint)
+    work_dir = resume_point.run_dir if resume_point is not None else run_dir
+    results["work_dir"] = work_dir
+
     plan = None
-    if Stage.preflight.value in stages:
+    if resume_point is not None:
+        # The interrupted run's plan (after any out-of-memory re-plan): the adapter continues on it.
+        plan = Plan(**json.loads((work_dir / "plan.json").read_text()))
+        if leader:
+            (run_dir / "resume.json").write_text(json.dumps({
+                "resumed_run_dir": str(work_dir.resolve()), "checkpoint": str(resume_point.checkpoint),
+                "step": resume_point.step, "recipe_changes": resume_point.changes}, indent=2) + "\n")
+        log.info("resuming %s from %s", work_dir, resume_point.describe())
+    elif Stage.preflight.value in stages:
         plan = run_preflight(cfg, data.report if data is not None else None)
-        write_plan(plan, run_dir)
+        if leader:
+            write_plan(plan, run_dir)
+    if plan is not None and leader:
         show_plan(plan, console)
-        results["plan"] = plan
+    results["plan"] = plan
 
     if Stage.train.value not in stages:
         console.print(f"[bold]done[/bold]: {', '.join(s.value for s in cfg.stages)} -> {run_dir}")
         return results
 
-    from finetune.tracking import Tracker
+    from finetune.tracking import NullTracker, Tracker
 
-    with Tracker(cfg.tracking.uri, cfg.tracking.experiment, run_name=f"{cfg.name}/{run_dir.name}",
-                 run_dir=run_dir) as tracker:
+    tracker = (Tracker(cfg.tracking.uri, cfg.tracking.experiment, run_name=f"{cfg.name}/{work_dir.name}",
+                       run_dir=work_dir, run_id=resume_point.run_id if resume_point else None)
+               if leader else NullTracker())
+    with tracker:
         results["run_id"] = tracker.run_id
-        _log_run_start(tracker, cfg, plan, data, run_dir, sweep)
-        results.update(_train_and_eval(cfg, plan, data, tokenizer, run_dir, tracker, stages))
-    console.print(f"[bold green]done[/bold green]: adapter {results['train'].adapter_dir}")
-    console.print(f"MLflow run {results['run_id']} (experiment '{cfg.tracking.experiment}', {tracker.uri}); "
-                  "see it with `make ui`")
+        if resume_point is None:
+            _log_run_start(tracker, cfg, plan, data, work_dir, sweep)
+        else:
+            tracker.set_tags({"resumed_from_step": resume_point.step, "resumed_by": str(run_dir.resolve())})
+            if resume_point.changes:
+                tracker.log_dict({"changes": resume_point.changes}, f"resumes/step-{resume_point.step}.json")
+        results.update(_train_and_eval(cfg, plan, data, tokenizer, work_dir, tracker, stages, resume_point))
+    if leader:
+        console.print(f"[bold green]done[/bold green]: adapter {results['train'].adapter_dir}")
+        console.print(f"MLflow run {results['run_id']} (experiment '{cfg.tracking.experiment}', {tracker.uri}); "
+                      "see it with `make ui`")
     return results
 
 
@@ -152,17 +187,20 @@ def _log_run_start(tracker, cfg: RunConfig, plan, data, run_dir: Path, sweep) ->
         tracker.log_artifact(run_dir / name)
 
 
-def _train_and_eval(cfg: RunConfig, plan, data, tokenizer, run_dir: Path, tracker, stages: set[str]):
+def _train_and_eval(cfg: RunConfig, plan, data, tokenizer, run_dir: Path, tracker, stages: set[str],
+                    resume_point=None):
     from finetune.train import train
 
     out: dict[str, Any] = {}
-    result, model = train(cfg, plan, data, tokenizer, run_dir, tracker)
+    result, model = train(cfg, plan, data, tokenizer, run_dir, tracker, resume_point)
+    out["train"] = result
+    out["model"] = model
+    if not is_leader():
+        return out  # rank 0 saves, evaluates and reports
     (run_dir / "train_result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     tracker.log_artifact(Path(result.adapter_dir), artifact_path="adapter")
     tracker.log_artifact(run_dir / "train_result.json")
-    tracker.log_metrics({"train/trained_tokens_per_s": result.trained_tokens_per_s})
-    out["train"] = result
-    out["model"] = model
+    tracker.log_metrics({"train/tokens_per_s": result.tokens_per_s})
 
     if Stage.eval.value in stages:
         from finetune.evaluate import evaluate

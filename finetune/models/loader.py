@@ -91,7 +91,7 @@ def quantization_config(choices: dict[str, Any]):
     return None
 
 
-def load_model(model_cfg, choices: dict[str, Any], device: str):
+def load_model(model_cfg, choices: dict[str, Any], device: str, attention: str | None = None):
     """The frozen base model, quantized as the plan chose, on `device` ("cuda" or "cpu")."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -101,6 +101,8 @@ def load_model(model_cfg, choices: dict[str, Any], device: str):
     kwargs["dtype"] = getattr(torch, DTYPES[choices["compute_dtype"]])
     kwargs["quantization_config"] = quantization_config(choices)
     kwargs["use_safetensors"] = True  # never unpickle weights
+    if attention:
+        kwargs["attn_implementation"] = attention
     if device == "cuda":
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:

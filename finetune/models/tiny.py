@@ -44,24 +44,73 @@ _COMMON: dict[str, Any] = {
     "dtype": "float32",
 }
 
-# config.json contents of each tiny model (model_type selects the transformers class).
-# Every linear layer's output width is a multiple of 32: bitsandbytes' CPU 4-bit inference
-# kernel repacks weights in blocks of 32 output rows (and asserts it).
+# config.json contents of each tiny model (model_type selects the transformers class), one per
+# family the project supports, with each family's own config field names and quirks (fused QKV,
+# multi-query, parallel attention, ALiBi, partial rotary, MoE experts, tied embeddings).
+# Every quantized linear layer's output width is a multiple of 32: bitsandbytes' CPU 4-bit
+# inference kernel repacks weights in blocks of 32 output rows (and asserts it).
 SPECS: dict[str, dict[str, Any]] = {
     "llama": {
-        **_COMMON,
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 64,
-        "intermediate_size": 192,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 1024,
-        "rms_norm_eps": 1e-5,
+        **_COMMON, "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,
     },
+    "mistral": {
+        **_COMMON, "model_type": "mistral", "architectures": ["MistralForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 1024, "sliding_window": 512,
+        "tie_word_embeddings": False,
+    },
+    "mixtral": {
+        **_COMMON, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "max_position_embeddings": 1024, "tie_word_embeddings": False,
+    },
+    "falcon": {  # Falcon-7B's layout: multi-query attention, parallel attention and MLP, no biases
+        **_COMMON, "model_type": "falcon", "architectures": ["FalconForCausalLM"],
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "multi_query": True,
+        "new_decoder_architecture": False, "parallel_attn": True, "bias": False, "alibi": False,
+        "tie_word_embeddings": True,
+    },
+    "bloom": {  # ALiBi positions, fused QKV with biases
+        **_COMMON, "model_type": "bloom", "architectures": ["BloomForCausalLM"],
+        "hidden_size": 64, "n_layer": 2, "n_head": 4, "tie_word_embeddings": True,
+    },
+    "gptj": {  # partial rotary, parallel attention and MLP
+        **_COMMON, "model_type": "gptj", "architectures": ["GPTJForCausalLM"],
+        "n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "n_positions": 1024,
+        "tie_word_embeddings": False,
+    },
+    "gpt_neox": {  # Pythia's layout: fused QKV, parallel residual, 25% rotary
+        **_COMMON, "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "rotary_pct": 0.25, "use_parallel_residual": True, "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
+    },
+    "phi": {  # Phi-2's layout: parallel attention and MLP, partial rotary, biases
+        **_COMMON, "model_type": "phi", "architectures": ["PhiForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "partial_rotary_factor": 0.5, "max_position_embeddings": 1024, "tie_word_embeddings": False,
+    },
+    "gemma": {
+        **_COMMON, "model_type": "gemma", "architectures": ["GemmaForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 1024,
+        "tie_word_embeddings": True,
+    },
+    "qwen2": {  # biases on q, k, v
+        **_COMMON, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 1024, "tie_word_embeddings": False,
+    },
 }
+
+# Pretraining steps per model: the demo's llama gets the most; the others, which only the tests
+# train, enough for a language model that fine-tuning visibly improves.
+PRETRAIN_STEPS_BY_MODEL = {"llama": PRETRAIN_STEPS}
+PRETRAIN_STEPS_OTHERS = 150
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, as in _COMMON
 
@@ -80,10 +129,15 @@ def spec(name_or_path: str) -> dict[str, Any]:
     return dict(SPECS[name])
 
 
+def _pretrain_steps(name: str) -> int:
+    return PRETRAIN_STEPS_BY_MODEL.get(name, PRETRAIN_STEPS_OTHERS)
+
+
 def _model_dir(name: str) -> Path:
     from finetune.paths import cache_dir
 
-    digest = hashlib.sha256(json.dumps([SPECS[name], BUILDER_VERSION], sort_keys=True).encode()).hexdigest()[:10]
+    key = [SPECS[name], BUILDER_VERSION, _pretrain_steps(name)]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return cache_dir() / "models" / f"tiny-{name}-{digest}"
 
 
@@ -123,7 +177,7 @@ def _build_tokenizer(out_dir: Path) -> None:
     hf.save_pretrained(out_dir)
 
 
-def _pretrain(model, tokenizer) -> float:
+def _pretrain(model, tokenizer, steps: int) -> float:
     """Plain causal-LM training on the encyclopedia entries; returns the last loss."""
     import random
 
@@ -134,10 +188,10 @@ def _pretrain(model, tokenizer) -> float:
     docs = [tokenizer(d).input_ids + [tokenizer.eos_token_id] for d in encyclopedia()]
     rng = random.Random(0)
     opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=PRETRAIN_STEPS)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(PRETRAIN_STEPS):
+    for _ in range(steps):
         batch = rng.sample(docs, k=min(PRETRAIN_BATCH, len(docs)))
         width = max(len(d) for d in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id)
@@ -178,12 +232,12 @@ def ensure_built(name_or_path: str) -> Path:
         torch.manual_seed(0)
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            loss = _pretrain(model, AutoTokenizer.from_pretrained(tmp))
+            loss = _pretrain(model, AutoTokenizer.from_pretrained(tmp), _pretrain_steps(name))
         finally:
             torch.random.set_rng_state(state)
         model.save_pretrained(tmp)
         (tmp / "build.json").write_text(json.dumps({"builder_version": BUILDER_VERSION, "pretrain_steps":
-                                                    PRETRAIN_STEPS, "pretrain_final_loss": loss}, indent=2))
+                                                    _pretrain_steps(name), "pretrain_final_loss": loss}, indent=2))
         try:
             tmp.rename(target)
         except OSError:

@@ -44,12 +44,13 @@ def redact(params: dict[str, Any]) -> dict[str, Any]:
 class Tracker:
     """Context manager around one MLflow run."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, run_dir: Path):
+    def __init__(self, uri: str, experiment: str, run_name: str, run_dir: Path, run_id: str | None = None):
         self.uri = absolute_uri(uri)
         self.experiment = experiment
         self.run_name = run_name
         self.run_dir = run_dir
-        self.run_id: str | None = None
+        self.run_id = run_id  # set: continue that run (a resumed training run)
+        self.resumed = run_id is not None
         self._mlflow: Any = None
         self._client: Any = None
 
@@ -62,7 +63,10 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         try:
             exp = mlflow.set_experiment(self.experiment)
-            run = mlflow.start_run(run_name=self.run_name, experiment_id=exp.experiment_id)
+            if self.run_id is not None:
+                run = mlflow.start_run(run_id=self.run_id)
+            else:
+                run = mlflow.start_run(run_name=self.run_name, experiment_id=exp.experiment_id)
         except Exception as e:
             raise EnvError(f"tracking.uri: cannot open the MLflow store at {self.uri} "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
@@ -72,7 +76,8 @@ class Tracker:
             "run_id": self.run_id, "experiment_id": exp.experiment_id, "experiment": self.experiment,
             "tracking_uri": self.uri,
         }, indent=2) + "\n")
-        log.info("MLflow run %s in experiment '%s' (%s)", self.run_id, self.experiment, self.uri)
+        log.info("MLflow run %s in experiment '%s' (%s)%s", self.run_id, self.experiment, self.uri,
+                 " continued" if self.resumed else "")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -87,7 +92,10 @@ class Tracker:
                 self._mlflow.log_text("".join(traceback.format_exception(exc_type, exc, tb)), "error.txt")
             except Exception:  # never mask the original error
                 log.exception("could not record the error in MLflow")
-        self._mlflow.end_run(status=status)
+        try:
+            self._mlflow.flush_async_logging()
+        finally:
+            self._mlflow.end_run(status=status)
 
     # -- logging -----------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -100,13 +108,41 @@ class Tracker:
         self._mlflow.set_tags({k: str(v) for k, v in redact(tags).items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        # Asynchronous: a training step never waits on the tracking store (flushed at the end).
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False)
+
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        self._mlflow.log_dict(data, artifact_file)
+
+    def record_replan(self, number: int, event: dict[str, Any]) -> None:
+        """An out-of-memory re-plan: params cannot change once logged, so the event and the new plan
+        go to a tag, a metric at the step, and replans/<n>.json."""
+        self.set_tags({"oom_replans": number})
+        self.log_metrics({"train/oom_replans": number}, step=event["step"])
+        self.log_dict(event, f"replans/{number}.json")
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if path.is_dir():
             self._mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
         else:
             self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+class NullTracker:
+    """What ranks other than 0 get: every call does nothing (rank 0 tracks the run)."""
+
+    run_id = None
+    resumed = False
+    uri = ""
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
 
 
 def read_run_json(run_dir: Path) -> dict[str, Any] | None:

@@ -6,10 +6,19 @@ truncates rows. We do not call peft's ``prepare_model_for_kbit_training``: it
 upcasts every non-quantized parameter to fp32, which makes the hidden states fp32
 and costs gigabytes of activations (see preflight/memory.py); TRL enables input
 gradients itself when gradient checkpointing is on.
+
+Never losing work (see resume.py, oom.py, finetune/signals.py): checkpoints count
+once complete; a run continues from its newest complete checkpoint; a signal stops
+after the current step with a checkpoint; an out-of-memory error continues from the
+last checkpoint with a smaller plan.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -18,7 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import EnvError
+from finetune.distributed import world
+from finetune.errors import ConfigError, DoesNotFitError, EnvError, Interrupted
+from finetune.train import resume as resume_mod
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +39,7 @@ OPTIMIZERS = {
     "paged_adamw_8bit": "paged_adamw_8bit",
     "paged_adamw_32bit": "paged_adamw_32bit",
 }
+ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash2": "flash_attention_2", "flash_attention_2": "flash_attention_2"}
 
 
 @dataclass
@@ -36,11 +48,16 @@ class TrainResult:
     device: str
     steps: int
     epochs: float
-    train_loss: float  # mean over the run, as the Trainer reports it
-    loss_history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) per logged step
+    train_loss: float  # mean over this invocation's steps, as the Trainer reports it
+    loss_history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss), the whole run
     runtime_s: float = 0.0
-    trained_tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # input tokens per second in this invocation (approximate: mean example length)
     peak_memory: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
+    adapter_digest: str = ""  # sha256 of the trained LoRA weights: equal on every DDP rank
+    resumed_from_step: int | None = None
+    oom_replans: list[dict[str, Any]] = field(default_factory=list)
+    choices: dict[str, Any] = field(default_factory=dict)  # the plan choices training ended with
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,15 +77,20 @@ def pick_device(cfg) -> str:
     )
 
 
-def lora_config(cfg):
+def lora_config(cfg, model_type: str):
     from peft import LoraConfig
 
-    targets = list(cfg.adapter.targets)
+    from finetune.models.targets import resolve
+
+    targets = resolve(model_type, list(cfg.adapter.targets))
     return LoraConfig(
         r=cfg.adapter.rank,
         lora_alpha=cfg.adapter.alpha,
         lora_dropout=cfg.adapter.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        target_modules=list(targets.modules),
+        target_parameters=list(targets.parameters) or None,
+        use_rslora=cfg.adapter.use_rslora,
+        use_dora=cfg.adapter.use_dora,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -80,6 +102,7 @@ def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_
     t = cfg.train
     on_gpu = device == "cuda"
     eval_every = t.eval_steps if (has_eval and t.eval_steps) else None
+    keep_best = bool(eval_every and t.keep_best)
     return SFTConfig(
         output_dir=str(output_dir),
         seed=t.seed,
@@ -97,18 +120,24 @@ def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_
         optim=OPTIMIZERS[choices["optimizer"]],
         activation_checkpointing=choices["gradient_checkpointing"],  # transformers 5's name for it
         bf16=on_gpu and choices["compute_dtype"] == "bf16",
-        fp16=on_gpu and choices["compute_dtype"] == "fp16",
+        fp16=on_gpu and choices["compute_dtype"] == "fp16",  # with a GradScaler: loss scaling
         use_cpu=not on_gpu,
+        neftune_noise_alpha=t.neftune_noise_alpha,
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
+        save_total_limit=t.keep_checkpoints,
         eval_strategy="steps" if eval_every else "no",
         eval_steps=eval_every,
+        load_best_model_at_end=keep_best,
+        metric_for_best_model="eval_loss" if keep_best else None,
+        greater_is_better=False if keep_best else None,
         report_to="none",
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,  # the data stage already enforced dataset.max_seq_len (and counted what it dropped)
         packing=False,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient on every step
         disable_tqdm=True,  # our rich progress bar replaces tqdm and the per-step log printing
     )
 
@@ -125,6 +154,15 @@ def _peak_memory(device: str) -> dict[str, Any]:
     return {"device": "cpu", "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def adapter_digest(model) -> str:
+    """sha256 over the trainable (LoRA) weights, in name order."""
+    h = hashlib.sha256()
+    for name, param in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        h.update(name.encode())
+        h.update(param.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_adapter(model, tokenizer, target: Path) -> Path:
     """Write the adapter (peft format, safetensors) with the tokenizer and its chat template,
     into a temporary directory renamed into place: a crash never leaves a half-written adapter."""
@@ -138,53 +176,243 @@ def save_adapter(model, tokenizer, target: Path) -> Path:
     return target
 
 
-def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None):
-    """Train the adapter; returns (TrainResult, the trained peft model)."""
+def fix_trainable_dtype(model, compute_dtype: str) -> None:
+    """fp16 compute (cards without bf16): TRL has cast the LoRA weights to bf16, which those cards
+    cannot compute in and which a GradScaler cannot unscale; keep fp32 master weights instead."""
+    if compute_dtype != "fp16":
+        return
     import torch
-    from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower() and isinstance(
+        exc, RuntimeError)
+
+
+@contextlib.contextmanager
+def _keep_dtypes(model):
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    yield
+    for name, param in model.named_parameters():
+        if name in dtypes and param.dtype != dtypes[name]:
+            param.data = param.data.to(dtypes[name])
+
+
+def _trainer_class():
     from trl import SFTTrainer
 
-    from finetune.models.loader import load_model
-    from finetune.train.callbacks import MetricsCallback, RichProgressCallback
+    class Trainer(SFTTrainer):
+        """SFTTrainer that resumes a checkpoint in the precision it was trained in.
+
+        Resuming calls peft's ``load_adapter``, which upcasts the adapter's bf16 weights (TRL's
+        choice for a quantized base) to fp32: the resumed run would then compute differently
+        from the uninterrupted one (and its optimizer states would change dtype). Keep each
+        trainable parameter's dtype across the load. tests/test_train.py checks that a resumed
+        run matches an uninterrupted one.
+        """
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            with _keep_dtypes(model if model is not None else self.model):
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+        def _load_best_model(self):  # train.keep_best: the same load, the same upcast
+            with _keep_dtypes(self.model):
+                super()._load_best_model()
+
+    return Trainer
+
+
+class _Attempt:
+    """One trainer over one plan's choices (rebuilt after an out-of-memory error)."""
+
+    def __init__(self, cfg, choices, data, tokenizer, run_dir: Path, device: str, tracker, stop):
+        from datasets import Dataset
+        from transformers import EarlyStoppingCallback
+        from transformers.trainer_callback import PrinterCallback
+
+        from finetune.models.loader import load_model
+        from finetune.train.callbacks import (
+            CheckpointMarkerCallback,
+            MetricsCallback,
+            RichProgressCallback,
+            StopOnSignalCallback,
+        )
+
+        model = load_model(cfg.model, choices, device, attention=ATTENTION.get(choices.get("attention", "sdpa")))
+        train_ds = Dataset.from_dict(data.as_columns("train"))
+        eval_ds = Dataset.from_dict(data.as_columns("eval")) if data.eval else None
+        args = sft_config(cfg, choices, run_dir / resume_mod.CHECKPOINTS, device, has_eval=eval_ds is not None)
+        callbacks = [MetricsCallback(tracker), RichProgressCallback(), CheckpointMarkerCallback(),
+                     StopOnSignalCallback(stop)]
+        if args.load_best_model_at_end and cfg.train.early_stopping_patience:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+        self.trainer = _trainer_class()(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds if args.eval_strategy != "no" else None,
+            processing_class=tokenizer,
+            peft_config=lora_config(cfg, model.config.model_type),
+            callbacks=callbacks,
+        )
+        self.trainer.remove_callback(PrinterCallback)
+        fix_trainable_dtype(self.trainer.model, choices["compute_dtype"])
+
+    def save_after_oom(self) -> Path | None:
+        """Checkpoint the last completed optimizer step after an OOM inside the next one.
+
+        The parameters, optimizer and scheduler are still those of step N (only this step's
+        partial gradients are lost, and they are not saved), so checkpoint-N is a true
+        checkpoint. Trainer._save_checkpoint is private API; tests/test_train.py holds it to
+        this behaviour."""
+        trainer = self.trainer
+        step = trainer.state.global_step
+        if step == 0 or not trainer.args.should_save:
+            return None
+        target = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+        if (target / resume_mod.COMPLETE).is_file():
+            return target
+        trainer.model.zero_grad(set_to_none=True)
+        trainer._save_checkpoint(trainer.model, trial=None)
+        resume_mod.mark_complete(target)
+        return target
+
+
+def _release(attempt: _Attempt | None, device: str) -> None:
+    if attempt is not None:
+        attempt.trainer.model = None
+        attempt.trainer.model_wrapped = None
+        attempt.trainer.optimizer = None
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _record_replan_in_plan(run_dir: Path, choices: dict[str, Any], step: int) -> None:
+    """plan.json follows the plan in use, so that a resumed run starts with the plan that fits."""
+    path = run_dir / "plan.json"
+    if not path.is_file():
+        return
+    plan = json.loads(path.read_text())
+    plan["choices"] = choices
+    plan["explanation"].append(
+        f"re-planned after running out of memory at step {step}: micro-batch {choices['micro_batch_size']} x "
+        f"{choices['gradient_accumulation_steps']}, checkpointing {'on' if choices['gradient_checkpointing'] else 'off'}"
+        " (the prediction above is for the first plan)")
+    path.write_text(json.dumps(plan, indent=2) + "\n")
+
+
+def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=None):
+    """Train the adapter in `run_dir`; returns (TrainResult, the trained peft model).
+
+    `plan` is the Plan (or its dict); `resume_point` (train/resume.py) continues a checkpoint.
+    """
+    import torch
+
+    from finetune.signals import GracefulStop
+    from finetune.train.oom import next_plan
 
     device = pick_device(cfg)
-    choices = plan.choices
-    log.info("loading %s (%s) on %s", cfg.model.name_or_path, choices["quantization"], device)
-    model = load_model(cfg.model, choices, device)
+    rank, world_size = world()
+    plan_dict = plan if isinstance(plan, dict) else plan.to_dict()
+    choices = dict(plan_dict["choices"])
+    if world_size != cfg.hardware.num_gpus:
+        raise ConfigError(f"hardware.num_gpus={cfg.hardware.num_gpus} but the launcher started {world_size} "
+                          f"processes: set hardware.num_gpus={world_size} (make train-multi GPUS=N does)")
+    checkpoint = str(resume_point.checkpoint) if resume_point is not None else None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    train_ds = Dataset.from_dict(data.as_columns("train"))
-    eval_ds = Dataset.from_dict(data.as_columns("eval")) if data.eval else None
-    args = sft_config(cfg, choices, run_dir / "checkpoints", device, has_eval=eval_ds is not None)
-    metrics_cb = MetricsCallback(tracker)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds if args.eval_strategy != "no" else None,
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg),
-        callbacks=[metrics_cb, RichProgressCallback()],
-    )
-    trainer.remove_callback(PrinterCallback)
+    tried: list[dict[str, Any]] = [choices]
+    replans: list[dict[str, Any]] = []
     started = time.perf_counter()
-    output = trainer.train()
+    stop = GracefulStop()
+    while True:
+        log.info("training %s (%s, micro-batch %d x %d%s) on %s%s", cfg.model.name_or_path,
+                 choices["quantization"], choices["micro_batch_size"], choices["gradient_accumulation_steps"],
+                 ", checkpointing" if choices["gradient_checkpointing"] else "", device,
+                 f", from {checkpoint}" if checkpoint else "")
+        attempt = _Attempt(cfg, choices, data, tokenizer, run_dir, device, tracker, stop)
+        oom: BaseException | None = None
+        try:
+            with stop:  # a signal now stops after the current step, with a checkpoint
+                output = attempt.trainer.train(resume_from_checkpoint=checkpoint)
+            break
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_oom(exc):
+                raise
+            oom = exc
+        # Out of memory: handled outside the except block, so the traceback's frames (and the
+        # tensors they hold) are gone before memory is freed.
+        step = attempt.trainer.state.global_step
+        saved = attempt.save_after_oom()
+        new = next_plan(plan_dict, choices, tried)
+        event = {"step": step, "error": str(oom).splitlines()[0][:500], "failed": choices, "next": new,
+                 "checkpoint": str(saved) if saved else None}
+        replans.append(event)
+        _release(attempt, device)
+        if tracker is not None:
+            tracker.record_replan(len(replans), event)
+        if new is None:
+            raise DoesNotFitError(
+                f"out of memory at step {step} with the smallest plan left ({choices['quantization']}, "
+                f"micro-batch {choices['micro_batch_size']}, checkpointing "
+                f"{'on' if choices['gradient_checkpointing'] else 'off'}); lower dataset.max_seq_len or "
+                "use a bigger card. Progress is kept: "
+                + (f"{saved} holds step {step}" if saved else "no step had completed")
+            )
+        log.warning("out of memory at step %d: continuing with micro-batch %d x %d%s", step,
+                    new["micro_batch_size"], new["gradient_accumulation_steps"],
+                    ", checkpointing" if new["gradient_checkpointing"] else "")
+        choices = new
+        tried.append(new)
+        if rank == 0:
+            _record_replan_in_plan(run_dir, new, step)
+        completed = resume_mod.complete_checkpoints(run_dir)
+        checkpoint = str(completed[-1][1]) if completed else None
+
+    trainer = attempt.trainer
+    if stop.signum is not None:
+        done = resume_mod.complete_checkpoints(run_dir)
+        where = f"{done[-1][1]} (step {done[-1][0]})" if done else "no checkpoint"
+        raise Interrupted(f"interrupted: saved {where}; run the same command again to continue "
+                          "(train.resume=auto)", stop.signum)
     runtime = time.perf_counter() - started
 
-    adapter_dir = save_adapter(trainer.model, tokenizer, run_dir / "adapter")
-    trained_tokens = float(trainer.state.num_input_tokens_seen or 0) or sum(
-        sum(1 for t in ex.labels if t != -100) for ex in data.train) * output.metrics.get("epoch", 1.0)
+    model = trainer.model
+    digest = adapter_digest(model)
+    adapter_dir = run_dir / "adapter"
+    if trainer.args.should_save:
+        save_adapter(model, tokenizer, adapter_dir)
+    history = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e and "step" in e]
+    # Tokens this invocation fed through the model (all input tokens, the usual throughput measure).
+    mean_tokens = sum(len(ex.input_ids) for ex in data.train) / max(len(data.train), 1)
+    steps_run = trainer.state.global_step - (resume_point.step if resume_point is not None else 0)
+    tokens = steps_run * choices["micro_batch_size"] * choices["gradient_accumulation_steps"] * world_size * mean_tokens
     result = TrainResult(
         adapter_dir=str(adapter_dir),
         device=device,
         steps=trainer.state.global_step,
         epochs=float(output.metrics.get("epoch", 0.0)),
         train_loss=float(output.training_loss),
-        loss_history=metrics_cb.loss_history,
+        loss_history=history,
         runtime_s=runtime,
-        trained_tokens_per_s=trained_tokens / runtime if runtime > 0 else 0.0,
+        tokens_per_s=tokens / runtime if runtime > 0 else 0.0,
         peak_memory=_peak_memory(device),
+        world_size=world_size,
+        adapter_digest=digest,
+        resumed_from_step=resume_point.step if resume_point is not None else None,
+        oom_replans=replans,
+        choices=choices,
     )
-    return result, trainer.model
+    if rank != 0:
+        (run_dir / f"train_rank{rank}.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return result, model

@@ -1,6 +1,7 @@
-"""Trainer callbacks: step metrics into our MLflow run.
+"""Trainer callbacks: step metrics into MLflow, a rich progress bar, checkpoint completion
+markers, and stopping cleanly on a signal.
 
-Our own small callback rather than transformers' MLFlowCallback: that one logs every
+MetricsCallback is our own small callback rather than transformers' MLFlowCallback: that one logs every
 TrainingArguments field and the model config as params on each `train()` call,
 which collides with a run's existing params when a run is resumed (MLflow refuses
 to change a logged param) and floods the compare view with ~150 params nobody set.
@@ -10,8 +11,12 @@ Here the recipe is logged once, under stable names, by the pipeline.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from transformers import TrainerCallback
+
+from finetune.signals import GracefulStop
+from finetune.train.resume import mark_complete
 
 # Trainer's end-of-run summary: logged once, without a step, under names of their own
 # ("train_loss" is the mean over the run, not a step's loss).
@@ -93,3 +98,25 @@ class RichProgressCallback(TrainerCallback):
             self.progress.update(self.task, completed=state.global_step)
             self.progress.stop()
             self.progress = None
+
+
+class StopOnSignalCallback(TrainerCallback):
+    """After a step, if a signal arrived: save a checkpoint and stop training."""
+
+    def __init__(self, stop: GracefulStop) -> None:
+        self.stop = stop
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class CheckpointMarkerCallback(TrainerCallback):
+    """Mark checkpoint-N complete once the Trainer has finished writing it (see train/resume.py)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:  # the process that writes checkpoints (rank 0)
+            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        return control

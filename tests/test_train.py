@@ -1,0 +1,270 @@
+"""Training that never loses work: resume, signals, out-of-memory re-planning, reproducibility.
+
+Real NF4 + peft + TRL on the CPU with the tiny model. Interruptions and out-of-memory
+errors are injected where they really happen (a signal to this process during a step;
+torch.OutOfMemoryError from the Trainer's training step), and everything else runs as
+in production.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.config import compose
+from finetune.errors import ConfigError, DoesNotFitError, Interrupted
+from finetune.pipeline import run_pipeline
+from finetune.train import callbacks as train_callbacks
+from finetune.train.oom import next_plan
+from finetune.train.resume import COMPLETE, complete_checkpoints, recipe_changes
+
+pytestmark = pytest.mark.slow
+
+STEPS = 16
+BASE = ["+recipe=tiny-demo", f"train.max_steps={STEPS}", "train.save_steps=4", "stages=[data,preflight,train]"]
+
+
+def _mlflow(workdir: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture
+def interrupt_at(monkeypatch):
+    """Send SIGTERM to this process during optimizer step `n` (as `kill -TERM <pid>` would)."""
+    original = train_callbacks.StopOnSignalCallback.on_step_end
+
+    def arm(n: int):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == n and self.stop.signum is None:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(self, args, state, control, **kwargs)
+
+        monkeypatch.setattr(train_callbacks.StopOnSignalCallback, "on_step_end", on_step_end)
+
+    return arm
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_resumed_run_equals_the_uninterrupted_one(workdir, interrupt_at):
+    straight = run_pipeline(compose(BASE), workdir / "a" / "tiny-demo" / "run")
+
+    interrupt_at(10)
+    first = workdir / "b" / "tiny-demo" / "first"
+    with pytest.raises(Interrupted) as info:
+        run_pipeline(compose(BASE), first)
+    assert info.value.exit_code == 143
+    assert "step 10" in str(info.value)
+    assert [step for step, _ in complete_checkpoints(first)][-1] == 10
+    run_id = json.loads((first / "run.json").read_text())["run_id"]
+    assert _mlflow(workdir).get_run(run_id).info.status == "KILLED"
+    assert not (first / "adapter").exists(), "an interrupted run leaves no final adapter"
+
+    # The same command again: train.resume=auto finds the interrupted run and continues it there.
+    again = workdir / "b" / "tiny-demo" / "second"
+    resumed = run_pipeline(compose(BASE), again)
+    assert resumed["work_dir"] == first
+    assert json.loads((again / "resume.json").read_text())["step"] == 10
+    assert resumed["train"].resumed_from_step == 10
+    assert resumed["run_id"] == run_id
+    run = _mlflow(workdir).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from_step"] == "10"
+
+    # Same loss curve, same adapter (CPU: bit-for-bit in practice; allow float reassociation).
+    assert len(resumed["train"].loss_history) == STEPS
+    for (s1, l1), (s2, l2) in zip(straight["train"].loss_history, resumed["train"].loss_history, strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5, abs=1e-6)
+    a, b = _adapter(straight["work_dir"]), _adapter(first)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), atol=1e-5, rtol=1e-4)
+    history = [m.step for m in _mlflow(workdir).get_metric_history(run_id, "train/loss")]
+    assert sorted(set(history)) == list(range(1, STEPS + 1))
+
+
+def test_same_seed_same_loss_curve(workdir):
+    one = run_pipeline(compose(BASE + ["train.max_steps=8"]), workdir / "x" / "tiny-demo" / "run")
+    two = run_pipeline(compose(BASE + ["train.max_steps=8"]), workdir / "y" / "tiny-demo" / "run")
+    assert one["train"].loss_history == two["train"].loss_history
+    assert one["train"].adapter_digest == two["train"].adapter_digest
+    other = run_pipeline(compose(BASE + ["train.max_steps=8", "train.seed=7"]), workdir / "z" / "tiny-demo" / "run")
+    assert other["train"].loss_history != one["train"].loss_history
+
+
+def test_changed_recipe_is_refused_with_the_list_of_changes(workdir, interrupt_at):
+    interrupt_at(5)
+    first = workdir / "tiny-demo" / "first"
+    with pytest.raises(Interrupted):
+        run_pipeline(compose(BASE), first)
+
+    with pytest.raises(ConfigError) as info:
+        run_pipeline(compose(BASE + ["adapter.rank=8", "train.learning_rate=0.001"]), workdir / "tiny-demo" / "two")
+    message = str(info.value)
+    assert "adapter.rank: 16 -> 8" in message
+    assert "train.learning_rate: 0.003 -> 0.001" in message
+    assert "train.resume=never" in message and "checkpoint-5" in message
+    assert not (workdir / "tiny-demo" / "two" / "run.json").exists(), "refused before any MLflow run"
+
+    # An explicit checkpoint forces it; train.resume=never starts fresh.
+    checkpoint = first / "checkpoints" / "checkpoint-5"
+    forced = run_pipeline(compose(BASE + ["train.max_steps=6", f"train.resume={checkpoint}"]),
+                          workdir / "tiny-demo" / "three")
+    assert forced["train"].resumed_from_step == 5 and forced["train"].steps == 6
+    fresh = run_pipeline(compose(BASE + ["adapter.rank=8", "train.max_steps=2", "train.resume=never"]),
+                         workdir / "tiny-demo" / "four")
+    assert fresh["train"].resumed_from_step is None and fresh["work_dir"] == workdir / "tiny-demo" / "four"
+
+
+def test_incomplete_checkpoints_are_never_resumed(tmp_path):
+    run = tmp_path / "run"
+    for step, complete in ((4, True), (8, False)):
+        ckpt = run / "checkpoints" / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text("{}")
+        if complete:
+            (ckpt / COMPLETE).write_text("ok\n")
+    assert [s for s, _ in complete_checkpoints(run)] == [4]
+
+
+def test_recipe_changes_ignore_what_does_not_change_training():
+    old = {"stages": ["data", "train"], "train": {"resume": "auto", "seed": 1}, "eval": {"batch_size": 8}}
+    new = {"stages": ["train"], "train": {"resume": "never", "seed": 2}, "eval": {"batch_size": 2}}
+    assert recipe_changes(old, new) == ["train.seed: 1 -> 2"]
+
+
+@pytest.fixture
+def oom_when(monkeypatch):
+    """Make the Trainer's training step raise torch.OutOfMemoryError under a condition, as CUDA would."""
+    import trl
+
+    original = trl.SFTTrainer.training_step
+
+    def arm(condition):
+        def training_step(self, model, inputs, *args, **kwargs):
+            if condition(self, inputs):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+            return original(self, model, inputs, *args, **kwargs)
+
+        monkeypatch.setattr(trl.SFTTrainer, "training_step", training_step)
+
+    return arm
+
+
+def test_out_of_memory_continues_with_a_smaller_plan(workdir, oom_when):
+    # Micro-batches above 4 sequences "do not fit", from step 5 on.
+    oom_when(lambda trainer, inputs: trainer.state.global_step >= 5 and inputs["input_ids"].shape[0] > 4)
+    run_dir = workdir / "tiny-demo" / "run"
+    result = run_pipeline(compose(BASE + ["train.keep_checkpoints=10"]), run_dir)
+    train = result["train"]
+    assert train.steps == STEPS
+    assert len(train.oom_replans) == 1
+    event = train.oom_replans[0]
+    assert event["step"] == 5 and event["checkpoint"].endswith("checkpoint-5")
+    assert (run_dir / "checkpoints" / "checkpoint-5" / COMPLETE).is_file(), "the work before the OOM was saved"
+    first, final = event["failed"], train.choices
+    assert final["micro_batch_size"] <= 4
+    assert final["quantization"] == first["quantization"] == "nf4", "never switch the base under the adapter"
+    assert final["double_quant"] == first["double_quant"]
+    assert final["micro_batch_size"] * final["gradient_accumulation_steps"] == 8, "effective batch kept"
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["choices"] == final and "out of memory" in plan["explanation"][-1]
+    run = _mlflow(workdir).get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["oom_replans"] == "1"
+    replan = json.loads(Path(_mlflow(workdir).download_artifacts(result["run_id"], "replans/1.json")).read_text())
+    assert replan["next"] == final
+
+
+def test_out_of_memory_with_no_smaller_plan_exits_4(workdir, oom_when):
+    oom_when(lambda trainer, inputs: True)
+    cfg = compose(BASE + ["preflight.pin.micro_batch_size=1", "preflight.pin.gradient_checkpointing=true"])
+    with pytest.raises(DoesNotFitError) as info:
+        run_pipeline(cfg, workdir / "tiny-demo" / "run")
+    assert info.value.exit_code == 4
+    assert "smallest plan" in str(info.value)
+    run_id = json.loads((workdir / "tiny-demo" / "run" / "run.json").read_text())["run_id"]
+    assert _mlflow(workdir).get_run(run_id).info.status == "FAILED"
+
+
+def test_next_plan_keeps_quantization_and_shrinks():
+    failed = {"quantization": "nf4", "double_quant": True, "compute_dtype": "bf16", "gradient_checkpointing": False,
+              "micro_batch_size": 8, "gradient_accumulation_steps": 2, "max_seq_len": 512, "optimizer": "adamw",
+              "num_gpus": 1, "distributed": "none"}
+
+    def alt(speed, **change):
+        return {"choices": dict(failed, **change), "relative_speed": speed, "device_total_bytes": 1}
+
+    plan = {"alternatives": [alt(0.9, quantization="none"), alt(0.8, micro_batch_size=16, gradient_accumulation_steps=1),
+                             alt(0.7, micro_batch_size=4, gradient_accumulation_steps=4),
+                             alt(0.6, gradient_checkpointing=True)]}
+    assert next_plan(plan, failed, [failed])["micro_batch_size"] == 4
+    # With no alternatives: checkpointing first, then halving the micro-batch, then nothing.
+    step1 = next_plan({}, failed, [failed])
+    assert step1["gradient_checkpointing"] and step1["micro_batch_size"] == 8
+    step2 = next_plan({}, step1, [failed, step1])
+    assert step2["micro_batch_size"] == 4 and step2["gradient_accumulation_steps"] == 4
+    smallest = dict(failed, gradient_checkpointing=True, micro_batch_size=1, gradient_accumulation_steps=16)
+    assert next_plan({}, smallest, [smallest]) is None
+
+
+def _wait_for(predicate, timeout: float, proc=None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
+    """The real thing: `kill -TERM` on a training process, then the same command again."""
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, "-m", "finetune", "+recipe=tiny-demo", "train.max_steps=80", "train.save_steps=5",
+           "stages=[data,preflight,train]"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        started = _wait_for(lambda: any(tmp_path.glob("outputs/tiny-demo/*/checkpoints/checkpoint-5/COMPLETE")),
+                            timeout=180, proc=proc)
+        assert started, proc.stderr.read() if proc.poll() is not None else "no checkpoint in time"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    assert "run the same command again" in err.splitlines()[-1]
+    run_dir = next(tmp_path.glob("outputs/tiny-demo/*/checkpoints")).parent
+    steps = [s for s, _ in complete_checkpoints(run_dir)]
+    assert steps and steps[-1] >= 5 and steps[-1] < 80
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    assert _mlflow(tmp_path).get_run(run_id).info.status == "KILLED"
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert run_id in again.stdout
+    result = json.loads((run_dir / "train_result.json").read_text())
+    assert result["steps"] == 80 and result["resumed_from_step"] == steps[-1]
+    assert _mlflow(tmp_path).get_run(run_id).info.status == "FINISHED"
