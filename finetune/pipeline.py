@@ -107,6 +107,10 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None = N
     _quiet_libraries()
     stages = _stages(cfg)
     leader = is_leader()
+    if Stage.train.value in stages:
+        from finetune.train import check_world
+
+        check_world(cfg)  # before any work, and before an MLflow run exists
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = to_plain_dict(cfg)
     if leader:

@@ -268,3 +268,34 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     result = json.loads((run_dir / "train_result.json").read_text())
     assert result["steps"] == 80 and result["resumed_from_step"] == steps[-1]
     assert _mlflow(tmp_path).get_run(run_id).info.status == "FINISHED"
+
+
+def test_two_process_ddp_on_cpu_trains_one_adapter(tmp_path):
+    """torchrun with 2 gloo processes (accelerate launch --cpu --num_processes 2 silently runs one)."""
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    run_dir = tmp_path / "outputs" / "tiny-demo" / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "finetune", "+recipe=tiny-demo",
+         "hardware.num_gpus=2", "train.max_steps=6", "stages=[data,preflight,train]", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    leader = json.loads((run_dir / "train_result.json").read_text())
+    other = json.loads((run_dir / "train_rank1.json").read_text())
+    assert leader["world_size"] == other["world_size"] == 2, "really two processes"
+    assert leader["adapter_digest"] == other["adapter_digest"], "both ranks end with the same adapter"
+    assert leader["steps"] == other["steps"] == 6
+    plan = json.loads((run_dir / "plan.json").read_text())
+    c = plan["choices"]
+    assert c["distributed"] == "ddp" and c["num_gpus"] == 2
+    assert c["micro_batch_size"] * c["gradient_accumulation_steps"] * 2 == 8, "effective batch split over 2"
+    runs = _mlflow(tmp_path).search_runs(experiment_ids=["1"])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", "one MLflow run, from rank 0"
+
+
+def test_world_size_must_match_the_plan(workdir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError) as info:
+        run_pipeline(compose(BASE), workdir / "tiny-demo" / "run")
+    assert "hardware.num_gpus=2" in str(info.value)

@@ -85,10 +85,59 @@ def quantization_config(choices: dict[str, Any]):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=bool(choices["double_quant"]),
             bnb_4bit_compute_dtype=compute,
+            # FSDP flattens all parameters of a wrapped layer into one tensor of one dtype: store
+            # the packed 4-bit weights as that dtype (same bytes) so they can be sharded with the rest.
+            bnb_4bit_quant_storage=compute if choices.get("distributed") == "fsdp" else torch.uint8,
         )
     if choices["quantization"] == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
+
+
+def download_size(model_cfg) -> int | None:
+    """Bytes of the checkpoint a hub id would download (its parameters in its stored dtype), when the
+    catalog knows the model; None otherwise."""
+    from finetune.preflight import arch, catalog
+
+    try:
+        config, _ = catalog.model_config(model_cfg.name_or_path)
+        params = arch.from_config(config).params_total
+    except ConfigError:
+        return None
+    stored = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    return params * (4 if stored == "float32" else 2)
+
+
+def check_disk_space(model_cfg, cache_dir: Path | None = None) -> None:
+    """Before a download: is there room for the checkpoint in the Hugging Face cache?
+
+    Checked only for hub ids that are not cached yet and whose size the catalog knows; a
+    download that fills the disk halfway wastes an hour and can break other programs.
+    """
+    import shutil as _shutil
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    name = model_cfg.name_or_path
+    if tiny.is_tiny(name) or Path(name).expanduser().exists():
+        return
+    size = download_size(model_cfg)
+    if size is None:
+        return
+    for index in ("model.safetensors.index.json", "model.safetensors"):
+        if isinstance(try_to_load_from_cache(name, index, revision=model_cfg.revision), str):
+            return  # already downloaded
+    root = Path(cache_dir or constants.HF_HUB_CACHE)
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = _shutil.disk_usage(probe).free
+    needed = int(size * 1.05) + (1 << 30)  # the checkpoint, 5% for the tokenizer and shard slack, 1 GiB spare
+    if free < needed:
+        raise EnvError(
+            f"model.name_or_path: downloading {name} needs about {needed / 1e9:.0f} GB in {root}, and only "
+            f"{free / 1e9:.0f} GB are free; free some space or point HF_HOME at a bigger disk"
+        )
 
 
 def load_model(model_cfg, choices: dict[str, Any], device: str, attention: str | None = None):
@@ -96,6 +145,7 @@ def load_model(model_cfg, choices: dict[str, Any], device: str, attention: str |
     import torch
     from transformers import AutoModelForCausalLM
 
+    check_disk_space(model_cfg)
     path = resolve_path(model_cfg)
     kwargs: dict[str, Any] = dict(_hub_kwargs(model_cfg))
     kwargs["dtype"] = getattr(torch, DTYPES[choices["compute_dtype"]])

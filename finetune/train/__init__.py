@@ -63,6 +63,14 @@ class TrainResult:
         return asdict(self)
 
 
+def check_world(cfg) -> None:
+    """The plan splits the effective batch over hardware.num_gpus processes: the launch must match."""
+    _, world_size = world()
+    if world_size != cfg.hardware.num_gpus:
+        raise ConfigError(f"hardware.num_gpus={cfg.hardware.num_gpus} but the launcher started {world_size} "
+                          f"processes: set hardware.num_gpus={world_size} (make train-multi GPUS=N does)")
+
+
 def pick_device(cfg) -> str:
     import torch
 
@@ -104,6 +112,7 @@ def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_
     eval_every = t.eval_steps if (has_eval and t.eval_steps) else None
     keep_best = bool(eval_every and t.keep_best)
     return SFTConfig(
+        **_fsdp_args(choices),
         output_dir=str(output_dir),
         seed=t.seed,
         data_seed=t.seed,
@@ -140,6 +149,24 @@ def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient on every step
         disable_tqdm=True,  # our rich progress bar replaces tqdm and the per-step log printing
     )
+
+
+def _fsdp_args(choices: dict[str, Any]) -> dict[str, Any]:
+    """FSDP with QLoRA, when the plan shards the frozen weights (a model too big for one card).
+
+    Full sharding, wrapping each decoder layer (transformers' _no_split_modules), loading the
+    weights on rank 0 only and broadcasting (cpu_ram_efficient_loading), and the original flat
+    parameters (use_orig_params false), as QLoRA with FSDP needs; the 4-bit weights are stored
+    in the compute dtype (models/loader.py) so that FSDP can flatten them with the rest.
+    Not yet verified on GPUs: accelerate enables FSDP only on accelerators, so the CPU tests
+    run DDP (see README).
+    """
+    if choices.get("distributed") != "fsdp":
+        return {}
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {"cpu_ram_efficient_loading": True, "use_orig_params": False, "sync_module_states": True},
+    }
 
 
 def _peak_memory(device: str) -> dict[str, Any]:
@@ -324,9 +351,7 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
     rank, world_size = world()
     plan_dict = plan if isinstance(plan, dict) else plan.to_dict()
     choices = dict(plan_dict["choices"])
-    if world_size != cfg.hardware.num_gpus:
-        raise ConfigError(f"hardware.num_gpus={cfg.hardware.num_gpus} but the launcher started {world_size} "
-                          f"processes: set hardware.num_gpus={world_size} (make train-multi GPUS=N does)")
+    check_world(cfg)
     checkpoint = str(resume_point.checkpoint) if resume_point is not None else None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -95,7 +95,8 @@ class RichProgressCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step)
+            # Stopped early (early stopping, a signal): end the bar where training ended.
+            self.progress.update(self.task, completed=state.global_step, total=state.global_step)
             self.progress.stop()
             self.progress = None
 
