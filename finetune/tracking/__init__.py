@@ -111,6 +111,14 @@ class Tracker:
         # Asynchronous: a training step never waits on the tracking store (flushed at the end).
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False)
 
+    def log_metric_history(self, entries: list[tuple[str, float, int, int]]) -> None:
+        """Many (key, value, step, timestamp_ms) points in one write (a training run's buffered steps)."""
+        from mlflow.entities import Metric
+
+        metrics = [Metric(key, float(value), timestamp, step) for key, value, step, timestamp in entries]
+        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+            self._client.log_batch(self.run_id, metrics=metrics[i:i + 1000], synchronous=False)
+
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
         self._mlflow.log_dict(data, artifact_file)
 

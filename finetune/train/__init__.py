@@ -275,8 +275,8 @@ class _Attempt:
         train_ds = Dataset.from_dict(data.as_columns("train"))
         eval_ds = Dataset.from_dict(data.as_columns("eval")) if data.eval else None
         args = sft_config(cfg, choices, run_dir / resume_mod.CHECKPOINTS, device, has_eval=eval_ds is not None)
-        callbacks = [MetricsCallback(tracker), RichProgressCallback(), CheckpointMarkerCallback(),
-                     StopOnSignalCallback(stop)]
+        self.metrics = MetricsCallback(tracker)
+        callbacks = [self.metrics, RichProgressCallback(), CheckpointMarkerCallback(), StopOnSignalCallback(stop)]
         if args.load_best_model_at_end and cfg.train.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
         self.trainer = _trainer_class()(
@@ -375,6 +375,8 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
             if not _is_oom(exc):
                 raise
             oom = exc
+        finally:
+            attempt.metrics.flush()  # whatever happened, MLflow gets the steps that were done
         # Out of memory: handled outside the except block, so the traceback's frames (and the
         # tensors they hold) are gone before memory is freed.
         step = attempt.trainer.state.global_step

@@ -11,6 +11,7 @@ Here the recipe is logged once, under stable names, by the pipeline.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -26,9 +27,29 @@ _SUMMARY = {"train_runtime": "train/runtime_s", "train_samples_per_second": "tra
 
 
 class MetricsCallback(TrainerCallback):
+    """Step metrics to MLflow, buffered: one write every FLUSH_SECONDS (and at each checkpoint and
+    at the end) instead of one per step. A write costs a few milliseconds of CPU, which on a small
+    model or a busy CPU is several percent of a step; the MLflow UI is at most that much behind."""
+
+    FLUSH_SECONDS = 5.0
+
     def __init__(self, tracker) -> None:
         self.tracker = tracker
         self.loss_history: list[tuple[int, float]] = []
+        self._pending: list[tuple[str, float, int, int]] = []
+        self._last_flush = time.monotonic()
+
+    def flush(self) -> None:
+        if self._pending and self.tracker is not None:
+            self.tracker.log_metric_history(self._pending)
+        self._pending = []
+        self._last_flush = time.monotonic()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.flush()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:
@@ -46,10 +67,11 @@ class MetricsCallback(TrainerCallback):
                 metrics[f"train/{key}"] = value
         if "loss" in logs and "train_loss" not in logs:
             self.loss_history.append((state.global_step, float(logs["loss"])))
-        if metrics and self.tracker is not None:
-            self.tracker.log_metrics(metrics, step=state.global_step)
-        if summary and self.tracker is not None:
-            self.tracker.log_metrics(summary)
+        now_ms = int(time.time() * 1000)
+        self._pending.extend((key, value, state.global_step, now_ms) for key, value in metrics.items())
+        self._pending.extend((key, value, 0, now_ms) for key, value in summary.items())
+        if time.monotonic() - self._last_flush >= self.FLUSH_SECONDS:
+            self.flush()
 
 
 class RichProgressCallback(TrainerCallback):
