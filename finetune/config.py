@@ -237,13 +237,31 @@ class EvalConfig:
     batch_size: int = 8
     # Evaluate on at most this many held-out examples; null: all of them.
     max_examples: int | None = None
+    # Answer this many held-out prompts (greedy) and score them against the references
+    # (ROUGE-L, token F1, exact match, chrF, BLEU); 0: no generation evals.
+    generate_examples: int = 32
+    max_new_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "eval.batch_size", f"must be at least 1, got {self.batch_size}")
+        _check(self.generate_examples >= 0, "eval.generate_examples",
+               f"must be 0 (off) or more, got {self.generate_examples}")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")
 
 
 @dataclass
 class TrackingConfig:
-    # MLflow's own default store, relative to the working directory (the Makefile runs from the repo root).
+    # MLflow's own default store, relative to the working directory (the Makefile runs from the repo root),
+    # or a tracking server (http://host:5000).
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "finetune"
+    # When the server at `uri` does not answer: true logs into ./mlflow.db (and says so loudly);
+    # false stops before training with exit 5.
+    fallback_local: bool = False
+    # CPU/GPU memory and utilization sampled into the run (MLflow system metrics).
+    system_metrics: bool = True
+    # Log the adapter as an MLflow model and register it under the recipe's name (a version per run).
+    register_model: bool = True
 
 
 @dataclass

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from finetune.config import RunConfig, Stage, flatten, to_plain_dict
 from finetune.distributed import is_leader
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, FinetuneError
 
 log = logging.getLogger(__name__)
 # soft_wrap: long lines (paths, run ids) stay whole for grep and copy-paste; tables keep their layout.
@@ -51,7 +51,8 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "mlflow", "hydra-core"):
+    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "mlflow",
+                "hydra-core"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -90,6 +91,7 @@ def _quiet_libraries() -> None:
     # bitsandbytes warns on every CPU run that an optional kernel package is missing, then
     # falls back to its own CPU kernel, which is what we want; keep its real warnings.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score says "Using default tokenizer" per call
     # transformers deprecates the name TRL 1.16 still calls; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
@@ -153,8 +155,8 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None = N
 
     from finetune.tracking import NullTracker, Tracker
 
-    tracker = (Tracker(cfg.tracking.uri, cfg.tracking.experiment, run_name=f"{cfg.name}/{work_dir.name}",
-                       run_dir=work_dir, run_id=resume_point.run_id if resume_point else None)
+    tracker = (Tracker(cfg.tracking, run_name=f"{cfg.name}/{work_dir.name}", run_dir=work_dir,
+                       run_id=resume_point.run_id if resume_point else None, sweep=sweep, recipe=cfg.name)
                if leader else NullTracker())
     with tracker:
         results["run_id"] = tracker.run_id
@@ -186,9 +188,20 @@ def _log_run_start(tracker, cfg: RunConfig, plan, data, run_dir: Path, sweep) ->
     if sweep is not None:
         tags["sweep_dir"] = sweep["dir"]
         tags["sweep_job"] = sweep["job_num"]
+        tags["sweep_overrides"] = " ".join(sweep["overrides"])
     tracker.set_tags(tags)
-    for name in ("config.yaml", "plan.json", "data_report.json"):
-        tracker.log_artifact(run_dir / name)
+    for name in ("config.yaml", "plan.json", "data_report.json", "token_lengths.png"):
+        if (run_dir / name).is_file():
+            tracker.log_artifact(run_dir / name)
+    from data_prep.readers import source_files
+    from finetune.tracking import charts
+
+    tracker.log_artifact(charts.memory_breakdown(plan.to_dict(), run_dir / "plan_memory.png"))
+    try:
+        files = source_files(cfg.dataset.path)
+    except FinetuneError:
+        files = []
+    tracker.log_dataset(cfg.dataset.path, files, data.report.fingerprint, data.report.rows_kept)
 
 
 def _train_and_eval(cfg: RunConfig, plan, data, tokenizer, run_dir: Path, tracker, stages: set[str],
@@ -201,9 +214,12 @@ def _train_and_eval(cfg: RunConfig, plan, data, tokenizer, run_dir: Path, tracke
     out["model"] = model
     if not is_leader():
         return out  # rank 0 saves, evaluates and reports
+    from finetune.tracking import charts
+
     (run_dir / "train_result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     tracker.log_artifact(Path(result.adapter_dir), artifact_path="adapter")
     tracker.log_artifact(run_dir / "train_result.json")
+    tracker.log_artifact(charts.loss_curves(result.loss_history, result.eval_history, run_dir / "loss_curves.png"))
     tracker.log_metrics({"train/tokens_per_s": result.tokens_per_s})
 
     if Stage.eval.value in stages:
@@ -213,5 +229,22 @@ def _train_and_eval(cfg: RunConfig, plan, data, tokenizer, run_dir: Path, tracke
         report.write(run_dir / "eval.json")
         tracker.log_metrics(report.metrics())
         tracker.log_artifact(run_dir / "eval.json")
+        if report.generation is not None:
+            tracker.log_table(report.generation.rows, "eval/generations.json")
         out["eval"] = report
+
+    if cfg.tracking.register_model:
+        from finetune.models.loader import base_model_dir
+
+        out["model_uri"] = tracker.log_adapter_model(
+            model, tokenizer, base_model_dir(cfg.model), registered_name=cfg.name,
+            pip_requirements=_pip_requirements())
     return out
+
+
+def _pip_requirements() -> list[str]:
+    """What the logged MLflow model needs, pinned to what trained it (inferring them is slow and
+    imports the whole environment)."""
+    versions = _versions()
+    return [f"{pkg}=={versions[pkg]}" for pkg in ("torch", "transformers", "peft", "accelerate", "bitsandbytes")
+            if pkg in versions]

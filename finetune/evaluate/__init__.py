@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.evaluate.generation import GenerationReport, generation_eval
+
 log = logging.getLogger(__name__)
 
 
@@ -31,6 +33,7 @@ class EvalReport:
     adapter: LossReport
     base: LossReport | None = None
     improvement: float | None = None  # base loss - adapter loss (positive: the adapter is better)
+    generation: GenerationReport | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -45,6 +48,10 @@ class EvalReport:
         if self.base is not None:
             out.update({"eval/base_loss": self.base.loss, "eval/base_perplexity": self.base.perplexity,
                         "eval/loss_improvement": self.improvement or 0.0})
+        if self.generation is not None:
+            out.update(self.generation.adapter.metrics("eval/adapter"))
+            if self.generation.base is not None:
+                out.update(self.generation.base.metrics("eval/base"))
         return out
 
 
@@ -101,8 +108,24 @@ def evaluate(cfg, data, model, tokenizer) -> EvalReport:
     if cfg.eval.compare_base:
         with model.disable_adapter():
             base = token_loss(model, examples, pad, cfg.eval.batch_size, "eval base")
+    generation = None
+    conversations = list(data.eval_messages)[: cfg.eval.generate_examples]
+    if conversations:
+        from data_prep.templates import end_of_turn_token
+
+        stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn_token(data.template_name, tokenizer))}
+        generation = generation_eval(model, tokenizer, conversations, max_new_tokens=cfg.eval.max_new_tokens,
+                                     batch_size=cfg.eval.batch_size, stop_ids=sorted(t for t in stop if t is not None),
+                                     compare_base=cfg.eval.compare_base)
     report = EvalReport(adapter=adapter, base=base,
-                        improvement=(base.loss - adapter.loss) if base is not None else None, notes=notes)
+                        improvement=(base.loss - adapter.loss) if base is not None else None,
+                        generation=generation, notes=notes)
     log.info("eval: adapter loss %.4f (ppl %.2f)%s on %d held-out examples", adapter.loss, adapter.perplexity,
              f" vs base {base.loss:.4f} (ppl {base.perplexity:.2f})" if base else "", adapter.examples)
+    if generation is not None:
+        g = generation
+        log.info("eval: %d generated answers: adapter ROUGE-L %.3f, token F1 %.3f, chrF %.1f%s", g.examples,
+                 g.adapter.rougeL, g.adapter.token_f1, g.adapter.chrf,
+                 f" vs base ROUGE-L {g.base.rougeL:.3f}, token F1 {g.base.token_f1:.3f}, chrF {g.base.chrf:.1f}"
+                 if g.base else "")
     return report

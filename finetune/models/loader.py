@@ -21,6 +21,19 @@ def resolve_path(model_cfg) -> str:
     return model_cfg.name_or_path
 
 
+def base_model_dir(model_cfg) -> str:
+    """The base model as a local directory: the tiny model's, a local path, or the hub snapshot that
+    training downloaded (looked up in the cache only: never a network call)."""
+    name = model_cfg.name_or_path
+    if tiny.is_tiny(name):
+        return str(tiny.ensure_built(name))
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, revision=model_cfg.revision, local_files_only=True)
+
+
 def ensure_pad_token(tokenizer, model_vocab_size: int | None = None) -> None:
     """Give the tokenizer a pad token distinct from EOS, so that EOS is never masked as padding.
 

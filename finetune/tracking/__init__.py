@@ -1,20 +1,28 @@
 """MLflow tracking: our only module that talks to MLflow.
 
-One run per training invocation. The run always ends: FINISHED on success, FAILED
-with the error (as a tag and an ``error.txt`` artifact) on a crash, KILLED on an
-interrupt; never left RUNNING. Its id is written to ``run.json`` in the run
-directory so that later stages (and a resumed run) find it.
+One run per training invocation (a Hydra multirun: one parent run for the sweep, one
+child per job, so the UI's compare view lines the jobs up). The run always ends:
+FINISHED on success, FAILED with the error (as a tag and an ``error.txt`` artifact) on
+a crash, KILLED on an interrupt; never left RUNNING. Its id is written to ``run.json``
+in the run directory, so that later stages and a resumed run find it.
 
-mlflow is imported lazily: importing it costs ~2 s, which a preflight dry run
-must not pay.
+A remote tracking server that does not answer fails the run before any work starts
+(exit 5), unless the recipe says ``tracking.fallback_local: true``: then the run is
+logged into ./mlflow.db, and the log says so loudly.
+
+mlflow is imported lazily: importing it costs ~2 s, which a preflight dry run must not pay.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import re
+import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,8 @@ log = logging.getLogger(__name__)
 # say, from a user's own extension of the schema).
 _SECRET = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
 _MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value's length
+LOCAL_URI = "sqlite:///mlflow.db"
+PARENT_FILE = "mlflow_parent_run.json"
 
 
 def absolute_uri(uri: str) -> str:
@@ -41,16 +51,84 @@ def redact(params: dict[str, Any]) -> dict[str, Any]:
     return {k: ("<redacted>" if _SECRET.search(k) else v) for k, v in params.items()}
 
 
+def check_reachable(uri: str, fallback_local: bool) -> str:
+    """The URI to log to: `uri` if its server answers; else ./mlflow.db (fallback_local) or EnvError."""
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        return uri
+    except requests.RequestException as e:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if not fallback_local:
+            raise EnvError(f"tracking.uri: no MLflow server answers at {uri} ({reason}); start it, fix "
+                           "tracking.uri, or set tracking.fallback_local=true to log into ./mlflow.db") from e
+        log.warning("!" * 78)
+        log.warning("tracking.uri %s does not answer (%s)", uri, reason)
+        log.warning("LOGGING THIS RUN LOCALLY into %s (tracking.fallback_local=true); `make ui` shows it",
+                    absolute_uri(LOCAL_URI))
+        log.warning("!" * 78)
+        return LOCAL_URI
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def sweep_parent(uri: str, experiment: str, sweep: dict[str, Any], name: str) -> str:
+    """The parent run of a Hydra multirun (created by its first job, found by the others)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    record = Path(sweep["dir"]) / PARENT_FILE
+    with _locked(record):
+        if record.is_file():
+            return json.loads(record.read_text())["run_id"]
+        mlflow.set_tracking_uri(uri)
+        exp = mlflow.set_experiment(experiment)
+        client = MlflowClient(uri)
+        run = client.create_run(exp.experiment_id, run_name=f"{name}/sweep-{Path(sweep['dir']).name}",
+                                tags={"recipe": name, "sweep_dir": str(Path(sweep["dir"]).resolve()),
+                                      "sweep": "true"})
+        record.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}, indent=2) + "\n")
+        return run.info.run_id
+
+
+def end_sweep_parent(sweep_dir: Path, ok: bool) -> None:
+    """Called once the multirun is over: the parent run ends FINISHED, or FAILED if a job failed."""
+    record = sweep_dir / PARENT_FILE
+    if not record.is_file():
+        return
+    from mlflow.tracking import MlflowClient
+
+    info = json.loads(record.read_text())
+    MlflowClient(info["tracking_uri"]).set_terminated(info["run_id"], status="FINISHED" if ok else "FAILED")
+
+
 class Tracker:
     """Context manager around one MLflow run."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, run_dir: Path, run_id: str | None = None):
-        self.uri = absolute_uri(uri)
-        self.experiment = experiment
+    def __init__(self, cfg_tracking, run_name: str, run_dir: Path, run_id: str | None = None,
+                 sweep: dict[str, Any] | None = None, recipe: str = ""):
+        self.uri = absolute_uri(cfg_tracking.uri)
+        self.cfg = cfg_tracking
+        self.experiment = cfg_tracking.experiment
         self.run_name = run_name
         self.run_dir = run_dir
         self.run_id = run_id  # set: continue that run (a resumed training run)
         self.resumed = run_id is not None
+        self.sweep = sweep
+        self.recipe = recipe
+        self.parent_run_id: str | None = None
         self._mlflow: Any = None
         self._client: Any = None
 
@@ -59,14 +137,21 @@ class Tracker:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        self.uri = absolute_uri(check_reachable(self.uri, self.cfg.fallback_local))
         self._mlflow = mlflow
         mlflow.set_tracking_uri(self.uri)
         try:
             exp = mlflow.set_experiment(self.experiment)
             if self.run_id is not None:
-                run = mlflow.start_run(run_id=self.run_id)
+                run = mlflow.start_run(run_id=self.run_id, log_system_metrics=self.cfg.system_metrics)
             else:
-                run = mlflow.start_run(run_name=self.run_name, experiment_id=exp.experiment_id)
+                if self.sweep is not None:
+                    self.parent_run_id = sweep_parent(self.uri, self.experiment, self.sweep, self.recipe)
+                run = mlflow.start_run(run_name=self.run_name, experiment_id=exp.experiment_id,
+                                       parent_run_id=self.parent_run_id, nested=self.parent_run_id is not None,
+                                       log_system_metrics=self.cfg.system_metrics)
+        except EnvError:
+            raise
         except Exception as e:
             raise EnvError(f"tracking.uri: cannot open the MLflow store at {self.uri} "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
@@ -74,7 +159,7 @@ class Tracker:
         self.run_id = run.info.run_id
         (self.run_dir / "run.json").write_text(json.dumps({
             "run_id": self.run_id, "experiment_id": exp.experiment_id, "experiment": self.experiment,
-            "tracking_uri": self.uri,
+            "tracking_uri": self.uri, "parent_run_id": self.parent_run_id,
         }, indent=2) + "\n")
         log.info("MLflow run %s in experiment '%s' (%s)%s", self.run_id, self.experiment, self.uri,
                  " continued" if self.resumed else "")
@@ -85,8 +170,7 @@ class Tracker:
             return
         status = "FINISHED"
         if exc is not None:
-            status = "KILLED" if isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", 0) in (130, 143) \
-                else "FAILED"
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             try:
                 self._mlflow.set_tag("error", f"{type(exc).__name__}: {str(exc)[:4000]}")
                 self._mlflow.log_text("".join(traceback.format_exception(exc_type, exc, tb)), "error.txt")
@@ -129,11 +213,58 @@ class Tracker:
         self.log_metrics({"train/oom_replans": number}, step=event["step"])
         self.log_dict(event, f"replans/{number}.json")
 
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """Rows as an MLflow table (the UI's artifact view shows it, and compares it across runs)."""
+        if rows:
+            columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+            self._mlflow.log_table(data=columns, artifact_file=artifact_file)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if path.is_dir():
             self._mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
         else:
             self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_dataset(self, source: str, files: list[Path], fingerprint: str, rows: int) -> None:
+        """The training data as an MLflow input, identified by our content fingerprint (the data is not copied)."""
+        from mlflow.data.meta_dataset import MetaDataset
+
+        if files:
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+            where = files[0] if len(files) == 1 else Path(source)
+            with warnings.catch_warnings():
+                # MLflow registers its local-file source twice ("" and "file" schemes) and warns that a
+                # local path "can be interpreted in multiple ways": both are the same class.
+                warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+                src = resolve_dataset_source(str(where.expanduser().resolve()))
+        else:
+            from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+            src = HuggingFaceDatasetSource(path=source)
+        dataset = MetaDataset(source=src, name=source, digest=fingerprint)
+        self._mlflow.log_input(dataset, context="training", tags={"rows": str(rows)})
+
+    def log_adapter_model(self, model, tokenizer, base_model_path: str, registered_name: str | None,
+                          pip_requirements: list[str]) -> str | None:
+        """The adapter as an MLflow transformers model, registered as a new version of `registered_name`.
+
+        peft models are logged as the adapter plus a reference to the base model. We pass the base
+        as a local directory (never a hub id, which MLflow would resolve online to a commit) and
+        explicit pip requirements (inferring them imports and inspects the environment, slowly);
+        so the logged model reloads offline with mlflow.transformers.load_model.
+        Returns the model URI, or None if logging failed (the adapter stays an artifact either way).
+        """
+        try:
+            info = self._mlflow.transformers.log_model(
+                transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
+                task="text-generation", base_model_path=base_model_path,
+                registered_model_name=registered_name, pip_requirements=pip_requirements)
+        except Exception as e:  # a registry-less server, say: keep the run, say what happened
+            log.warning("could not log the adapter as an MLflow model (%s: %s); it is still an artifact",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return None
+        return info.model_uri
 
 
 class NullTracker:
@@ -156,3 +287,18 @@ class NullTracker:
 def read_run_json(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "run.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def wait_for_server(uri: str, timeout: float = 60.0) -> bool:
+    """Poll an MLflow server's /health until it answers (for tests and scripts)."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(uri.rstrip("/") + "/health", timeout=2).ok:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    return False

@@ -50,6 +50,7 @@ class TrainResult:
     epochs: float
     train_loss: float  # mean over this invocation's steps, as the Trainer reports it
     loss_history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss), the whole run
+    eval_history: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss) during training
     runtime_s: float = 0.0
     tokens_per_s: float = 0.0  # input tokens per second in this invocation (approximate: mean example length)
     peak_memory: dict[str, Any] = field(default_factory=dict)
@@ -419,7 +420,9 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
     adapter_dir = run_dir / "adapter"
     if trainer.args.should_save:
         save_adapter(model, tokenizer, adapter_dir)
-    history = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e and "step" in e]
+    logs = trainer.state.log_history
+    history = [(int(e["step"]), float(e["loss"])) for e in logs if "loss" in e and "step" in e]
+    evals = [(int(e["step"]), float(e["eval_loss"])) for e in logs if "eval_loss" in e and "step" in e]
     # Tokens this invocation fed through the model (all input tokens, the usual throughput measure).
     mean_tokens = sum(len(ex.input_ids) for ex in data.train) / max(len(data.train), 1)
     steps_run = trainer.state.global_step - (resume_point.step if resume_point is not None else 0)
@@ -431,6 +434,7 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
         epochs=float(output.metrics.get("epoch", 0.0)),
         train_loss=float(output.training_loss),
         loss_history=history,
+        eval_history=evals,
         runtime_s=runtime,
         tokens_per_s=tokens / runtime if runtime > 0 else 0.0,
         peak_memory=_peak_memory(device),

@@ -36,7 +36,8 @@ def _cfg(model: str, steps: int, device: str):
 
     hardware = "hardware=cpu" if device == "cpu" else "hardware=a100-80gb"
     return compose(["+recipe=tiny-demo", f"model.name_or_path={model}", hardware, f"train.max_steps={steps}",
-                    f"train.save_steps={steps}", "train.logging_steps=1", "stages=[data,preflight,train]"])
+                    f"train.save_steps={steps}", "train.logging_steps=1", "stages=[data,preflight,train]",
+                    "tracking.system_metrics=false"])
 
 
 def _rss_bytes() -> int:
@@ -70,7 +71,7 @@ def run_variant(variant: str, model: str, steps: int, device: str) -> dict:
         from finetune.tracking import Tracker
         from finetune.train import train
 
-        with Tracker(cfg.tracking.uri, cfg.tracking.experiment, "bench", work / "run") as tracker:
+        with Tracker(cfg.tracking, "bench", work / "run") as tracker:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             rss_before = _rss_bytes()
