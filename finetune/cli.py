@@ -37,6 +37,8 @@ from finetune.paths import recipes_dir
 
 # Exit codes of the jobs run by this process (one per job; several in a multirun).
 _EXIT_CODES: list[int] = []
+# Sweep directories of the multirun jobs run here: their MLflow parent run ends when all are done.
+_SWEEPS: set[str] = set()
 
 
 def _full_error() -> bool:
@@ -146,11 +148,14 @@ def _run_job(cfg: DictConfig) -> int:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = str(hydra_cfg.mode) == "RunMode.MULTIRUN"
+    sweep = _sweep_info(hydra_cfg) if multirun else None
+    if sweep is not None:
+        _SWEEPS.add(sweep["dir"])
     try:
         run_cfg = to_run_config(cfg)
         from finetune.pipeline import run_pipeline
 
-        run_pipeline(run_cfg, run_dir, sweep=_sweep_info(hydra_cfg) if multirun else None)
+        run_pipeline(run_cfg, run_dir, sweep=sweep)
         return 0
     except KeyboardInterrupt as ex:
         # Ctrl-C or SIGTERM: stop here, do not go on with the next job of a sweep.
@@ -159,6 +164,30 @@ def _run_job(cfg: DictConfig) -> int:
         sys.exit(code)
     except Exception as ex:
         return report(ex)
+    finally:
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """Between the jobs of a sweep (one process runs them one after another): drop the last job's
+    model and give its GPU memory back, so the next job starts with a clean device."""
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _end_sweeps() -> None:
+    """The parent MLflow run of each sweep ends once every job has: FINISHED, or FAILED if one failed."""
+    if not _SWEEPS:
+        return
+    from finetune.tracking import end_sweep_parent
+
+    ok = all(code == 0 for code in _EXIT_CODES)
+    for sweep_dir in _SWEEPS:
+        end_sweep_parent(Path(sweep_dir), ok)
 
 
 def _sweep_info(hydra_cfg: Any) -> dict[str, Any]:
@@ -181,8 +210,12 @@ def main() -> None:
     install_process_handlers()
     register_configs()
     _EXIT_CODES.clear()
-    with _hydra_errors_as_exit_codes():
-        _hydra_main()
+    _SWEEPS.clear()
+    try:
+        with _hydra_errors_as_exit_codes():
+            _hydra_main()
+    finally:
+        _end_sweeps()
     sys.exit(max(_EXIT_CODES, default=0))
 
 

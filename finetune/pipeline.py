@@ -128,7 +128,9 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None = N
     if Stage.train.value in stages:
         from finetune.train.resume import resolve
 
-        resume_point = resolve(cfg.train.resume, run_dir.parent, run_dir, recipe, data.report.fingerprint)
+        # A sweep's jobs are different recipes side by side: they start fresh (auto-resume is for single runs).
+        mode = "never" if (sweep is not None and cfg.train.resume == "auto") else cfg.train.resume
+        resume_point = resolve(mode, run_dir.parent, run_dir, recipe, data.report.fingerprint)
     work_dir = resume_point.run_dir if resume_point is not None else run_dir
     results["work_dir"] = work_dir
 
@@ -155,7 +157,11 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None = N
 
     from finetune.tracking import NullTracker, Tracker
 
-    tracker = (Tracker(cfg.tracking, run_name=f"{cfg.name}/{work_dir.name}", run_dir=work_dir,
+    run_name = f"{cfg.name}/{work_dir.name}"
+    if sweep is not None:  # the compare view lists runs by name: say what this job changed
+        changed = [o for o in sweep["overrides"] if not o.startswith(("+recipe=", "hydra."))]
+        run_name = f"{cfg.name}/{sweep['job_num']} {' '.join(changed)}".strip()
+    tracker = (Tracker(cfg.tracking, run_name=run_name, run_dir=work_dir,
                        run_id=resume_point.run_id if resume_point else None, sweep=sweep, recipe=cfg.name)
                if leader else NullTracker())
     with tracker:

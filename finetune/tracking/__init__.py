@@ -30,9 +30,10 @@ from finetune.errors import EnvError
 
 log = logging.getLogger(__name__)
 
-# Keys that could hold credentials are never logged (a recipe key named *token* or *secret*,
-# say, from a user's own extension of the schema).
-_SECRET = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
+# Keys that could hold credentials are never logged (hf_token, api_key, secret, ... from a user's own
+# extension of the schema): matched on the words of a key's last segment, so that eval.max_new_tokens
+# or train/num_tokens are not mistaken for one.
+_SECRET_WORDS = {"token", "secret", "password", "passwd", "apikey", "credential", "credentials", "auth"}
 _MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value's length
 LOCAL_URI = "sqlite:///mlflow.db"
 PARENT_FILE = "mlflow_parent_run.json"
@@ -47,8 +48,14 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+def is_secret(key: str) -> bool:
+    last = re.split(r"[./]", key.lower())[-1]
+    words = re.split(r"[_\-]", last)
+    return bool(_SECRET_WORDS & set(words)) or "api_key" in last or "apikey" in last
+
+
 def redact(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("<redacted>" if _SECRET.search(k) else v) for k, v in params.items()}
+    return {k: ("<redacted>" if is_secret(k) else v) for k, v in params.items()}
 
 
 def check_reachable(uri: str, fallback_local: bool) -> str:
