@@ -450,7 +450,8 @@ def estimate(spec: ArchSpec, choices: dict[str, Any], *, rank: int, targets: lis
 
     # activations
     index = {id(lin): i for i, lin in enumerate(spec.linears)}
-    attention = choices.get("attention", spec.attention)
+    # a family without an SDPA path in transformers runs eager attention whatever the plan says
+    attention = "eager" if spec.attention == "eager" else choices.get("attention", spec.attention)
     ctx = _Ctx(b=b, autocast=autocast, quantized=quantized, lora_bytes=lora_b, dropout=s.lora_dropout > 0,
                upcast=s.upcast_fp32 and quantized, targets=frozenset(index[id(lin)] for lin in lora_targets),
                attention=attention, masked=mb > 1 and not choices.get("packing", False) and not litgpt,
