@@ -70,7 +70,11 @@ class ArchSpec:
     # Tensors of the MLP width that backward keeps for the activation (1: F.silu/F.gelu keep their
     # input; 4: transformers' NewGELUActivation, written in Python, keeps four: x, tanh, 0.5x, 1+tanh).
     act_saved: int = 1
-    attention: str = "sdpa"  # transformers' default implementation: sdpa where the family supports it
+    # transformers' default implementation: sdpa where the family supports it, eager where it does not;
+    # "math" where SDPA is called with shapes its fused kernels refuse (Falcon's multi-query heads)
+    attention: str = "sdpa"
+    always_masked: bool = False  # the model always builds a 4-D mask (Falcon: allow_is_causal_skip=False)
+    kv_expanded: bool = False  # k/v are expanded to every head before attention (Falcon's new architecture)
     qkv_view_kept: bool = False  # fused qkv whose v is a view: SDPA keeps the whole fused output alive
     experts: int = 0  # MoE: experts per layer, stored as 3-D parameters (not nn.Linear)
     experts_per_token: int = 0
@@ -142,8 +146,22 @@ class ArchSpec:
             )
         return [lin for lin in self.linears if lin.name in set(targets)]
 
+    def lora_param_targets(self, targets: list[str], rank: int) -> list[tuple[str, int, int, int]]:
+        """LoRA on parameters rather than modules, per layer: (name, rank, in, out) with in/out summed over
+        experts. peft 0.21 on transformers 5 converts all-linear for Mixtral to also target the router
+        weight and the fused experts (peft/utils/transformers_weight_conversion.py: gate_up_proj gets rank 2r,
+        since w1 and w3 were fused into it), wrapping them in ParamWrapper."""
+        if not (self.experts and self.model_type == "mixtral" and list(targets) == ["all-linear"]):
+            return []
+        e, h, i = self.experts, self.hidden, self.intermediate
+        return [("gate", rank, h, e),
+                ("gate_up_proj", 2 * rank * e, h, 2 * i),  # lora_A: (2r x E, h), lora_B: (2i, 2r x E)
+                ("down_proj", rank * e, i, h)]
+
     def lora_params(self, targets: list[str], rank: int) -> int:
-        return self.layers * sum(rank * (lin.in_features + lin.out_features) for lin in self.lora_targets(targets))
+        modules = sum(rank * (lin.in_features + lin.out_features) for lin in self.lora_targets(targets))
+        params = sum(r * (i + o) for _, r, i, o in self.lora_param_targets(targets, rank))
+        return self.layers * (modules + params)
 
     def kv_heads_for(self, attention: str, masked: bool) -> int:
         """Key/value heads that attention keeps for backward.
@@ -152,10 +170,10 @@ class ArchSpec:
         mask is passed (padded batches): torch's enable_gqa is used only without a mask. Flash
         attention 2 takes grouped heads natively; eager repeats them always.
         """
-        if self.kv_heads == self.heads:
+        if self.kv_heads == self.heads or self.kv_expanded:
             return self.heads
-        if attention == "flash2" or (attention == "sdpa" and not masked):
-            return self.kv_heads
+        if attention in ("flash2", "math") or (attention == "sdpa" and not masked):
+            return self.kv_heads  # flash takes grouped heads; the math kernel broadcasts them
         return self.heads
 
 
@@ -262,8 +280,10 @@ def _falcon(config: dict[str, Any]) -> ArchSpec:
         tied_embeddings=bool(config.get("tie_word_embeddings", True)),
         linears=linears, norm="layer", norms_per_layer=norms, shared_norm=shared, parallel=parallel,
         gated_mlp=False,
-        # transformers 5.23 runs Falcon with ALiBi (falcon-rw) on its eager path only
-        attention="eager" if config.get("alibi") else "sdpa",
+        # transformers 5.23 runs Falcon with ALiBi (falcon-rw) on its eager path; it always passes SDPA a
+        # 4-D mask, and the multi-query layout (one k/v head, not expanded) only SDPA's math kernel takes
+        attention="eager" if config.get("alibi") else ("math" if (multi_query and not new_arch) else "sdpa"),
+        always_masked=True, kv_expanded=new_arch,
     )
 
 
@@ -284,7 +304,7 @@ def _bloom(config: dict[str, Any]) -> ArchSpec:
         hidden=h, heads=heads, kv_heads=heads, head_dim=h // heads, intermediate=4 * h,
         vocab=_get(config, "vocab_size"),
         tied_embeddings=bool(config.get("tie_word_embeddings", True)),
-        linears=linears, norm="layer", gated_mlp=False, attention="eager",
+        linears=linears, norm="layer", gated_mlp=False, attention="eager", qkv_view_kept=True,
         extra_params=2 * h,  # word_embeddings_layernorm
     )
 

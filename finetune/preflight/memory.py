@@ -191,6 +191,9 @@ class _Ctx:
     fused_qkv_lora: bool
     rank: int
     bnb_keeps_input: bool
+    cpu: bool
+    expert_lora: bool = False  # peft's ParamWrapper LoRA on the MoE experts (all-linear on Mixtral)
+    weight_b: int = 2  # bytes per element of the unquantized frozen weights
 
 
 # -- weights ----------------------------------------------------------------------------------
@@ -269,23 +272,31 @@ def _norm_saved(spec: ArchSpec, r: int, ctx: _Ctx) -> tuple[int, int]:
     return r * h, r
 
 
-def _input_saved(width: int, x_bytes: int, lora: list[Linear], readers: list[Linear], ctx: _Ctx) -> int:
+def _input_saved(width: int, x_bytes: int, lora: list[Linear], readers: list[Linear], ctx: _Ctx,
+                 x_already_kept: bool = False) -> int:
     """Bytes per token kept of one input tensor that the linear layers `readers` read, of which `lora`
     carry adapters.
 
     A frozen nn.Linear or bnb 0.50 layer keeps nothing of its input. lora_A keeps its input: the
     tensor itself when nothing casts it (one tensor shared by every adapter reading it), else one
-    cast copy per adapter; dropout adds a uint8 mask and its own output per adapter. Older
-    bitsandbytes (``Settings.bnb_keeps_input``) kept every 4-bit matmul's (compute-dtype) input.
+    cast copy per adapter (peft casts x to the adapter's dtype without autocast; autocast casts it
+    to the compute dtype). Dropout adds, per adapter, its output and its mask (bool on CUDA; on the
+    CPU torch multiplies by a noise tensor of the input's dtype). Older bitsandbytes
+    (``Settings.bnb_keeps_input``) kept every 4-bit matmul's (compute-dtype) input.
+    `x_already_kept`: another op keeps x anyway (SDPA keeps its output, which o_proj reads).
     """
     keeps_x = False
     extra = 0
     if lora:
         n = len(lora)
-        saved_bytes = 2 if ctx.autocast else x_bytes  # autocast casts lora_A's input to the compute dtype
         if ctx.dropout:
             copies = 1 if ctx.fused_qkv_lora else n
-            extra += copies * width * (1 + saved_bytes)  # nn.Dropout's mask + the dropped-out input
+            if ctx.autocast:
+                saved, mask = 2, (x_bytes if ctx.cpu else 1)
+            else:
+                saved = ctx.lora_bytes  # x is cast to the adapter dtype before the dropout
+                mask = saved if ctx.cpu else 1
+            extra += copies * width * (saved + mask)
         elif ctx.autocast:
             if not ctx.quantized and ctx.lora_bytes == 4:
                 # peft's lora.Linear casts x to its fp32 weights, autocast casts back: a bf16 copy each
@@ -294,8 +305,8 @@ def _input_saved(width: int, x_bytes: int, lora: list[Linear], readers: list[Lin
                 extra += n * width * 2  # each lora_A autocasts the fp32 input to its own bf16 copy
             else:
                 keeps_x = True
-        elif ctx.quantized and ctx.lora_bytes != x_bytes:
-            extra += n * width * ctx.lora_bytes  # bnb LoRA layers cast x to the adapter dtype
+        elif ctx.lora_bytes != x_bytes:
+            extra += n * width * ctx.lora_bytes  # peft casts x to the adapter dtype: a copy per adapter
         else:
             keeps_x = True
     if ctx.bnb_keeps_input and ctx.quantized:
@@ -305,7 +316,7 @@ def _input_saved(width: int, x_bytes: int, lora: list[Linear], readers: list[Lin
                 keeps_x = True
             else:
                 extra += len(base) * width * ctx.b  # Linear4bit casts x to its compute dtype first
-    return (width * x_bytes if keeps_x else 0) + extra
+    return (width * x_bytes if keeps_x and not x_already_kept else 0) + extra
 
 
 def _linear_out_bytes(lin: Linear, x_bytes: int, ctx: _Ctx) -> int:
@@ -315,11 +326,13 @@ def _linear_out_bytes(lin: Linear, x_bytes: int, ctx: _Ctx) -> int:
     return ctx.b if ctx.autocast else x_bytes
 
 
-def layer_bytes_per_token(spec: ArchSpec, ctx: _Ctx, seq_len: int, r_in: int) -> tuple[int, int, int]:
-    """(kept for backward, transient peak above it in backward, residual bytes out) per token, one layer.
+def layer_bytes_per_token(spec: ArchSpec, ctx: _Ctx, seq_len: int, r_in: int) -> tuple[int, int, int, int]:
+    """(kept for backward, transient peak above it in backward, residual bytes out) per token, one layer,
+    and bytes per layer that do not scale with tokens (kept, and again transient in backward).
 
     `r_in` is the residual stream's dtype bytes at the layer input.
     """
+    per_layer = 0
     h, b = spec.hidden, ctx.b
     hq = spec.heads * spec.head_dim
     kv = spec.kv_heads_for(ctx.attention, ctx.masked)
@@ -343,23 +356,36 @@ def layer_bytes_per_token(spec: ArchSpec, ctx: _Ctx, seq_len: int, r_in: int) ->
     kept += _input_saved(h, n1_out, lora_readers, readers, ctx)
     qkv_bytes = _linear_out_bytes(attn_lin[0], n1_out, ctx)
     sdpa_b = b if ctx.autocast else qkv_bytes  # attention kernels autocast q/k/v to the compute dtype
-    if spec.qkv_view_kept and kv == spec.kv_heads and qkv_bytes == sdpa_b:
+    # eager matmuls and CUDA's flash/mem-efficient kernels keep strided views of the fused projection;
+    # the CPU SDPA kernel works on contiguous copies
+    views_kept = ctx.attention in ("eager", "math") or not ctx.cpu
+    if spec.qkv_view_kept and kv == spec.kv_heads and qkv_bytes == sdpa_b and views_kept:
         # v is a view of the fused projection: its storage (q, k and v) stays alive
         kept += sum(lin.out_features for lin in attn_lin) * qkv_bytes + (hq + hkv) * sdpa_b
     else:
         kept += (hq + 2 * hkv) * sdpa_b
+    soft = 4 + (sdpa_b if sdpa_b != 4 else 0)  # the fp32 softmax and its cast to the compute dtype
+    attn_transient = 0
     if ctx.attention == "eager":
-        # fp32 softmax (4) and its compute-dtype cast (2) per head and key; the output is the
-        # probs @ v product, which nothing keeps but the output projection's adapter
-        kept += spec.heads * seq_len * (4 + b)
-        attn_out_kept = 0
-        attn_transient = spec.heads * seq_len * (b + 4)  # scores and the masked/scaled fp32 copy
+        # the probabilities per head and key; the output is probs @ v, which only o_proj's adapter keeps
+        kept += spec.heads * seq_len * soft
+        attn_transient = spec.heads * seq_len * (sdpa_b + 4)  # the scores and their masked fp32 copy
+    elif ctx.attention == "math":
+        # SDPA's math kernel: the probabilities (compute dtype) per head and key, no log-sum-exp
+        kept += spec.heads * seq_len * sdpa_b
+        attn_transient = spec.heads * seq_len * 2 * sdpa_b
     else:
         kept += hq * sdpa_b + 4 * spec.heads  # output + fp32 log-sum-exp per head
-        attn_out_kept = 0
-        attn_transient = 0
+        if ctx.masked:
+            # SDPA converts the boolean mask to an additive one in the query's dtype on every call, and the
+            # memory-efficient kernel keeps it for backward: batch x seq x seq per layer
+            kept += seq_len * sdpa_b
+    attn_out_kept = 0
     o_lin = [lin for lin in spec.linears if lin.reads == ATTN_OUT][0]
-    kept += attn_out_kept + _input_saved(hq, sdpa_b, by_group.get(ATTN_OUT, []), [o_lin], ctx)
+    # SDPA and flash return their output laid out as (batch, seq, heads, dim): the transpose for
+    # o_proj is a view of the tensor they keep; eager's probs @ v is transposed into a new copy
+    kept += attn_out_kept + _input_saved(hq, sdpa_b, by_group.get(ATTN_OUT, []), [o_lin], ctx,
+                                         x_already_kept=ctx.attention not in ("eager", "math"))
     attn_res = _linear_out_bytes(o_lin, sdpa_b, ctx)
 
     # MLP block
@@ -368,6 +394,8 @@ def layer_bytes_per_token(spec: ArchSpec, ctx: _Ctx, seq_len: int, r_in: int) ->
     else:
         mid_r = max(r_in, attn_res) if not spec.parallel else r_in
         n2, n2_out = _norm_saved(spec, mid_r, ctx)
+        if spec.parallel and spec.norm == "layer" and (mid_r == 4 or not ctx.autocast):
+            n2 = 0  # both LayerNorms read (and keep) the same layer input; no cast makes a second copy
         kept += n2
         kept += _input_saved(h, n2_out, by_group.get(MLP_IN, []), mlp_lin, ctx)
     inter = spec.intermediate
@@ -378,6 +406,14 @@ def layer_bytes_per_token(spec: ArchSpec, ctx: _Ctx, seq_len: int, r_in: int) ->
         kept += spec.experts_per_token * (3 * inter + h) * m + spec.experts * 4  # + fp32 router probs
         mlp_res = m
         mlp_transient = spec.experts_per_token * 2 * inter * m
+        if ctx.expert_lora:
+            # peft's ParamWrapper folds W + B A into one baddbmm per forward (the whole expert stack, in
+            # the weight's dtype); with a trainable weight every expert matmul keeps its input, and the
+            # router's linear keeps the MLP input
+            kept += spec.experts_per_token * (h + inter) * m + h * n2_out
+            # per layer, not per token: the folded bf16 stack, kept by the expert matmuls until backward,
+            # and its gradient, as large, in backward
+            per_layer = spec.experts * 3 * h * inter * ctx.weight_b
     else:
         m = _linear_out_bytes(mlp_lin[0], n2_out, ctx)
         if spec.gated_mlp:
@@ -393,7 +429,7 @@ def layer_bytes_per_token(spec: ArchSpec, ctx: _Ctx, seq_len: int, r_in: int) ->
     kept += len(ctx.targets) * ctx.rank * (2 if ctx.autocast else ctx.lora_bytes)
     r_out = max(r_in, attn_res, mlp_res)
     transient = r_out * h + max(mlp_transient, attn_transient)
-    return kept, transient, r_out
+    return kept, transient, r_out, per_layer
 
 
 # -- the estimate ---------------------------------------------------------------------------
@@ -439,6 +475,9 @@ def estimate(spec: ArchSpec, choices: dict[str, Any], *, rank: int, targets: lis
     sizes = []
     for lin in lora_targets:
         sizes += [rank * lin.in_features] * spec.layers + [rank * lin.out_features] * spec.layers
+    param_targets = spec.lora_param_targets(targets, rank)
+    for _, r, fan_in, fan_out in param_targets:
+        sizes += [r * fan_in] * spec.layers + [r * fan_out] * spec.layers
     if s.lora_on_lm_head:
         sizes += [rank * spec.hidden, rank * spec.vocab]
     lora_n = sum(sizes)
@@ -451,22 +490,24 @@ def estimate(spec: ArchSpec, choices: dict[str, Any], *, rank: int, targets: lis
     # activations
     index = {id(lin): i for i, lin in enumerate(spec.linears)}
     # a family without an SDPA path in transformers runs eager attention whatever the plan says
-    attention = "eager" if spec.attention == "eager" else choices.get("attention", spec.attention)
+    attention = spec.attention if spec.attention in ("eager", "math") else choices.get("attention", spec.attention)
     ctx = _Ctx(b=b, autocast=autocast, quantized=quantized, lora_bytes=lora_b, dropout=s.lora_dropout > 0,
                upcast=s.upcast_fp32 and quantized, targets=frozenset(index[id(lin)] for lin in lora_targets),
-               attention=attention, masked=mb > 1 and not choices.get("packing", False) and not litgpt,
+               attention=attention,
+               masked=spec.always_masked or (mb > 1 and not choices.get("packing", False) and not litgpt),
                fused_norm=s.fused_norm, fused_qkv_lora=s.fused_qkv_lora or litgpt, rank=rank,
-               bnb_keeps_input=s.bnb_keeps_input)
+               bnb_keeps_input=s.bnb_keeps_input, cpu=not gpu, expert_lora=bool(param_targets),
+               weight_b=weight_b)
     r0 = 4 if ctx.upcast else b  # the embedding output's dtype
-    kept0, transient0, r1 = layer_bytes_per_token(spec, ctx, seq, r0)
-    kept, transient, r_steady = layer_bytes_per_token(spec, ctx, seq, r1)
+    kept0, transient0, r1, fixed = layer_bytes_per_token(spec, ctx, seq, r0)
+    kept, transient, r_steady, _ = layer_bytes_per_token(spec, ctx, seq, r1)
     mask_bytes = mb * seq * seq if ctx.masked else 0  # the 4-D boolean mask transformers builds once
     if choices["gradient_checkpointing"]:
         stored = tokens * spec.hidden * (r0 + (spec.layers - 1) * r1)  # each layer's input
-        layer_peak = tokens * (kept + transient)
+        layer_peak = tokens * (kept + transient) + 2 * fixed
     else:
-        stored = tokens * (kept0 + (spec.layers - 1) * kept)
-        layer_peak = tokens * transient
+        stored = tokens * (kept0 + (spec.layers - 1) * kept) + spec.layers * fixed
+        layer_peak = tokens * transient + fixed
     stored += mask_bytes
     if not choices["gradient_checkpointing"] and r_steady == 4 and r1 == 2:
         notes.append("the fp32 LayerNorm output makes the quantized layers' outputs fp32")

@@ -386,6 +386,12 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
               extra_notes: list[str] | None = None) -> Plan:
     """The plan for recipe `cfg`; raises DoesNotFitError (exit 4) when no candidate fits."""
     _check_pins(cfg)
+    if spec.lora_param_targets(list(cfg.adapter.targets), cfg.adapter.rank) and cfg.adapter.dropout > 0:
+        raise ConfigError(
+            f"adapter.dropout={cfg.adapter.dropout:g}: with adapter.targets=[all-linear], peft 0.21 on "
+            f"transformers 5 also targets {spec.architecture}'s experts and router as parameters (ParamWrapper), "
+            "which refuses LoRA dropout; set adapter.dropout=0, or target the attention only "
+            "(adapter.targets=[q_proj,k_proj,v_proj,o_proj])")
     hw = cfg.hardware
     budget = _budget(hw.vram_gib, cfg.preflight.margin)
     rank, targets = cfg.adapter.rank, list(cfg.adapter.targets)
