@@ -12,7 +12,7 @@ PORT   ?= 5000
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install demo test preflight train ui lint clean
+.PHONY: help install demo test preflight train ui lint bench clean
 
 help:
 	@echo "make install                 create $(VENV) (if missing) and install finetune with its dev tools"
@@ -22,6 +22,7 @@ help:
 	@echo "make train RECIPE=NAME       run a recipe end to end (ARGS='key=value ...' to override)"
 	@echo "make ui                      MLflow UI on http://127.0.0.1:$(PORT) over ./mlflow.db"
 	@echo "make lint                    ruff"
+	@echo "make bench                   every benchmark script in tests/benchmarks/ (results in tests/benchmarks/results/)"
 	@echo "make clean                   remove outputs/, mlflow.db, mlruns/ (not the venv)"
 
 $(BIN)/python:
@@ -53,6 +54,13 @@ ui: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check finetune data_prep tests
+
+# Every script in tests/benchmarks/ (each prints a table and writes JSON to tests/benchmarks/results/);
+# a script exits non-zero when it misses its target, and make stops there.
+bench: $(STAMP)
+	@for script in tests/benchmarks/*.py; do \
+		echo "== $$script"; $(BIN)/python $$script || exit 1; \
+	done
 
 clean:
 	rm -rf outputs mlflow.db mlruns
