@@ -262,13 +262,12 @@ def _why_not(alt: Candidate, chosen: Candidate, budget: int) -> str:
 
 
 def _distinct(scored: list[Candidate]) -> list[Candidate]:
-    """One candidate per (quantization, double quant, checkpointing, micro-batch, distribution): the one
-    with the best merit (ties: less memory), so the alternatives differ in more than the optimizer."""
+    """One candidate per (quantization, checkpointing, micro-batch, distribution): the one with the best
+    merit (ties: less memory), so the alternatives differ in more than the optimizer or double quant."""
     best: dict[tuple, Candidate] = {}
     for c in scored:
         ch = c.choices
-        key = (ch["quantization"], ch["double_quant"], ch["gradient_checkpointing"], ch["micro_batch_size"],
-               ch["distributed"])
+        key = (ch["quantization"], ch["gradient_checkpointing"], ch["micro_batch_size"], ch["distributed"])
         if key not in best or (merit(c), -c.total) > (merit(best[key]), -best[key].total):
             best[key] = c
     return list(best.values())
