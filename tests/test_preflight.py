@@ -394,3 +394,48 @@ def test_every_kind_of_card_composes_and_plans(card):
     assert p.choices["compute_dtype"] == ("bf16" if cfg.hardware.bf16 else "fp16")
     if card.startswith("apple"):
         assert p.breakdown_bytes["cuda_context"] == 0 and p.choices["optimizer"] == "adamw"
+
+
+# -- the data stage's report, local configs ------------------------------------------------------------
+
+def test_with_the_data_report_the_plan_uses_the_longest_kept_row_and_estimates_wall_time():
+    from data_prep.report import DataReport, TokenStats
+
+    report = DataReport(source="x", format="alpaca", format_detected=False, chat_template="llama-2",
+                        rows_read=33_000, rows_kept=32_000, train_rows=31_360, eval_rows=640,
+                        tokens=TokenStats(total=32_000 * 180, trained=32_000 * 90, p50=160, p95=380, p99=450,
+                                          max=470))
+    cfg = compose(["+recipe=llama2-7b-medical", "hardware=rtx4090"])
+    p = run_preflight(cfg, report)
+    assert p.choices["max_seq_len"] == 470 and p.choices["seq_len_source"] == "data"
+    line = next(x for x in p.explanation if x.startswith("throughput"))
+    value, unit = re.search(r"~([\d.]+) (s|min|h|days) for", line).groups()
+    seconds = float(value) * {"s": 1, "min": 60, "h": 3600, "days": 86400}[unit]
+    tokens_m = float(re.search(r"~([\d.]+)M tokens", line).group(1))
+    # one epoch of 31,360 rows padded to between the mean (180) and p95 (380) tokens
+    assert 31_360 * 180 / 1e6 <= tokens_m <= 31_360 * 380 / 1e6
+    assert seconds == pytest.approx(tokens_m * 1e6 / p.details["tokens_per_s"], rel=0.05)
+    assert "estimate" in line
+
+
+def test_a_directory_with_only_a_falcon_config_is_planned(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "falcon", "architectures": ["FalconForCausalLM"], "hidden_size": 8192,
+        "num_attention_heads": 128, "num_hidden_layers": 60, "num_kv_heads": 8, "new_decoder_architecture": True,
+        "parallel_attn": True, "bias": False, "alibi": False, "vocab_size": 65024}))
+    p = plan(f"model.name_or_path={tmp_path}", "hardware=h100-80gb", "hardware.num_gpus=2",
+             "adapter.targets=[query_key_value,dense]")
+    assert p.model["params_total"] == spec_of("tiiuae/falcon-40b").params_total
+    assert p.model["lora_targets"] == ["query_key_value", "dense"]
+    assert p.choices["distributed"] == "fsdp"  # 82 GB of bf16 weights (FalconLinear is not quantized)
+
+
+def test_mixtral_all_linear_with_dropout_is_refused_before_any_download():
+    with pytest.raises(ConfigError) as info:
+        plan("model.name_or_path=mistralai/Mixtral-8x7B-v0.1", "hardware=h200")
+    assert str(info.value).startswith("adapter.dropout")
+    p = plan("model.name_or_path=mistralai/Mixtral-8x7B-v0.1", "hardware=h200", "adapter.dropout=0")
+    # peft also puts LoRA on the router and every expert: far more than the attention's 13.6M
+    assert p.model["params_trainable"] > 300_000_000
