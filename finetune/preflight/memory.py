@@ -380,12 +380,11 @@ def layer_bytes_per_token(spec: ArchSpec, ctx: _Ctx, seq_len: int, r_in: int) ->
             # SDPA converts the boolean mask to an additive one in the query's dtype on every call, and the
             # memory-efficient kernel keeps it for backward: batch x seq x seq per layer
             kept += seq_len * sdpa_b
-    attn_out_kept = 0
     o_lin = [lin for lin in spec.linears if lin.reads == ATTN_OUT][0]
     # SDPA and flash return their output laid out as (batch, seq, heads, dim): the transpose for
     # o_proj is a view of the tensor they keep; eager's probs @ v is transposed into a new copy
-    kept += attn_out_kept + _input_saved(hq, sdpa_b, by_group.get(ATTN_OUT, []), [o_lin], ctx,
-                                         x_already_kept=ctx.attention not in ("eager", "math"))
+    kept += _input_saved(hq, sdpa_b, by_group.get(ATTN_OUT, []), [o_lin], ctx,
+                         x_already_kept=ctx.attention not in ("eager", "math"))
     attn_res = _linear_out_bytes(o_lin, sdpa_b, ctx)
 
     # MLP block

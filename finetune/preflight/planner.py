@@ -182,7 +182,9 @@ def candidates(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, *, pins: 
                 "seq_len_source": seq_len_source,
                 "packing": packing,
                 "optimizer": opt,
-                "attention": spec.attention,
+                # transformers' attn_implementation (Falcon's multi-query layout runs SDPA's math kernel
+                # underneath; the memory model knows, the name stays the one transformers uses)
+                "attention": "sdpa" if spec.attention == "math" else spec.attention,
                 "distributed": dist if n > 1 else "none",
                 "num_gpus": n,
             })
