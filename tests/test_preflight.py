@@ -95,6 +95,15 @@ def test_lora_parameter_count_matches_peft():
     assert spec.lora_params(["q_proj", "v_proj"], 8) == 4_194_304
 
 
+def test_target_presets_select_attention_or_mlp():
+    spec = spec_of("meta-llama/Llama-2-7b-hf")
+    assert [lin.name for lin in spec.lora_targets(["attention"])] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert [lin.name for lin in spec.lora_targets(["mlp"])] == ["gate_proj", "up_proj", "down_proj"]
+    assert spec.lora_params(["attention", "mlp"], 16) == spec.lora_params(["all-linear"], 16)
+    falcon = spec_of("tiiuae/falcon-7b")
+    assert [lin.name for lin in falcon.lora_targets(["attention"])] == ["query_key_value", "dense"]
+
+
 def test_qwen1_c_proj_targets_both_projections_as_peft_does():
     spec = spec_of("Qwen/Qwen-7B")
     names = [lin.name for lin in spec.lora_targets(["c_proj"])]
@@ -437,5 +446,18 @@ def test_mixtral_all_linear_with_dropout_is_refused_before_any_download():
         plan("model.name_or_path=mistralai/Mixtral-8x7B-v0.1", "hardware=h200")
     assert str(info.value).startswith("adapter.dropout")
     p = plan("model.name_or_path=mistralai/Mixtral-8x7B-v0.1", "hardware=h200", "adapter.dropout=0")
-    # peft also puts LoRA on the router and every expert: far more than the attention's 13.6M
-    assert p.model["params_trainable"] > 300_000_000
+    # every expert gets its own rank-16 factors: far more than the attention's 13.6M
+    assert p.model["params_trainable"] > 200_000_000
+    attention = plan("model.name_or_path=mistralai/Mixtral-8x7B-v0.1", "hardware=h200", "adapter.targets=[attention]")
+    assert attention.model["params_trainable"] == 13_631_488
+
+
+def test_alternatives_offer_smaller_plans_on_the_same_base_for_oom_replanning():
+    for card in ("rtx4070", "rtx4090", "a100-80gb"):
+        p = plan(f"hardware={card}")
+        base = {k: p.choices[k] for k in ("quantization", "double_quant", "compute_dtype", "distributed")}
+        smaller = [a for a in p.alternatives if a["device_total_bytes"] < p.predicted["device_total_bytes"]
+                   and all(a["choices"][k] == v for k, v in base.items())]
+        assert len(smaller) >= 2, card
+        # down to well below the chosen plan (a smaller micro-batch, or checkpointing)
+        assert min(a["device_total_bytes"] for a in smaller) < 0.8 * p.predicted["device_total_bytes"], card

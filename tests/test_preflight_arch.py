@@ -98,17 +98,32 @@ def test_catalog_counts_equal_transformers_on_the_meta_device(hub_id):
     assert arch.from_config(config).params_total == sum(p.numel() for p in model.parameters())
 
 
+def _lora_config(spec: arch.ArchSpec, targets: list[str], dropout: float = 0.0):
+    """peft's config for `targets` as the training stage builds it: the modules the preset selects, and
+    Mixtral's 3-D experts as target_parameters."""
+    from peft import LoraConfig
+
+    modules = list(dict.fromkeys(lin.name for lin in spec.lora_targets(targets)))
+    params = [name for name, *_ in spec.lora_param_targets(targets, 8)]
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=modules,
+                      target_parameters=params or None)
+
+
 @pytest.mark.parametrize("family", sorted(TINY))
-@pytest.mark.parametrize("targets", [["all-linear"], "first-two"])
+@pytest.mark.parametrize("targets", [["all-linear"], ["attention"], ["mlp"], "first-two"])
 def test_lora_counts_equal_peft(family, targets):
     from peft import LoraConfig, get_peft_model
 
     spec = arch.from_config(TINY[family])
+    model = transformers.AutoModelForCausalLM.from_config(_config(TINY[family]))
     if targets == "first-two":
         targets = spec.linear_names()[:2]
-    model = transformers.AutoModelForCausalLM.from_config(_config(TINY[family]))
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                  target_modules="all-linear" if targets == ["all-linear"] else targets))
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=targets)  # peft matching the names itself
+    elif targets == ["all-linear"] and not spec.experts:
+        config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")  # peft's own preset
+    else:
+        config = _lora_config(spec, targets)
+    peft_model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert spec.lora_params(targets, 8) == trainable
 
@@ -163,12 +178,12 @@ CASES += [("mixtral", "none", 0.0), ("mixtral", "nf4", 0.0)]  # peft refuses dro
 
 @pytest.mark.parametrize("family, quant, dropout", CASES)
 def test_autograd_keeps_what_the_estimator_says(family, quant, dropout):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     config = TINY[family]
     spec = arch.from_config(config)
     model = _load(_saved_dir(config), quant)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
+    model = get_peft_model(model, _lora_config(spec, ["all-linear"], dropout))
     if quant != "none":  # what TRL 1.16 does to the trainable parameters of a quantized model
         for p in model.parameters():
             if p.requires_grad:

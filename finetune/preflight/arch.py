@@ -27,6 +27,9 @@ ATTN_IN = "attn_in"  # the normed input of attention (q/k/v, fused qkv)
 ATTN_OUT = "attn_out"  # the attention output (o_proj, dense)
 MLP_IN = "mlp_in"  # the normed input of the MLP (gate/up, fc_in)
 MLP_MID = "mlp_mid"  # the MLP's inner activation (down_proj, fc_out)
+# adapter.targets presets -> the groups of linear layers they select (as finetune/models/targets.py)
+PRESETS = {"all-linear": (ATTN_IN, ATTN_OUT, MLP_IN, MLP_MID), "attention": (ATTN_IN, ATTN_OUT),
+           "mlp": (MLP_IN, MLP_MID)}
 
 
 @dataclass(frozen=True)
@@ -133,30 +136,48 @@ class ArchSpec:
         return list(dict.fromkeys(lin.name for lin in self.linears))
 
     def lora_targets(self, targets: list[str]) -> list[Linear]:
-        """The linear layers `adapter.targets` selects, as peft matches them: by module name
-        (every layer of that name), or all-linear (every linear of the blocks; never lm_head)."""
-        if list(targets) == ["all-linear"]:
-            return list(self.linears)
+        """The linear layers `adapter.targets` selects, as peft matches them: by module name (every
+        layer of that name), or the presets all-linear (every linear of the blocks, never lm_head),
+        attention (q/k/v/o or the fused qkv and its output) and mlp (the feed-forward layers)."""
         names = set(self.linear_names())
-        unknown = [t for t in targets if t not in names]
-        if unknown:
-            raise ConfigError(
-                f"adapter.targets: {', '.join(unknown)} not among the linear layers of {self.architecture} "
-                f"({', '.join(self.linear_names())}; or all-linear)"
-            )
-        return [lin for lin in self.linears if lin.name in set(targets)]
+        picked: set[int] = set()
+        for target in targets:
+            if target in PRESETS:
+                groups = PRESETS[target]
+                picked |= {i for i, lin in enumerate(self.linears) if lin.reads in groups}
+            elif target in names:
+                picked |= {i for i, lin in enumerate(self.linears) if lin.name == target}
+            elif target in self.expert_parameter_names():
+                continue  # LoRA on a parameter: see lora_param_targets
+            else:
+                raise ConfigError(
+                    f"adapter.targets: {target} is not among the linear layers of {self.architecture} "
+                    f"({', '.join(self.linear_names())}; presets: {', '.join(PRESETS)})"
+                )
+        return [lin for i, lin in enumerate(self.linears) if i in picked]
+
+    def expert_parameter_names(self) -> tuple[str, ...]:
+        return ("mlp.experts.gate_up_proj", "mlp.experts.down_proj") if self.experts else ()
 
     def lora_param_targets(self, targets: list[str], rank: int) -> list[tuple[str, int, int, int]]:
-        """LoRA on parameters rather than modules, per layer: (name, rank, in, out) with in/out summed over
-        experts. peft 0.21 on transformers 5 converts all-linear for Mixtral to also target the router
-        weight and the fused experts (peft/utils/transformers_weight_conversion.py: gate_up_proj gets rank 2r,
-        since w1 and w3 were fused into it), wrapping them in ParamWrapper."""
-        if not (self.experts and self.model_type == "mixtral" and list(targets) == ["all-linear"]):
+        """LoRA on parameters rather than modules, per layer: (name, rank x experts, in, out).
+
+        Mixtral's experts in transformers 5.23 are two 3-D parameters per layer, not nn.Linear: the
+        training stage targets them with peft's target_parameters for all-linear and mlp (so those mean
+        the same for an MoE model as for a dense one). peft's ParamWrapper gives each expert its own
+        rank-r factors: lora_A (r x experts, in), lora_B (out, r x experts).
+        """
+        if not self.experts:
             return []
+        wanted = set()
+        for target in targets:
+            if target in ("all-linear", "mlp"):
+                wanted |= set(self.expert_parameter_names())
+            elif target in self.expert_parameter_names():
+                wanted.add(target)
         e, h, i = self.experts, self.hidden, self.intermediate
-        return [("gate", rank, h, e),
-                ("gate_up_proj", 2 * rank * e, h, 2 * i),  # lora_A: (2r x E, h), lora_B: (2i, 2r x E)
-                ("down_proj", rank * e, i, h)]
+        shapes = {"mlp.experts.gate_up_proj": (h, 2 * i), "mlp.experts.down_proj": (i, h)}
+        return [(name, rank * e, *shapes[name]) for name in self.expert_parameter_names() if name in wanted]
 
     def lora_params(self, targets: list[str], rank: int) -> int:
         modules = sum(rank * (lin.in_features + lin.out_features) for lin in self.lora_targets(targets))

@@ -407,9 +407,8 @@ def layer_bytes_per_token(spec: ArchSpec, ctx: _Ctx, seq_len: int, r_in: int) ->
         mlp_transient = spec.experts_per_token * 2 * inter * m
         if ctx.expert_lora:
             # peft's ParamWrapper folds W + B A into one baddbmm per forward (the whole expert stack, in
-            # the weight's dtype); with a trainable weight every expert matmul keeps its input, and the
-            # router's linear keeps the MLP input
-            kept += spec.experts_per_token * (h + inter) * m + h * n2_out
+            # the weight's dtype); with a trainable weight every expert matmul keeps its input
+            kept += spec.experts_per_token * (h + inter) * m
             # per layer, not per token: the folded bf16 stack, kept by the expert matmuls until backward,
             # and its gradient, as large, in backward
             per_layer = spec.experts * 3 * h * inter * ctx.weight_b

@@ -276,20 +276,25 @@ def _distinct(scored: list[Candidate]) -> list[Candidate]:
 
 
 def _alternatives(scored: list[Candidate], chosen: Candidate, budget: int) -> list[Candidate]:
-    """The next best plans: the best others that fit, then ever smaller ones (what training tries
-    after an out-of-memory error), then the fastest that do not fit (what memory would buy)."""
+    """The next best plans: the best others that fit; then ever smaller ones on the same base (same
+    quantization, double quant, dtype, distribution: what training may switch to after an out-of-memory
+    error, finetune/train/oom.py, without changing the model under the adapter); then the fastest that do
+    not fit (what more memory would buy)."""
     pool = [c for c in _distinct(scored) if c.choices != chosen.choices]
     fitting = sorted((c for c in pool if c.total <= budget), key=lambda c: (-merit(c), c.total))
-    out: list[Candidate] = fitting[:3]
-    # smaller fallbacks: among plans using less memory than the last one taken, the fastest
+    out: list[Candidate] = fitting[:2]
+    base = ("quantization", "double_quant", "compute_dtype", "distributed", "num_gpus")
+    same = [c for c in fitting if all(c.choices[k] == chosen.choices[k] for k in base)]
     limit = chosen.total
-    for _ in range(3):
-        smaller = [c for c in fitting if c.total < limit * 0.97 and c not in out]
+    for _ in range(4):
+        smaller = [c for c in same if c.total < limit * 0.97 and c not in out]
         if not smaller:
             break
         pick = max(smaller, key=lambda c: (merit(c), -c.total))
         out.append(pick)
         limit = pick.total
+    others = [c for c in fitting if c not in out and c.total < chosen.total]
+    out += others[:1]
     too_big = sorted((c for c in pool if c.total > budget), key=lambda c: (-c.thr.tokens_per_s, c.total))
     faster = [c for c in too_big if c.thr.tokens_per_s > chosen.thr.tokens_per_s]
     out += faster[: max(0, N_ALTERNATIVES - len(out))][:2]
@@ -389,10 +394,9 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
     _check_pins(cfg)
     if spec.lora_param_targets(list(cfg.adapter.targets), cfg.adapter.rank) and cfg.adapter.dropout > 0:
         raise ConfigError(
-            f"adapter.dropout={cfg.adapter.dropout:g}: with adapter.targets=[all-linear], peft 0.21 on "
-            f"transformers 5 also targets {spec.architecture}'s experts and router as parameters (ParamWrapper), "
-            "which refuses LoRA dropout; set adapter.dropout=0, or target the attention only "
-            "(adapter.targets=[q_proj,k_proj,v_proj,o_proj])")
+            f"adapter.dropout={cfg.adapter.dropout:g}: {spec.architecture}'s experts are 3-D parameters, which "
+            "LoRA reaches through peft's ParamWrapper (target_parameters), and ParamWrapper refuses dropout; "
+            "set adapter.dropout=0, or adapter.targets=[attention]")
     hw = cfg.hardware
     budget = _budget(hw.vram_gib, cfg.preflight.margin)
     rank, targets = cfg.adapter.rank, list(cfg.adapter.targets)
