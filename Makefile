@@ -15,7 +15,7 @@ STAMP  := $(VENV)/.installed
 GPUS   ?= 2
 RUN_DIR = outputs/$(RECIPE)/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help install demo test preflight train train-multi ui lint clean
+.PHONY: help install demo test preflight train train-multi ui lint bench clean
 
 help:
 	@echo "make install                 create $(VENV) (if missing) and install finetune with its dev tools"
@@ -26,6 +26,7 @@ help:
 	@echo "make train-multi GPUS=N RECIPE=NAME   the same on N GPUs of this machine (one process each, DDP)"
 	@echo "make ui                      MLflow UI on http://127.0.0.1:$(PORT) over ./mlflow.db"
 	@echo "make lint                    ruff"
+	@echo "make bench                   every benchmark script in tests/benchmarks/ (results in tests/benchmarks/results/)"
 	@echo "make clean                   remove outputs/, mlflow.db, mlruns/ (not the venv)"
 
 $(BIN)/python:
@@ -63,6 +64,13 @@ ui: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check finetune data_prep tests
+
+# Every script in tests/benchmarks/ (each prints a table and writes JSON to tests/benchmarks/results/);
+# a script exits non-zero when it misses its target, and make stops there.
+bench: $(STAMP)
+	@for script in tests/benchmarks/*.py; do \
+		echo "== $$script"; $(BIN)/python $$script || exit 1; \
+	done
 
 clean:
 	rm -rf outputs mlflow.db mlruns

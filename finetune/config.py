@@ -57,6 +57,12 @@ class Device(Enum):
     mps = "mps"
 
 
+class Distributed(Enum):
+    none = "none"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
 class LRScheduler(Enum):
     linear = "linear"
     cosine = "cosine"
@@ -132,30 +138,54 @@ class AdapterConfig:
 
 @dataclass
 class HardwareConfig:
-    """The machine the plan must fit."""
+    """The machine the plan must fit. recipes/hardware/*.yaml is the catalog of cards (hardware=rtx4070)."""
 
     name: str = "custom"
     device: Device = Device.cuda
-    # The memory the plan must fit, per GPU, in GiB (a "12 GB" RTX 4070 has 12 GiB).
+    # The memory the plan must fit, per GPU, in GiB (a "12 GB" RTX 4070 has 12 GiB; datacenter
+    # cards: what torch reports, e.g. 79.1 for an H100 80GB; Apple: the GPU's share of system RAM).
     vram_gib: float = 24.0
     num_gpus: int = 1
     # False on cards without bfloat16 (T4, V100, 2080 Ti): compute runs in fp16 with loss scaling.
     bf16: bool = True
+    # Dense bf16/fp16 tensor-core TFLOP/s (fp32 accumulate, no sparsity), for the wall-time estimate;
+    # null: the planner assumes an A10G-class card and says so.
+    tflops: float | None = None
+    # Memory bandwidth in GB/s (the cost of dequantizing 4-bit weights on every pass).
+    memory_bandwidth_gbs: float | None = None
+    # GPU-to-GPU bandwidth in GB/s (NVLink on SXM cards, else PCIe): the cost of FSDP's all-gathers.
+    interconnect_gbs: float = 25.0
+    # Apple silicon: GPU and CPU share system RAM; vram_gib is the GPU's share, there is no CUDA context.
+    unified_memory: bool = False
 
     def __post_init__(self) -> None:
         _check(self.vram_gib > 0, "hardware.vram_gib", f"must be positive, got {self.vram_gib}")
         _check(self.num_gpus >= 1, "hardware.num_gpus", f"must be at least 1, got {self.num_gpus}")
+        for key in ("tflops", "memory_bandwidth_gbs"):
+            value = getattr(self, key)
+            _check(value is None or value > 0, f"hardware.{key}", f"must be positive or null, got {value}")
+        _check(self.interconnect_gbs > 0, "hardware.interconnect_gbs", f"must be positive, got {self.interconnect_gbs}")
+        _check(not (self.device == Device.cpu and self.num_gpus > 1), "hardware.num_gpus",
+               "must be 1 with hardware.device=cpu")
 
 
 @dataclass
 class PinConfig:
     """Choices the planner must respect; null lets it decide."""
 
+    # nf4 (4-bit), int8 (LLM.int8) or none (bf16/fp16 base)
     quantization: Quantization | None = None
+    # nf4 only: quantize the 4-bit block constants too (~0.4 GB less on a 7B model, barely slower)
     double_quant: bool | None = None
+    # recompute each layer in backward: far less activation memory, ~1.5x the compute
     gradient_checkpointing: bool | None = None
+    # sequences per forward pass; must divide the per-GPU share of train.effective_batch_size
     micro_batch_size: int | None = None
+    # adamw (torch, exact), adamw_8bit (bitsandbytes), paged_adamw_8bit / paged_adamw_32bit (state in
+    # unified memory that can spill to the host)
     optimizer: Optimizer | None = None
+    # with hardware.num_gpus > 1: ddp (a full replica per GPU) or fsdp (frozen weights sharded)
+    distributed: Distributed | None = None
 
     def __post_init__(self) -> None:
         if self.micro_batch_size is not None:
@@ -165,12 +195,19 @@ class PinConfig:
 
 @dataclass
 class PreflightConfig:
-    # Share of hardware.vram_gib kept free for what the estimate cannot see.
+    """The memory plan: what must fit, and the choices the planner may not change."""
+
+    # Share of hardware.vram_gib kept free for what the estimate cannot see (other processes, the
+    # display on a desktop card, estimate error: the calibration rows are within ~13%).
     margin: float = 0.1
+    # Largest micro-batch the planner tries (it also divides the per-GPU share of the effective batch).
+    max_micro_batch_size: int = 64
     pin: PinConfig = field(default_factory=PinConfig)
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.margin < 1.0, "preflight.margin", f"must be in [0, 1), got {self.margin}")
+        _check(self.max_micro_batch_size >= 1, "preflight.max_micro_batch_size",
+               f"must be at least 1, got {self.max_micro_batch_size}")
 
 
 @dataclass

@@ -1,4 +1,13 @@
-"""Preflight: will this run fit, and how? Pure arithmetic on the model config; never imports torch."""
+"""Preflight: will this run fit, and how? Pure arithmetic on the model config; never imports torch.
+
+    plan = run_preflight(cfg, data_report)   # finetune.preflight.planner.Plan
+    write_plan(plan, run_dir)                # run_dir/plan.json (contract: ../shared/DESIGN.md)
+
+The pieces: arch.py (config.json -> layer shapes), catalog.py and models.json (offline
+configs by hub id), memory.py (the memory model), speed.py (the cost model), planner.py
+(candidates, choice, what would fit), show.py (rich tables), measured.py (prediction vs
+measurement after training).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +18,29 @@ from typing import Any
 from finetune.preflight import arch, catalog
 from finetune.preflight.planner import Plan, make_plan
 
-__all__ = ["Plan", "run_preflight", "write_plan"]
+__all__ = ["Plan", "plan_for", "run_preflight", "write_plan"]
+
+
+def plan_for(cfg, data_report: Any | None = None) -> Plan:
+    """Alias of :func:`run_preflight`."""
+    return run_preflight(cfg, data_report)
 
 
 def run_preflight(cfg, data_report: Any | None = None) -> Plan:
     """Plan recipe `cfg`. With the data stage's report, plan for the longest example actually kept."""
     config, _source = catalog.model_config(cfg.model.name_or_path)
     spec = arch.from_config(config)
-    if data_report is not None and data_report.tokens.max > 0:
-        seq_len, source = min(cfg.dataset.max_seq_len, data_report.tokens.max), "data"
+    tokens = getattr(data_report, "tokens", None) if data_report is not None else None
+    if tokens is not None and tokens.max > 0:
+        seq_len, source = min(cfg.dataset.max_seq_len, tokens.max), "data"
     else:
         seq_len, source = cfg.dataset.max_seq_len, "recipe"
-    return make_plan(cfg, spec, seq_len, source)
+    notes = []
+    max_pos = config.get("max_position_embeddings") or config.get("n_positions") or config.get("seq_length")
+    if isinstance(max_pos, int) and seq_len > max_pos:
+        notes.append(f"sequence length {seq_len} exceeds the model's max_position_embeddings ({max_pos}): "
+                     "quality degrades past what it was trained on")
+    return make_plan(cfg, spec, seq_len, source, data_report=data_report, extra_notes=notes)
 
 
 def write_plan(plan: Plan, run_dir: Path) -> Path:

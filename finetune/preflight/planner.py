@@ -1,20 +1,18 @@
 """The planner: enumerate candidate plans, estimate each, choose the fastest that fits.
 
-A candidate is (quantization, double quant, gradient checkpointing, micro-batch,
-optimizer). Each gets a memory estimate (memory.py) and a relative speed from a
-small cost model; the fastest one whose device total fits
-``hardware.vram_gib x (1 - preflight.margin)`` wins. ``preflight.pin.*`` fixes a
-choice. ``train.effective_batch_size`` is kept by gradient accumulation, so the
-micro-batch is a divisor of the per-GPU share of it.
+A candidate is (quantization, double quant, gradient checkpointing, micro-batch, optimizer,
+and with several GPUs DDP or FSDP). Each gets a memory estimate (memory.py) and a
+throughput from the cost model (speed.py); the fastest one whose device total fits
+``hardware.vram_gib x (1 - preflight.margin)`` wins. Speed is weighed against what a
+choice costs in fidelity (``PREFERENCE``): a quantized base must be more than 4% faster
+(8% for LLM.int8) to beat an unquantized one that fits, an 8-bit or paged optimizer 1-2%
+faster than exact AdamW; among equals the plan that leaves the most memory free wins.
+``preflight.pin.*`` fixes a choice. ``train.effective_batch_size`` is kept by
+gradient accumulation: the micro-batch divides the per-GPU share of it.
 
-Relative speed (tokens per second, 1.0 = unquantized, no checkpointing, a saturating
-micro-batch):
-* gradient checkpointing recomputes the forward pass: x 1/1.33 (a forward is about a
-  third of forward + backward);
-* a quantized base dequantizes every weight in forward and backward: NF4 x 0.75,
-  LLM.int8 x 0.55 (its outlier decomposition is slower still);
-* small micro-batches leave the GPU underused: utilization (tokens / 4096) ** 0.3, capped at 1;
-* 8-bit and paged optimizers: x 0.99 (LoRA's optimizer step is tiny either way).
+When nothing fits, DoesNotFitError (exit 4) says what would: the longest
+dataset.max_seq_len, the smallest card of the catalog (recipes/hardware/), how many GPUs
+with FSDP, and what the pins cost.
 """
 
 from __future__ import annotations
@@ -22,20 +20,37 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
 
-from finetune.errors import DoesNotFitError
-from finetune.preflight import memory
+from finetune.errors import ConfigError, DoesNotFitError
+from finetune.preflight import memory, speed
 from finetune.preflight.arch import ArchSpec
+from finetune.preflight.memory import GiB, Settings
 
 SCHEMA_VERSION = 1
-SATURATING_TOKENS = 4096
-N_ALTERNATIVES = 6
+N_ALTERNATIVES = 8
+TIE = 0.99  # plans within 1% of the fastest are "as fast" (the alternatives' wording)
+EXACT_TIE = 0.999  # plans whose merit differs by less than this are equal: the smaller one wins
+
+OPT_RANK = {"adamw": 0, "adamw_8bit": 1, "paged_adamw_8bit": 2, "paged_adamw_32bit": 3}
+QUANT_RANK = {"none": 0, "nf4": 1, "int8": 2}
+DIST_RANK = {"none": 0, "ddp": 0, "fsdp": 1}
+# Speed a choice must buy before the planner gives up fidelity for it. A 4-bit base costs a little
+# accuracy (QLoRA's NF4 + double quant matched 16-bit LoRA on its benchmarks, but bf16 is the
+# reference); LLM.int8 likewise and it is slower; 8-bit optimizer state changes AdamW's numerics;
+# paged state can stall on host transfers.
+PREFERENCE = {
+    "quantization": {"none": 1.0, "nf4": 0.96, "int8": 0.92},
+    "optimizer": {"adamw": 1.0, "adamw_8bit": 0.99, "paged_adamw_8bit": 0.98, "paged_adamw_32bit": 0.98},
+}
+FSDP_GPU_COUNTS = (2, 4, 8, 16, 32, 64)
 
 
 @dataclass
 class Plan:
-    """plan.json (contract: ../shared/DESIGN.md)."""
+    """plan.json (contract: ../shared/DESIGN.md). `details` is for the display only, not written."""
 
     model: dict[str, Any]
     choices: dict[str, Any]
@@ -47,6 +62,7 @@ class Plan:
     explanation: list[str] = field(default_factory=list)
     measured: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -55,136 +71,439 @@ class Plan:
         return {k: d[k] for k in order}
 
 
-def relative_speed(choices: dict[str, Any]) -> float:
-    speed = 1.0
-    if choices["gradient_checkpointing"]:
-        speed /= 1.33
-    speed *= {"nf4": 0.75, "int8": 0.55, "none": 1.0}[choices["quantization"]]
-    tokens = choices["micro_batch_size"] * choices["max_seq_len"]
-    speed *= min(1.0, tokens / SATURATING_TOKENS) ** 0.3
-    if choices["optimizer"] != "adamw":
-        speed *= 0.99
-    return round(speed, 4)
+@dataclass
+class Candidate:
+    choices: dict[str, Any]
+    est: memory.Estimate
+    thr: speed.Throughput
 
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    @property
+    def total(self) -> int:
+        return self.est.device_total
 
 
 def _gib(n: float) -> str:
-    return f"{n / memory.GiB:.1f} GiB"
+    return f"{n / GiB:.1f} GiB"
 
 
-def _describe(c: dict[str, Any]) -> str:
+def describe(c: dict[str, Any]) -> str:
+    """nf4+dq, checkpointing, micro-batch 4 x4, adamw (one line for messages and tables)."""
     q = c["quantization"] + ("+dq" if c["quantization"] == "nf4" and c["double_quant"] else "")
-    ckpt = "ckpt" if c["gradient_checkpointing"] else "no-ckpt"
-    return f"{q}, {ckpt}, micro-batch {c['micro_batch_size']} x{c['gradient_accumulation_steps']}, {c['optimizer']}"
+    ckpt = "checkpointing" if c["gradient_checkpointing"] else "no checkpointing"
+    dist = f", {c['distributed']} x{c['num_gpus']}" if c.get("distributed") not in (None, "none") else ""
+    return (f"{q}, {ckpt}, micro-batch {c['micro_batch_size']} x{c['gradient_accumulation_steps']}, "
+            f"{c['optimizer']}{dist}")
 
 
-def candidates(cfg, seq_len: int, seq_len_source: str) -> list[dict[str, Any]]:
+@cache
+def hardware_catalog() -> dict[str, dict[str, Any]]:
+    """recipes/hardware/*.yaml: the cards `hardware=NAME` selects (read directly, without Hydra)."""
+    import yaml
+
+    from finetune.paths import recipes_dir
+
+    out = {}
+    for path in sorted(Path(recipes_dir(), "hardware").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        out[path.stem] = data
+    return out
+
+
+def settings_for(cfg) -> Settings:
+    device = cfg.hardware.device.value
+    return Settings(device=device, lora_dropout=float(cfg.adapter.dropout))
+
+
+def compute_dtype(cfg) -> str:
+    if cfg.hardware.device.value == "cpu":
+        return "fp32"  # the Trainer computes in fp32 on the CPU (no autocast)
+    return "bf16" if cfg.hardware.bf16 else "fp16"
+
+
+def _per_gpu_batch(cfg) -> int:
+    return max(1, math.ceil(cfg.train.effective_batch_size / cfg.hardware.num_gpus))
+
+
+def _check_pins(cfg) -> None:
     pin = cfg.preflight.pin
-    on_gpu = cfg.hardware.device.value != "cpu"
-    compute = ("bf16" if cfg.hardware.bf16 else "fp16") if on_gpu else "fp32"
-    per_gpu = max(1, cfg.train.effective_batch_size // cfg.hardware.num_gpus)
-    quants = [pin.quantization.value] if pin.quantization else ["none", "int8", "nf4"]
-    ckpts = [pin.gradient_checkpointing] if pin.gradient_checkpointing is not None else [False, True]
-    mbs = [pin.micro_batch_size] if pin.micro_batch_size else [d for d in _divisors(per_gpu) if d <= 64]
-    # bitsandbytes' 8-bit and paged optimizers need CUDA; on the CPU only torch's AdamW is offered.
-    opts = [pin.optimizer.value] if pin.optimizer else (["adamw", "paged_adamw_8bit"] if on_gpu else ["adamw"])
+    device = cfg.hardware.device.value
+    if device != "cuda":
+        if pin.optimizer is not None and pin.optimizer.value != "adamw":
+            raise ConfigError(f"preflight.pin.optimizer={pin.optimizer.value} needs a CUDA GPU (bitsandbytes' "
+                              f"8-bit and paged optimizers); hardware.device is {device}: use adamw or null")
+        if pin.quantization is not None and pin.quantization.value == "int8":
+            raise ConfigError(f"preflight.pin.quantization=int8 needs a CUDA GPU (LLM.int8 kernels); "
+                              f"hardware.device is {device}: use nf4, none or null")
+    if pin.distributed is not None and pin.distributed.value != "none" and cfg.hardware.num_gpus == 1:
+        raise ConfigError(f"preflight.pin.distributed={pin.distributed.value} needs hardware.num_gpus > 1")
+    if cfg.hardware.num_gpus > 1 and device != "cuda":
+        raise ConfigError(f"hardware.num_gpus={cfg.hardware.num_gpus}: several devices need CUDA "
+                          f"(hardware.device is {device})")
+    if pin.double_quant and pin.quantization is not None and pin.quantization.value != "nf4":
+        raise ConfigError("preflight.pin.double_quant=true applies to nf4 only; "
+                          f"preflight.pin.quantization is {pin.quantization.value}")
+
+
+def candidates(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, *, pins: bool = True) -> list[dict[str, Any]]:
+    """Every plan the recipe allows (respecting preflight.pin.* unless pins=False)."""
+    pin = cfg.preflight.pin if pins else None
+    device = cfg.hardware.device.value
+    n = cfg.hardware.num_gpus
+    per_gpu = _per_gpu_batch(cfg)
+    cuda = device == "cuda"
+
+    def pinned(name: str, default: list[Any]) -> list[Any]:
+        value = getattr(pin, name) if pin is not None else None
+        if value is None:
+            return default
+        return [value.value if hasattr(value, "value") else value]
+
+    quants = pinned("quantization", ["none", "nf4", "int8"] if cuda else ["none", "nf4"])
+    ckpts = pinned("gradient_checkpointing", [False, True])
+    limit = cfg.preflight.max_micro_batch_size
+    mbs = pinned("micro_batch_size", [d for d in range(1, min(per_gpu, limit) + 1) if per_gpu % d == 0])
+    opts = pinned("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit"] if cuda else ["adamw"])
+    dists = pinned("distributed", ["ddp", "fsdp"] if n > 1 else ["none"])
     out = []
-    for quant, ckpt, mb, opt in itertools.product(quants, ckpts, mbs, opts):
-        dqs = [pin.double_quant] if pin.double_quant is not None else ([True] if quant == "nf4" else [False])
+    packing = bool(getattr(cfg.dataset, "packing", False))
+    for quant, ckpt, mb, opt, dist in itertools.product(quants, ckpts, mbs, opts, dists):
+        if dist == "fsdp" and quant == "int8":
+            continue  # bitsandbytes' Int8Params cannot be sharded by FSDP
+        dqs = pinned("double_quant", [True, False]) if quant == "nf4" else [False]
         for dq in dqs:
             out.append({
                 "quantization": quant,
                 "double_quant": bool(dq) if quant == "nf4" else False,
-                "compute_dtype": compute,
-                "gradient_checkpointing": ckpt,
-                "micro_batch_size": mb,
+                "compute_dtype": compute_dtype(cfg),
+                "gradient_checkpointing": bool(ckpt),
+                "micro_batch_size": int(mb),
                 "gradient_accumulation_steps": max(1, math.ceil(per_gpu / mb)),
-                "max_seq_len": seq_len,
+                "max_seq_len": int(seq_len),
                 "seq_len_source": seq_len_source,
-                "packing": False,
+                "packing": packing,
                 "optimizer": opt,
-                "attention": "sdpa",
-                "distributed": "ddp" if cfg.hardware.num_gpus > 1 else "none",
-                "num_gpus": cfg.hardware.num_gpus,
+                # transformers' attn_implementation (Falcon's multi-query layout runs SDPA's math kernel
+                # underneath; the memory model knows, the name stays the one transformers uses)
+                "attention": "sdpa" if spec.attention == "math" else spec.attention,
+                "distributed": dist if n > 1 else "none",
+                "num_gpus": n,
             })
     return out
 
 
-def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str) -> Plan:
+class _Scorer:
+    """Memory and speed of candidates for one recipe (reused by the what-would-fit searches)."""
+
+    def __init__(self, cfg, spec: ArchSpec):
+        self.cfg, self.spec = cfg, spec
+        self.rank, self.targets = cfg.adapter.rank, list(cfg.adapter.targets)
+        self.settings = settings_for(cfg)
+        self.lora_features = sum(lin.in_features + lin.out_features for lin in spec.lora_targets(self.targets)) \
+            * spec.layers
+        hw = cfg.hardware
+        self.speed_kwargs = dict(rank=self.rank, n_lora_features=self.lora_features, tflops=hw.tflops,
+                                 bandwidth_gbs=hw.memory_bandwidth_gbs, interconnect_gbs=hw.interconnect_gbs)
+        self._best: float | None = None
+
+    def estimate(self, c: dict[str, Any]) -> memory.Estimate:
+        return memory.estimate(self.spec, c, rank=self.rank, targets=self.targets, settings=self.settings)
+
+    def score(self, c: dict[str, Any]) -> Candidate:
+        if self._best is None:
+            self._best = speed.ceiling(self.spec, c, **self.speed_kwargs)
+        thr = speed.throughput(self.spec, c, best=self._best, **self.speed_kwargs)
+        return Candidate(c, self.estimate(c), thr)
+
+
+def _budget(vram_gib: float, margin: float) -> int:
+    return int(vram_gib * GiB * (1 - margin))
+
+
+def merit(c: Candidate) -> float:
+    """Speed weighed by what the plan gives up (PREFERENCE)."""
+    return (c.thr.tokens_per_s * PREFERENCE["quantization"][c.choices["quantization"]]
+            * PREFERENCE["optimizer"][c.choices["optimizer"]])
+
+
+def _choose(fitting: list[Candidate]) -> Candidate:
+    best = max(merit(c) for c in fitting)
+    near = [c for c in fitting if merit(c) >= EXACT_TIE * best]
+    return min(near, key=lambda c: (c.total, DIST_RANK[c.choices["distributed"]]))
+
+
+def _why_not(alt: Candidate, chosen: Candidate, budget: int) -> str:
+    a, c = alt.choices, chosen.choices
+    if alt.total > budget:
+        return f"does not fit: {_gib(alt.total)} > budget {_gib(budget)}"
+    reasons = []
+    if a["gradient_checkpointing"] and not c["gradient_checkpointing"]:
+        reasons.append("recomputes every layer's forward (checkpointing)")
+    if QUANT_RANK[a["quantization"]] > QUANT_RANK[c["quantization"]]:
+        reasons.append(f"{a['quantization']} dequantizes every weight on each pass" if a["quantization"] == "nf4"
+                       else "LLM.int8 matmuls are slower")
+    if a["micro_batch_size"] < c["micro_batch_size"]:
+        reasons.append(f"micro-batch {a['micro_batch_size']} keeps the GPU less busy")
+    if a.get("distributed") == "fsdp" and c.get("distributed") != "fsdp":
+        reasons.append("FSDP all-gathers the weights")
+    slower = alt.thr.tokens_per_s < TIE * chosen.thr.tokens_per_s
+    if slower and not reasons and alt.total < chosen.total:
+        reasons.append("smaller micro-batch or state")
+    if slower:
+        text = f"slower ({alt.thr.relative:.2f} vs {chosen.thr.relative:.2f})"
+        return text + (": " + "; ".join(reasons) if reasons else "")
+    if OPT_RANK[a["optimizer"]] > OPT_RANK[c["optimizer"]]:
+        return f"as fast, but {a['optimizer']} changes the optimizer's numerics for memory not needed here"
+    if QUANT_RANK[a["quantization"]] > QUANT_RANK[c["quantization"]]:
+        return (f"{alt.thr.relative / chosen.thr.relative - 1:+.0%} speed, not worth quantizing the base "
+                "(it costs a little accuracy)")
+    if QUANT_RANK[a["quantization"]] < QUANT_RANK[c["quantization"]] and alt.total > budget:
+        return f"does not fit: {_gib(alt.total)} > budget {_gib(budget)}"
+    if alt.total > chosen.total:
+        return f"as fast, uses more memory ({_gib(alt.total)} vs {_gib(chosen.total)})"
+    return f"as fast; less preferred ({'; '.join(reasons) or 'tie'})"
+
+
+def _distinct(scored: list[Candidate]) -> list[Candidate]:
+    """One candidate per (quantization, checkpointing, micro-batch, distribution): the one with the best
+    merit (ties: less memory), so the alternatives differ in more than the optimizer or double quant."""
+    best: dict[tuple, Candidate] = {}
+    for c in scored:
+        ch = c.choices
+        key = (ch["quantization"], ch["gradient_checkpointing"], ch["micro_batch_size"], ch["distributed"])
+        if key not in best or (merit(c), -c.total) > (merit(best[key]), -best[key].total):
+            best[key] = c
+    return list(best.values())
+
+
+def _alternatives(scored: list[Candidate], chosen: Candidate, budget: int) -> list[Candidate]:
+    """The next best plans: the best others that fit; then ever smaller ones on the same base (same
+    quantization, double quant, dtype, distribution: what training may switch to after an out-of-memory
+    error, finetune/train/oom.py, without changing the model under the adapter); then the fastest that do
+    not fit (what more memory would buy)."""
+    pool = [c for c in _distinct(scored) if c.choices != chosen.choices]
+    fitting = sorted((c for c in pool if c.total <= budget), key=lambda c: (-merit(c), c.total))
+    out: list[Candidate] = fitting[:2]
+    base = ("quantization", "double_quant", "compute_dtype", "distributed", "num_gpus")
+    same = [c for c in fitting if all(c.choices[k] == chosen.choices[k] for k in base)]
+    limit = chosen.total
+    for _ in range(4):
+        smaller = [c for c in same if c.total < limit * 0.97 and c not in out]
+        if not smaller:
+            break
+        pick = max(smaller, key=lambda c: (merit(c), -c.total))
+        out.append(pick)
+        limit = pick.total
+    others = [c for c in fitting if c not in out and c.total < chosen.total]
+    out += others[:1]
+    too_big = sorted((c for c in pool if c.total > budget), key=lambda c: (-c.thr.tokens_per_s, c.total))
+    faster = [c for c in too_big if c.thr.tokens_per_s > chosen.thr.tokens_per_s]
+    out += faster[: max(0, N_ALTERNATIVES - len(out))][:2]
+    return out[:N_ALTERNATIVES]
+
+
+def _minimal(cfg, spec: ArchSpec, seq_len: int, source: str, *, pins: bool, **overrides: Any) -> dict[str, Any]:
+    """The plan with the least memory the recipe allows (pins respected unless pins=False)."""
+    cands = candidates(cfg, spec, seq_len, source, pins=pins)
+    scorer = _Scorer(cfg, spec)
+    pool = [dict(c, **overrides) for c in cands]
+    return min(pool, key=lambda c: scorer.estimate(c).device_total)
+
+
+def _longest_seq(cfg, spec: ArchSpec, c: dict[str, Any], budget: int) -> int:
+    scorer = _Scorer(cfg, spec)
+    lo, hi = 0, c["max_seq_len"]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if scorer.estimate(dict(c, max_seq_len=mid)).device_total <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def does_not_fit_message(cfg, spec: ArchSpec, seq_len: int, source: str, budget: int) -> str:
+    hw, margin = cfg.hardware, cfg.preflight.margin
+    scorer = _Scorer(cfg, spec)
+    smallest = _minimal(cfg, spec, seq_len, source, pins=True)
+    need = scorer.estimate(smallest).device_total
+    parts = [f"{cfg.model.name_or_path} does not fit hardware.vram_gib={hw.vram_gib:g} ({hw.name}"
+             f"{f' x{hw.num_gpus}' if hw.num_gpus > 1 else ''}): the smallest plan ({describe(smallest)}) needs "
+             f"{_gib(need)} per GPU, the budget is {_gib(budget)} ({hw.vram_gib:g} GiB x (1 - margin {margin:g}))"]
+    fixed = scorer.estimate(dict(smallest, max_seq_len=1, micro_batch_size=1))
+    if fixed.device_total > budget:
+        parts.append(f"the frozen weights and fixed costs alone take {_gib(fixed.device_total)}, so no "
+                     "dataset.max_seq_len helps")
+    else:
+        longest = _longest_seq(cfg, spec, smallest, budget)
+        parts.append(f"dataset.max_seq_len={longest} would fit with that plan" if longest >= 8
+                     else "not even 8 tokens per sequence fit")
+    # the pins' cost
+    pinned = [k for k, v in vars(cfg.preflight.pin).items() if v is not None]
+    if pinned:
+        free = _minimal(cfg, spec, seq_len, source, pins=False)
+        free_total = scorer.estimate(free).device_total
+        if free_total <= budget:
+            parts.append(f"without {', '.join('preflight.pin.' + k for k in pinned)} it fits "
+                         f"({describe(free)}: {_gib(free_total)})")
+    # the smallest card of the catalog
+    unpinned_single = dict(smallest, distributed="none", num_gpus=1)
+    single_total = scorer.estimate(unpinned_single).device_total
+    cards = sorted(((k, v) for k, v in hardware_catalog().items()
+                    if v.get("device") == hw.device.value and v.get("vram_gib")), key=lambda kv: kv[1]["vram_gib"])
+    fitting_cards = [k for k, v in cards if _budget(float(v["vram_gib"]), margin) >= single_total]
+    if fitting_cards:
+        parts.append(f"the smallest card of the catalog that fits one copy is hardware={fitting_cards[0]} "
+                     f"({cards[[k for k, _ in cards].index(fitting_cards[0])][1]['vram_gib']:g} GiB)")
+    else:
+        parts.append(f"no single card of the catalog holds it ({_gib(single_total)} needed)")
+    # FSDP on this card
+    if hw.device.value == "cuda":
+        for n in FSDP_GPU_COUNTS:
+            if n <= hw.num_gpus and hw.num_gpus > 1:
+                continue
+            trial = dict(unpinned_single, distributed="fsdp", num_gpus=n,
+                         quantization=smallest["quantization"] if smallest["quantization"] != "int8" else "nf4")
+            if scorer.estimate(trial).device_total <= budget:
+                parts.append(f"or {n} x {hw.name} with FSDP sharding the frozen weights (hardware.num_gpus={n} "
+                             f"preflight.pin.distributed=fsdp: {_gib(scorer.estimate(trial).device_total)} per GPU)")
+                break
+    return "; ".join(parts)
+
+
+def _tokens_to_train(cfg, seq_len: int, mb: int, data_report: Any | None) -> tuple[float | None, str]:
+    """Tokens the run processes (padding included), and where the figure comes from."""
+    eff = cfg.train.effective_batch_size
+    tokens = getattr(data_report, "tokens", None) if data_report is not None else None
+    rows = getattr(data_report, "rows_kept", 0) if data_report is not None else 0
+    if tokens is not None and rows:
+        mean = tokens.total / rows
+        # a padded micro-batch is as long as its longest row: from the mean towards p95 as it grows
+        padded = min(seq_len, mean + (max(tokens.p95, mean) - mean) * min(1.0, math.log2(max(mb, 1)) / 3))
+        if cfg.train.max_steps > 0:
+            return cfg.train.max_steps * eff * padded, f"{cfg.train.max_steps} steps x {eff} sequences"
+        train_rows = getattr(data_report, "train_rows", rows) or rows
+        return cfg.train.epochs * train_rows * padded, f"{cfg.train.epochs:g} epoch(s) of {train_rows} rows"
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps * eff * seq_len, f"{cfg.train.max_steps} steps x {eff} sequences of {seq_len}"
+    return None, "unknown until the data stage has counted the dataset"
+
+
+def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_report: Any | None = None,
+              extra_notes: list[str] | None = None) -> Plan:
     """The plan for recipe `cfg`; raises DoesNotFitError (exit 4) when no candidate fits."""
-    on_gpu = cfg.hardware.device.value != "cpu"
-    budget = int(cfg.hardware.vram_gib * memory.GiB * (1 - cfg.preflight.margin))
+    _check_pins(cfg)
+    if spec.lora_param_targets(list(cfg.adapter.targets), cfg.adapter.rank) and cfg.adapter.dropout > 0:
+        raise ConfigError(
+            f"adapter.dropout={cfg.adapter.dropout:g}: {spec.architecture}'s experts are 3-D parameters, which "
+            "LoRA reaches through peft's ParamWrapper (target_parameters), and ParamWrapper refuses dropout; "
+            "set adapter.dropout=0, or adapter.targets=[attention]")
+    hw = cfg.hardware
+    budget = _budget(hw.vram_gib, cfg.preflight.margin)
     rank, targets = cfg.adapter.rank, list(cfg.adapter.targets)
-    scored = []
-    for c in candidates(cfg, seq_len, seq_len_source):
-        est = memory.estimate(spec, c, rank=rank, targets=targets, on_gpu=on_gpu)
-        scored.append((c, est, relative_speed(c)))
-    fitting = [s for s in scored if s[1].device_total <= budget]
-    # Fastest first; among equals, the one that leaves more memory free.
-    fitting.sort(key=lambda s: (-s[2], s[1].device_total))
-    lora_targets = [lin.name for lin in spec.lora_targets(targets)]
+    lora_targets = spec.lora_targets(targets)
+    scorer = _Scorer(cfg, spec)
+    scored = [scorer.score(c) for c in candidates(cfg, spec, seq_len, seq_len_source)]
+    fitting = [c for c in scored if c.total <= budget]
     model = {
         "name": cfg.model.name_or_path,
         "architecture": spec.architecture,
         "params_total": spec.params_total,
         "params_trainable": spec.lora_params(targets, rank),
-        "lora_targets": lora_targets,
+        "lora_targets": list(dict.fromkeys(lin.name for lin in lora_targets)),
     }
     if not fitting:
-        smallest = min(scored, key=lambda s: s[1].device_total)
-        raise DoesNotFitError(_does_not_fit(cfg, spec, smallest, budget))
+        raise DoesNotFitError(does_not_fit_message(cfg, spec, seq_len, seq_len_source, budget))
+    chosen = _choose(fitting)
+    c = chosen.choices
 
-    chosen, est, speed = fitting[0]
-    alternatives = []
-    for c, e, s in fitting[1:]:
-        if len(alternatives) >= N_ALTERNATIVES:
-            break
-        alternatives.append({"choices": c, "device_total_bytes": e.device_total, "relative_speed": s,
-                             "why_not": f"slower ({s:.3f} vs {speed:.3f})" if s < speed
-                             else f"more memory ({_gib(e.device_total)} vs {_gib(est.device_total)})"})
-    not_fitting = sorted((s for s in scored if s[1].device_total > budget), key=lambda s: -s[2])
-    for c, e, s in not_fitting[:2]:
-        alternatives.append({"choices": c, "device_total_bytes": e.device_total, "relative_speed": s,
-                             "why_not": f"does not fit ({_gib(e.device_total)} > budget {_gib(budget)})"})
+    # evaluation: a plain forward materializes batch x seq x vocab logits
+    eval_total = memory.eval_peak(spec, c, batch_size=cfg.eval.batch_size, seq_len=seq_len, rank=rank,
+                                  targets=targets, settings=scorer.settings)
+    stages = {s.value for s in cfg.stages}
+    eval_line = (f"evaluation (eval.batch_size={cfg.eval.batch_size}, full vocabulary x tokens logits): "
+                 f"{_gib(eval_total)}")
+    if eval_total > budget:
+        fits_at = 0
+        for bs in range(cfg.eval.batch_size - 1, 0, -1):
+            if memory.eval_peak(spec, c, batch_size=bs, seq_len=seq_len, rank=rank, targets=targets,
+                                settings=scorer.settings) <= budget:
+                fits_at = bs
+                break
+        fix = f"set eval.batch_size={fits_at}" if fits_at else "shorten dataset.max_seq_len"
+        if "eval" in stages:
+            raise DoesNotFitError(f"training fits ({describe(c)}: {_gib(chosen.total)}) but the evaluation of "
+                                  f"{cfg.model.name_or_path} at eval.batch_size={cfg.eval.batch_size} needs "
+                                  f"{_gib(eval_total)} of a {_gib(budget)} budget (it materializes "
+                                  f"{cfg.eval.batch_size} x {seq_len} x {spec.vocab} logits); {fix}")
+        eval_line += f" — does NOT fit: {fix}"
+    else:
+        eval_line += " — fits"
 
+    alternatives = [{"choices": a.choices, "device_total_bytes": a.total,
+                     "relative_speed": round(a.thr.relative, 4), "why_not": _why_not(a, chosen, budget)}
+                    for a in _alternatives(scored, chosen, budget)]
+
+    tokens, source = _tokens_to_train(cfg, seq_len, c["micro_batch_size"], data_report)
+    tps = chosen.thr.tokens_per_s
+    if tokens is not None:
+        wall = f"~{speed.wall_time_text(tokens / tps)} for ~{tokens / 1e6:.1f}M tokens ({source})"
+    else:
+        wall = f"wall time {source}"
+    card = hw.name if hw.tflops else f"{hw.name} (no hardware.tflops given: an A10G-class card assumed)"
     explanation = [
         f"{spec.architecture}: {spec.params_total:,} parameters, LoRA rank {rank} on "
-        f"{', '.join(lora_targets)}: {model['params_trainable']:,} trainable",
-        f"budget {_gib(budget)} = {cfg.hardware.vram_gib:g} GiB ({cfg.hardware.name}) x (1 - margin "
-        f"{cfg.preflight.margin:g})",
+        f"{', '.join(model['lora_targets'])}: {model['params_trainable']:,} trainable",
+        f"budget {_gib(budget)} per GPU = {hw.vram_gib:g} GiB ({hw.name}) x (1 - margin {cfg.preflight.margin:g})",
         f"sequence length {seq_len} from the {seq_len_source}",
-        f"chose {_describe(chosen)}: predicted {_gib(est.device_total)} on the device, the fastest of "
-        f"{len(fitting)} plans that fit ({len(scored)} tried)",
+        f"chose {describe(c)}: {_gib(chosen.total)} on the device (peak at the {chosen.est.phase}), the fastest "
+        f"of {len(fitting)} plans that fit ({len(scored)} tried)",
+        f"throughput ~{tps:,.0f} tokens/s on {card}, {chosen.thr.relative:.0%} of this card's ceiling for this "
+        f"model; {wall} — an estimate from the cost model in finetune/preflight/speed.py, not a measurement",
+        eval_line,
     ]
+    faster = [s for s in scored if s.total > budget and s.thr.tokens_per_s > TIE * tps]
+    if faster:
+        f = max(faster, key=lambda s: s.thr.tokens_per_s)
+        explanation.append(f"a faster plan ({describe(f.choices)}, {f.thr.relative:.0%}) needs {_gib(f.total)}")
+    explanation += _architecture_notes(spec, c, seq_len, extra_notes)
     pinned = [k for k, v in vars(cfg.preflight.pin).items() if v is not None]
     if pinned:
         explanation.append(f"pinned by the recipe: {', '.join('preflight.pin.' + k for k in pinned)}")
-    if not on_gpu:
-        explanation.append("device cpu: the estimate is for the memory the run may use on the CPU; "
-                           "nvidia-smi figures do not apply")
-    return Plan(model=model, choices=chosen, predicted=est.predicted(), breakdown_bytes=est.breakdown,
-                budget_bytes=budget, fits=True, alternatives=alternatives, explanation=explanation)
+    if c["micro_batch_size"] * c["gradient_accumulation_steps"] * hw.num_gpus != cfg.train.effective_batch_size:
+        explanation.append(f"effective batch {c['micro_batch_size'] * c['gradient_accumulation_steps'] * hw.num_gpus}"
+                           f" (train.effective_batch_size={cfg.train.effective_batch_size} is not a multiple of "
+                           f"the micro-batch x GPUs)")
+    if c["distributed"] == "ddp":
+        explanation.append(f"ddp: each of the {hw.num_gpus} GPUs holds the whole model (per-GPU memory as on one)")
+    elif c["distributed"] == "fsdp":
+        explanation.append(f"fsdp: the frozen weights, LoRA and optimizer state are sharded over {hw.num_gpus} "
+                           "GPUs; two layers are gathered at a time")
+    if hw.device.value == "cpu":
+        explanation.append("device cpu: the estimate is resident memory (the process included); nvidia-smi "
+                           "figures do not apply")
+    elif hw.device.value == "mps" or hw.unified_memory:
+        explanation.append("unified memory: the budget is the GPU's share of system RAM; no CUDA context")
+    explanation += chosen.est.notes
+    predicted = chosen.est.predicted()
+    details = {"tokens_per_s": tps, "relative_speed": chosen.thr.relative, "phase": chosen.est.phase,
+               "reserved_slack": predicted["peak_reserved_bytes"] - predicted["peak_allocated_bytes"],
+               "paged": chosen.est.paged, "eval_total": eval_total, "wall": wall}
+    return Plan(model=model, choices=c, predicted=predicted, breakdown_bytes=chosen.est.breakdown,
+                budget_bytes=budget, fits=True, alternatives=alternatives, explanation=explanation, details=details)
 
 
-def _does_not_fit(cfg, spec: ArchSpec, smallest, budget: int) -> str:
-    c, est, _ = smallest
-    on_gpu = cfg.hardware.device.value != "cpu"
-    # The longest sequence the smallest plan fits, by bisection on the estimate.
-    lo, hi = 0, c["max_seq_len"]
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        trial = dict(c, max_seq_len=mid)
-        e = memory.estimate(spec, trial, rank=cfg.adapter.rank, targets=list(cfg.adapter.targets), on_gpu=on_gpu)
-        if e.device_total <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    need_gib = est.device_total / (1 - cfg.preflight.margin) / memory.GiB
-    hint = (f"dataset.max_seq_len={lo} would fit with that plan" if lo >= 64
-            else "no sequence length fits: the frozen weights alone exceed the budget")
-    return (f"{cfg.model.name_or_path} does not fit hardware.vram_gib={cfg.hardware.vram_gib:g} "
-            f"({cfg.hardware.name}): the smallest plan ({_describe(c)}) needs {_gib(est.device_total)}, "
-            f"the budget is {_gib(budget)}; {hint}; or use a card with at least {need_gib:.0f} GiB")
+def _architecture_notes(spec: ArchSpec, c: dict[str, Any], seq_len: int, extra: list[str] | None) -> list[str]:
+    notes = list(extra or [])
+    if c["quantization"] != "none" and not any(lin.quantizable for lin in spec.linears):
+        notes.append(f"{spec.architecture}: transformers 5.23 replaces only modules whose type is nn.Linear; "
+                     "FalconLinear is a subclass, so the base stays bf16 under 'quantization'")
+    if spec.experts:
+        notes.append(f"{spec.architecture}: the {spec.experts} experts per layer are 3-D parameters that "
+                     "bitsandbytes does not quantize (bf16) and LoRA all-linear does not target")
+    if spec.attention == "eager":
+        notes.append(f"{spec.architecture} has no SDPA path in transformers 5.23: eager attention keeps "
+                     f"{spec.heads} x {seq_len} x {seq_len} probabilities per layer and sequence")
+    if c["quantization"] != "none" and spec.norm == "layer" and any(lin.quantizable for lin in spec.linears):
+        notes.append("LayerNorm returns fp32 under autocast and bitsandbytes returns its input's dtype: the "
+                     "quantized layers' outputs and the residual stream are fp32")
+    return notes

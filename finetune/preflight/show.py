@@ -8,6 +8,19 @@ from rich.table import Table
 from finetune.preflight.memory import GiB
 from finetune.preflight.planner import Plan
 
+PARTS = {
+    "weights_quantized": "frozen weights, quantized",
+    "weights_unquantized": "frozen weights, bf16/fp16 (embeddings, norms, lm_head, ...)",
+    "quant_constants": "quantization constants",
+    "lora_params": "LoRA parameters",
+    "lora_grads": "LoRA gradients",
+    "optimizer_state": "optimizer state",
+    "activations": "activations kept for backward",
+    "lm_head_and_loss": "LM head and loss",
+    "workspace": "workspace (dequantized weight, cuBLAS)",
+    "cuda_context": "CUDA context",
+}
+
 
 def _gib(n: int) -> str:
     return f"{n / GiB:.2f}"
@@ -29,39 +42,48 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
     head.add_column(style="bold")
     head.add_column()
     head.add_row("model", f"{m['architecture']}, {count(m['params_total'])} params, "
-                          f"{count(m['params_trainable'])} trainable (LoRA)")
+                          f"{count(m['params_trainable'])} trainable (LoRA on {', '.join(m['lora_targets'])})")
     q = c["quantization"] + (" + double quant" if c["quantization"] == "nf4" and c["double_quant"] else "")
     head.add_row("quantization", q)
-    head.add_row("compute dtype", c["compute_dtype"])
+    head.add_row("compute dtype", f"{c['compute_dtype']}, attention {c['attention']}")
     head.add_row("gradient checkpointing", "on" if c["gradient_checkpointing"] else "off")
+    gpus = f" x {c['num_gpus']} GPUs ({c['distributed']})" if c["num_gpus"] > 1 else ""
     head.add_row("batch", f"micro-batch {c['micro_batch_size']} x {c['gradient_accumulation_steps']} accumulation"
-                          f" x {c['num_gpus']} GPU(s)")
+                          f"{gpus}")
     head.add_row("sequence length", f"{c['max_seq_len']} (from the {c['seq_len_source']})")
     head.add_row("optimizer", c["optimizer"])
     p = plan.predicted
     verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
-    head.add_row("predicted", f"{_gib(p['device_total_bytes'])} GiB on the device (allocated "
-                              f"{_gib(p['peak_allocated_bytes'])}, reserved {_gib(p['peak_reserved_bytes'])}) "
-                              f"of a {_gib(plan.budget_bytes)} GiB budget: {verdict}")
+    head.add_row("predicted", f"{_gib(p['device_total_bytes'])} GiB on the device of a {_gib(plan.budget_bytes)} "
+                              f"GiB budget: {verdict} (peak allocated {_gib(p['peak_allocated_bytes'])}, "
+                              f"reserved {_gib(p['peak_reserved_bytes'])})")
+    d = plan.details
+    if d:
+        head.add_row("speed (estimate)", f"~{d['tokens_per_s']:,.0f} tokens/s; {d['wall']}")
     console.print(head)
 
-    parts = Table(title="Where the memory goes (GiB)", title_justify="left")
+    parts = Table(title="Where the memory goes at the peak (GiB)", title_justify="left")
     parts.add_column("part")
     parts.add_column("GiB", justify="right")
     for name, value in sorted(plan.breakdown_bytes.items(), key=lambda kv: -kv[1]):
         if value:
-            parts.add_row(name, _gib(value))
+            parts.add_row(PARTS.get(name, name), _gib(value))
+    if d.get("reserved_slack"):
+        parts.add_row("allocator cache (reserved - allocated)", _gib(d["reserved_slack"]))
+    parts.add_row("[bold]total (what nvidia-smi would show)[/bold]", f"[bold]{_gib(p['device_total_bytes'])}[/bold]")
     console.print(parts)
 
     if plan.alternatives:
-        alts = Table(title="Next best", title_justify="left")
+        alts = Table(title="Next best plans", title_justify="left")
         for col in ("quant", "ckpt", "micro-batch", "optimizer", "GiB", "speed", "why not"):
             alts.add_column(col)
         for a in plan.alternatives:
             ac = a["choices"]
-            alts.add_row(ac["quantization"], "on" if ac["gradient_checkpointing"] else "off",
-                         str(ac["micro_batch_size"]), ac["optimizer"], _gib(a["device_total_bytes"]),
-                         f"{a['relative_speed']:.2f}", a["why_not"])
+            q = ac["quantization"] + ("+dq" if ac["quantization"] == "nf4" and ac["double_quant"] else "")
+            dist = f" {ac['distributed']}" if ac.get("distributed") not in (None, "none") else ""
+            alts.add_row(q, "on" if ac["gradient_checkpointing"] else "off",
+                         f"{ac['micro_batch_size']} x{ac['gradient_accumulation_steps']}{dist}", ac["optimizer"],
+                         _gib(a["device_total_bytes"]), f"{a['relative_speed']:.2f}", a["why_not"])
         console.print(alts)
     for line in plan.explanation:
         console.print(f"  - {line}")
