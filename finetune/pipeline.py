@@ -223,6 +223,7 @@ def _train_and_eval(cfg: RunConfig, plan, data, tokenizer, run_dir: Path, tracke
     from finetune.tracking import charts
 
     (run_dir / "train_result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    _record_measured_memory(run_dir, result, tracker)
     tracker.log_artifact(Path(result.adapter_dir), artifact_path="adapter")
     tracker.log_artifact(run_dir / "train_result.json")
     tracker.log_artifact(charts.loss_curves(result.loss_history, result.eval_history, run_dir / "loss_curves.png"))
@@ -246,6 +247,18 @@ def _train_and_eval(cfg: RunConfig, plan, data, tokenizer, run_dir: Path, tracke
             model, tokenizer, base_model_dir(cfg.model), registered_name=cfg.name,
             pip_requirements=_pip_requirements())
     return out
+
+
+def _record_measured_memory(run_dir: Path, result, tracker) -> None:
+    """The measured peak beside the prediction: plan.json's `measured`, ratios in MLflow (CUDA);
+    the CPU's peak RSS, marked as not comparable."""
+    from finetune.preflight.measured import record_measurement
+
+    path = run_dir / "plan.json"
+    plan, metrics = record_measurement(json.loads(path.read_text()), result.peak_memory)
+    path.write_text(json.dumps(plan, indent=2) + "\n")
+    tracker.log_metrics(metrics)
+    tracker.log_artifact(path)  # plan.json again, now with the measurement
 
 
 def _pip_requirements() -> list[str]:

@@ -173,7 +173,27 @@ def load_model(model_cfg, choices: dict[str, Any], device: str, attention: str |
     except OSError as e:
         raise _load_error(model_cfg, e) from e
     model.config.use_cache = False  # no KV cache during training (it only costs memory)
+    if device == "cpu":
+        _keep_cpu_4bit_layout(model)
     return model
+
+
+def _keep_cpu_4bit_layout(model) -> None:
+    """Work around a bitsandbytes 0.50 CPU bug that silently changes a 4-bit model.
+
+    On a CPU with AVX512-BF16, a Linear4bit repacks its weight for a fast inference kernel at its first
+    no-grad forward in eval mode (block scales rounded to bf16), and state_dict() converts it back in
+    place, re-quantizing the scales. After that round trip (evaluation, then saving a checkpoint or an
+    adapter: peft's state dict walks the whole model) the layer computes differently: logits moved by
+    ~1.3 without double quantization and ~0.05 with it on the tiny model, and training mode already
+    differed from eval mode before. Keeping the plain layout costs CPU inference speed only (the tiny
+    models are what runs on the CPU). tests/test_models.py fails if this is removed.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_with_adapter(model_cfg, choices: dict[str, Any], adapter_dir: Path | str, device: str):

@@ -86,12 +86,12 @@ def pick_device(cfg) -> str:
     )
 
 
-def lora_config(cfg, model_type: str):
+def lora_config(cfg, model_config: dict[str, Any]):
     from peft import LoraConfig
 
     from finetune.models.targets import resolve
 
-    targets = resolve(model_type, list(cfg.adapter.targets))
+    targets = resolve(model_config, list(cfg.adapter.targets))
     return LoraConfig(
         r=cfg.adapter.rank,
         lora_alpha=cfg.adapter.alpha,
@@ -286,7 +286,7 @@ class _Attempt:
             train_dataset=train_ds,
             eval_dataset=eval_ds if args.eval_strategy != "no" else None,
             processing_class=tokenizer,
-            peft_config=lora_config(cfg, model.config.model_type),
+            peft_config=lora_config(cfg, model.config.to_dict()),
             callbacks=callbacks,
         )
         self.trainer.remove_callback(PrinterCallback)
