@@ -13,9 +13,11 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
 GPUS   ?= 2
+# The newest adapter under outputs/ unless ADAPTER=... is given.
+ADAPTER ?= $(shell ls -td outputs/*/*/adapter outputs/*/*/*/adapter 2>/dev/null | head -1)
 RUN_DIR = outputs/$(RECIPE)/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help install demo test preflight train train-multi ui lint bench clean
+.PHONY: help install demo test preflight train train-multi merge chat ui lint bench clean
 
 help:
 	@echo "make install                 create $(VENV) (if missing) and install finetune with its dev tools"
@@ -24,6 +26,8 @@ help:
 	@echo "make preflight RECIPE=NAME   print the memory plan for a recipe (no GPU, no download)"
 	@echo "make train RECIPE=NAME       run a recipe end to end (ARGS='key=value ...' to override)"
 	@echo "make train-multi GPUS=N RECIPE=NAME   the same on N GPUs of this machine (one process each, DDP)"
+	@echo "make merge [ADAPTER=dir]     fold an adapter into its base: a plain transformers model in <run>/merged"
+	@echo "make chat [ADAPTER=dir]      chat with base + adapter, streamed (default: the newest adapter)"
 	@echo "make ui                      MLflow UI on http://127.0.0.1:$(PORT) over ./mlflow.db"
 	@echo "make lint                    ruff"
 	@echo "make bench                   every benchmark script in tests/benchmarks/ (results in tests/benchmarks/results/)"
@@ -58,6 +62,14 @@ train: $(STAMP)
 train-multi: $(STAMP)
 	$(BIN)/torchrun --standalone --nproc_per_node $(GPUS) -m finetune +recipe=$(RECIPE) \
 		hardware.num_gpus=$(GPUS) hydra.run.dir=$(RUN_DIR) $(ARGS)
+
+merge: $(STAMP)
+	@test -n "$(ADAPTER)" || { echo "no adapter under outputs/: train one, or give ADAPTER=dir"; exit 2; }
+	$(BIN)/finetune-merge $(ADAPTER) $(ARGS)
+
+chat: $(STAMP)
+	@test -n "$(ADAPTER)" || { echo "no adapter under outputs/: train one, or give ADAPTER=dir"; exit 2; }
+	$(BIN)/finetune-chat $(ADAPTER) $(ARGS)
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)

@@ -1,0 +1,113 @@
+"""Try the result: chat with base + adapter, answers streamed as they are generated.
+
+    finetune-chat outputs/llama2-7b-medical/<time>/adapter           (interactive; /reset, /exit)
+    finetune-chat <adapter> --prompt "What causes influenza?"          (one answer, then exit)
+    echo "What causes influenza?" | finetune-chat <adapter>            (one answer per input line)
+
+The base model is loaded the way the run trained it (its plan's quantization) and the
+adapter computes in the precision it was trained in; prompts are rendered with the chat
+template saved with the adapter, so the model sees the format it learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from finetune.errors import FinetuneError
+
+
+class Chat:
+    def __init__(self, adapter: str, system: str | None = None, max_new_tokens: int = 256):
+        import torch
+        from transformers import AutoTokenizer
+
+        from data_prep.templates import end_of_turn_token
+        from finetune.models.loader import load_with_adapter
+        from finetune.models.merge import find_run
+
+        run = find_run(adapter)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir)
+        if not self.tokenizer.chat_template:
+            raise FinetuneError(f"{run.adapter_dir}: the adapter has no chat template saved with it")
+        self.model = load_with_adapter(run.model_cfg, run.choices, run.adapter_dir, self.device)
+        self.system = system
+        self.max_new_tokens = max_new_tokens
+        template_name = _template_name(run.run_dir)
+        stop = {self.tokenizer.eos_token_id,
+                self.tokenizer.convert_tokens_to_ids(end_of_turn_token(template_name, self.tokenizer))}
+        self.stop_ids = sorted(t for t in stop if t is not None and t != self.tokenizer.unk_token_id)
+        self.history: list[dict[str, str]] = []
+
+    def prompt_text(self, message: str) -> str:
+        """The text the model is given for `message` after the conversation so far."""
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+        messages = messages + [{"role": "user", "content": message}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def ask(self, message: str, stream: Any = None) -> str:
+        import torch
+        from transformers import TextStreamer
+
+        ids = self.tokenizer(self.prompt_text(message), return_tensors="pt", add_special_tokens=False).to(self.device)
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        with torch.no_grad():
+            out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                      eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+                                      streamer=streamer)
+        new = out[0, ids["input_ids"].shape[1]:].tolist()
+        cut = next((i for i, t in enumerate(new) if t in self.stop_ids), len(new))
+        answer = self.tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+        self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
+        return answer
+
+
+def _template_name(run_dir) -> str:
+    import json
+
+    report = run_dir / "data_report.json"
+    return json.loads(report.read_text()).get("chat_template", "") if report.is_file() else ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="finetune-chat", description=__doc__.split("\n\n")[0])
+    parser.add_argument("adapter", help="the adapter directory (outputs/<recipe>/<time>/adapter) or its run directory")
+    parser.add_argument("--prompt", help="answer this one prompt and exit")
+    parser.add_argument("--system", help="a system prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    args = parser.parse_args(argv)
+    try:
+        chat = Chat(args.adapter, system=args.system, max_new_tokens=args.max_new_tokens)
+    except FinetuneError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(e.exit_code)
+
+    if args.prompt is not None:
+        chat.ask(args.prompt, stream=sys.stdout)
+        return
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chatting with the adapter; /reset forgets the conversation, /exit (or Ctrl-D) quits")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            return
+        if line == "/reset":
+            chat.history.clear()
+            print("(conversation reset)")
+            continue
+        print("model> ", end="", flush=True)
+        chat.ask(line, stream=sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
