@@ -190,12 +190,26 @@ def _end_sweeps() -> None:
         end_sweep_parent(Path(sweep_dir), ok)
 
 
+def _swept_keys() -> set[str]:
+    """The keys the command line sweeps (adapter.rank=8,16 or range/choice/glob), parsed as Hydra does."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except Exception:  # Hydra has already accepted these; never fail a job over a label
+        return set()
+    return {o.key_or_group for o in overrides if o.is_sweep_override()}
+
+
 def _sweep_info(hydra_cfg: Any) -> dict[str, Any]:
-    """What a multirun job knows of its sweep: the sweep directory and the swept overrides."""
+    """What a multirun job knows of its sweep: the sweep directory and this job's values of the swept keys."""
+    swept = _swept_keys()
+    task = list(hydra_cfg.overrides.task)
     return {
         "dir": str(hydra_cfg.sweep.dir),
         "job_num": int(hydra_cfg.job.num),
-        "overrides": list(hydra_cfg.overrides.task),
+        "overrides": [o for o in task if o.split("=", 1)[0].lstrip("+~") in swept] or task,
     }
 
 
