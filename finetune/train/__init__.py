@@ -74,7 +74,7 @@ def lora_config(cfg):
     )
 
 
-def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_eval: bool):
+def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_eval: bool, packed: bool = False):
     from trl import SFTConfig
 
     t = cfg.train
@@ -107,7 +107,10 @@ def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_
         report_to="none",
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,  # the data stage already enforced dataset.max_seq_len (and counted what it dropped)
-        packing=False,
+        # Rows packed by the data stage (with seq_lengths) train padding-free: position ids restart per example,
+        # so no example attends to another (data_prep/packing.py lists the architectures where that is exact).
+        packing=packed,
+        padding_free=packed,
         dataloader_num_workers=0,
         disable_tqdm=True,  # our rich progress bar replaces tqdm and the per-step log printing
     )
@@ -141,7 +144,6 @@ def save_adapter(model, tokenizer, target: Path) -> Path:
 def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None):
     """Train the adapter; returns (TrainResult, the trained peft model)."""
     import torch
-    from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
@@ -155,9 +157,10 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    train_ds = Dataset.from_dict(data.as_columns("train"))
-    eval_ds = Dataset.from_dict(data.as_columns("eval")) if data.eval else None
-    args = sft_config(cfg, choices, run_dir / "checkpoints", device, has_eval=eval_ds is not None)
+    train_ds = data.to_dataset("train")  # memory-mapped Arrow from the data stage (packed rows when data.packed)
+    eval_ds = data.to_dataset("eval") if len(data.eval) else None
+    args = sft_config(cfg, choices, run_dir / "checkpoints", device, has_eval=eval_ds is not None,
+                      packed=data.packed)
     metrics_cb = MetricsCallback(tracker)
     trainer = SFTTrainer(
         model=model,
