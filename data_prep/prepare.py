@@ -34,7 +34,7 @@ from data_prep.encode import ChatEncoder, TextEncoder, control_token_pattern
 from data_prep.packing import best_fit_decreasing, decide
 from data_prep.report import DataReport, PackingStats, SourceStats, TokenStats, percentile
 from data_prep.store import Example, ExampleSplit
-from finetune.errors import DataError
+from finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,7 @@ class _Build:
         self.max_len = cfg.max_seq_len
         self.truncate = cfg.length_policy.value == "truncate"
         self._chat: ChatEncoder | None = None
+        self.template_error: Exception | None = None
         self._text: TextEncoder | None = None
         self.control = control_token_pattern(tokenizer)
         self.train_w = store.PackedWriter(out / "train.arrow", self.max_len) if packed \
@@ -284,6 +285,8 @@ class _Build:
     @property
     def chat(self) -> ChatEncoder:
         if self._chat is None:
+            if self.template_error is not None:
+                raise self.template_error
             self._chat = ChatEncoder(self.tokenizer, self.template, self.cfg.train_on_inputs)
         return self._chat
 
@@ -598,8 +601,12 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None, model_type: str |
     from finetune.paths import cache_dir
 
     started = time.perf_counter()
-    template = templates.resolve(chat_template, tokenizer)
-    tokenizer.chat_template = template.jinja
+    try:
+        template = templates.resolve(chat_template, tokenizer)
+        tokenizer.chat_template = template.jinja
+        template_error = None
+    except ConfigError as e:  # fine for text corpora; raised when the first conversation needs a template
+        template, template_error = templates.Resolved("none", "", "none"), e
     specs = source_specs(dataset_cfg)
     listings = [readers.list_source(s.path, s.format) for s in specs]
     packed, why = decide(dataset_cfg.packing, model_type)
@@ -618,6 +625,7 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None, model_type: str |
     bar = _Progress(sum(li.total_bytes for li in listings), progress)
     try:
         build = _Build(dataset_cfg, tokenizer, template, specs, listings, packed, tmp)
+        build.template_error = template_error
         build.run(bar)
         report = build.report(template.name)
         if report.rows_read == 0:

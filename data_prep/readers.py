@@ -49,7 +49,8 @@ class TextFile:
     path: Path
     size: int
 
-    def pieces(self, window: int = TEXT_WINDOW_BYTES) -> Iterator[str]:
+    def pieces(self, window: int | None = None) -> Iterator[str]:
+        window = window or TEXT_WINDOW_BYTES
         decoder = codecs.getincrementaldecoder("utf-8")("strict")
         with self.path.open("rb") as f:
             for chunk in iter(lambda: f.read(window), b""):
