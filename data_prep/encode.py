@@ -21,9 +21,9 @@ tokenizer's offset tracking (about 40% of its time) is skipped; every row is che
 Other tokenizers (SentencePiece-style Llama 2, Mistral) use offsets throughout.
 
 Documents (``dataset.format: text``) are tokenized with the tokenizer's own BOS/EOS
-around them and cut into ``max_seq_len`` blocks. A document larger than a window is
-tokenized window by window with left context, checking that the tokens at each seam
-equal the single-pass tokenization's (:meth:`TextEncoder.encode_stream`).
+around them and cut into ``max_seq_len`` blocks. A long document is tokenized in
+overlapping windows joined where both tokenized alike, so the ids equal a single
+pass's while memory stays bounded (:class:`TextEncoder`).
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ IGNORE = -100
 SEAM_MARGIN_CHARS = 2048
 SEAM_CONTEXT_CHARS = 1024
 SEAM_CHECK_TOKENS = 8
+# Long documents: tokenized in sub-windows of this many characters (in parallel), a buffer of
+# STREAM_CHARS at a time; documents longer than LONG_DOC_CHARS take that path.
+SPAN_WINDOW_CHARS = 1 << 16
+STREAM_CHARS = 1 << 20
+LONG_DOC_CHARS = 1 << 16
 
 
 def _private_backend(tokenizer):
@@ -305,7 +310,15 @@ class ChatEncoder:
 
 
 class TextEncoder:
-    """Documents -> token ids with the tokenizer's BOS/EOS, cut into blocks of at most max_seq_len."""
+    """Documents -> token ids with the tokenizer's BOS/EOS, cut into blocks of at most max_seq_len.
+
+    Short documents are tokenized many at a time. A long one is tokenized in sub-windows of
+    SPAN_WINDOW_CHARS that overlap by SEAM_CONTEXT_CHARS on each side, all in one parallel batch
+    call; consecutive windows are joined at a token boundary where both tokenized the text alike
+    (the same tokens at the same positions, SEAM_CHECK_TOKENS on each side), so the result equals
+    a single pass. Why not one call per document: the Rust tokenizer needs ~100 bytes of memory
+    per character of a single input (its alignment tables), so a 10 MB document would need 1 GB.
+    """
 
     def __init__(self, tokenizer, max_seq_len: int):
         self.max_seq_len = max_seq_len
@@ -322,6 +335,7 @@ class TextEncoder:
             self.suffix = [*self.suffix, eos]  # the model learns where a document ends
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Whole short documents, with BOS/EOS."""
         encs = self.backend.encode_batch_fast(texts, add_special_tokens=False)
         return [self.prefix + e.ids + self.suffix for e in encs]
 
@@ -330,10 +344,68 @@ class TextEncoder:
         for start in range(0, len(ids), n):
             yield ids[start:start + n]
 
-    def encode_stream(self, pieces: Iterable[str]) -> Iterator[list[int]]:
-        """A large document's ids, window by window, equal to tokenizing it in one pass.
+    def _encode_span(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        """(ids, start offsets, end offsets) of `text`, equal to one encode() call, in parallel sub-windows."""
+        n, w, c = len(text), SPAN_WINDOW_CHARS, SEAM_CONTEXT_CHARS
+        if n <= w + c:
+            enc = self.backend.encode(text, add_special_tokens=False)
+            return enc.ids, [o[0] for o in enc.offsets], [o[1] for o in enc.offsets]
+        cuts = list(range(0, n, w)) + [n]
+        bases = [max(0, cuts[k] - c) for k in range(len(cuts) - 1)]
+        windows = [text[bases[k]:min(n, cuts[k + 1] + c)] for k in range(len(cuts) - 1)]
+        encs = self.backend.encode_batch(windows, add_special_tokens=False)
+        parts = []
+        for base, enc in zip(bases, encs, strict=True):
+            offsets = enc.offsets
+            parts.append((enc.ids, [o[0] + base for o in offsets], [o[1] + base for o in offsets]))
+        ids: list[int] = []
+        starts: list[int] = []
+        ends: list[int] = []
+        begin = 0  # index in the current window's tokens where its contribution starts
+        for k in range(len(parts)):
+            a_ids, a_starts, a_ends = parts[k]
+            if k == len(parts) - 1:
+                stop = len(a_ids)
+                seam_next = None
+            else:
+                seam_next = self._seam(parts[k], parts[k + 1], cuts[k + 1])
+                if seam_next is None:  # no agreement (never seen in practice): one call over the span
+                    enc = self.backend.encode(text, add_special_tokens=False)
+                    return enc.ids, [o[0] for o in enc.offsets], [o[1] for o in enc.offsets]
+                stop = seam_next[0]
+            ids += a_ids[begin:stop]
+            starts += a_starts[begin:stop]
+            ends += a_ends[begin:stop]
+            if seam_next is not None:
+                begin = seam_next[1]
+        return ids, starts, ends
 
-        Each window is tokenized with the last ~SEAM_CONTEXT_CHARS of committed text in front
+    @staticmethod
+    def _seam(a, b, cut: int) -> tuple[int, int] | None:
+        """Indices (in a, in b) of a token start near `cut` where both windows tokenized alike."""
+        a_ids, a_starts, _ = a
+        b_ids, b_starts, _ = b
+        m = SEAM_CHECK_TOKENS
+        lo = bisect.bisect_left(a_starts, cut - SEAM_CONTEXT_CHARS // 2)
+        hi = bisect.bisect_right(a_starts, cut + SEAM_CONTEXT_CHARS // 2)
+        for i in sorted(range(lo, hi), key=lambda i: abs(a_starts[i] - cut))[:64]:
+            j = bisect.bisect_left(b_starts, a_starts[i])
+            if j < m or i < m or j >= len(b_starts) or b_starts[j] != a_starts[i]:
+                continue
+            if (a_ids[i - m:i + m] == b_ids[j - m:j + m] and a_starts[i - m:i + m] == b_starts[j - m:j + m]
+                    and len(a_ids[i - m:i + m]) == 2 * m):
+                return i, j
+        return None
+
+    def pieces(self, text: str) -> Iterator[str]:
+        """A long in-memory document in pieces for encode_stream."""
+        for start in range(0, len(text), STREAM_CHARS):
+            yield text[start:start + STREAM_CHARS]
+
+    def encode_stream(self, pieces: Iterable[str]) -> Iterator[list[int]]:
+        """A long document's ids, a few MB of text at a time, equal to tokenizing it in one pass.
+
+        Each buffer is tokenized with the last ~SEAM_CONTEXT_CHARS of committed text in front
         of it; the tokens of that context must come out as they did before, ending exactly at
         the seam, or the tokenizer is not local enough to stream and we stop with an error.
         """
@@ -345,9 +417,11 @@ class TextEncoder:
             following = next(it, None)
             last = following is None
             buf = context + carry + piece
-            enc = self.backend.encode(buf, add_special_tokens=False)
-            ids, offsets = enc.ids, enc.offsets
-            starts = [o[0] for o in offsets]
+            if not last and len(buf) < STREAM_CHARS:
+                carry += piece
+                piece = following
+                continue
+            ids, starts, ends = self._encode_span(buf)
             j = 0
             if context:
                 j = bisect.bisect_left(starts, len(context))
@@ -361,8 +435,8 @@ class TextEncoder:
                 yield (self.prefix + out + self.suffix) if first else (out + self.suffix)
                 return
             limit = len(buf) - SEAM_MARGIN_CHARS
-            k = bisect.bisect_right([o[1] for o in offsets], limit, lo=j)
-            if k <= j + SEAM_CHECK_TOKENS:  # the window is too short to commit anything: read more first
+            k = bisect.bisect_right(ends, limit, lo=j)
+            if k <= j + SEAM_CHECK_TOKENS:  # too short to commit anything: read more first
                 carry += piece
                 piece = following
                 continue

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import formats, readers, store, templates
+from data_prep import encode, formats, readers, store, templates
 from data_prep.encode import ChatEncoder, TextEncoder, control_token_pattern
 from data_prep.packing import best_fit_decreasing, decide
 from data_prep.report import DataReport, PackingStats, SourceStats, TokenStats, percentile
@@ -472,14 +472,17 @@ class _Build:
             stats.eval_rows += 1
         else:
             stats.train_rows += 1
-        if text is None:  # a large file: tokenized window by window, in order
+        if text is None or len(text) > encode.LONG_DOC_CHARS:  # a long document: tokenized window by window
             self._flush_text()
+            pieces = data.pieces() if text is None else self.text.pieces(text)
             buffer: list[int] = []
-            for ids in self.text.encode_stream(data.pieces()):
+            for ids in self.text.encode_stream(pieces):
                 buffer.extend(ids)
-                while len(buffer) >= self.max_len:
-                    self._emit_block(src, raw.location, buffer[:self.max_len], is_eval, copies)
-                    del buffer[:self.max_len]
+                if len(buffer) >= self.max_len:
+                    cut = len(buffer) - len(buffer) % self.max_len
+                    for start in range(0, cut, self.max_len):
+                        self._emit_block(src, raw.location, buffer[start:start + self.max_len], is_eval, copies)
+                    del buffer[:cut]
             if buffer:
                 self._emit_block(src, raw.location, buffer, is_eval, copies)
             return

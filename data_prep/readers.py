@@ -28,7 +28,7 @@ ROW_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text")
 # Text files up to this size are read whole; larger ones are validated and tokenized in windows.
 WHOLE_TEXT_BYTES = 8 << 20
-TEXT_WINDOW_BYTES = 4 << 20
+TEXT_WINDOW_BYTES = 1 << 20
 NUL = b"\x00"  # text files never hold it; binary files (images, PDFs, archives) nearly always do
 
 OnBytes = Callable[[int], None] | None
@@ -303,8 +303,3 @@ def read_rows(listing: Listing, on_bytes: OnBytes = None) -> Iterator[RawRow]:
             raise DataError(f"dataset.path: {f}: unsupported file type '{f.suffix}' "
                             f"(supported: {', '.join(ROW_FILE_SUFFIXES + TEXT_SUFFIXES)})")
         yield from reader(f, on_bytes)
-
-
-def source_files(path: str) -> list[Path]:
-    """The local files behind a dataset path; [] for a hub id. (Kept for callers of the first version.)"""
-    return list_source(path).files

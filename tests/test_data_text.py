@@ -129,36 +129,42 @@ def test_control_token_text_in_a_document_is_text(tokenizer, tmp_path):
     assert tokenizer.decode(body) == "An HTML page says <s>struck</s> and ends."
 
 
-def test_a_large_file_streams_in_windows_with_the_same_tokens(tokenizer, tmp_path, monkeypatch):
-    """Above WHOLE_TEXT_BYTES a file is validated in one pass and tokenized window by window; the seams
-    are checked, and the tokens equal a single-pass tokenization of the whole document."""
-    monkeypatch.setattr(readers, "WHOLE_TEXT_BYTES", 4096)
+def test_long_documents_are_tokenized_in_windows_with_the_same_tokens(tokenizer, tmp_path, monkeypatch):
+    """A long document is tokenized in overlapping windows joined where both agree, a buffer at a time (a file
+    above WHOLE_TEXT_BYTES is also read in pieces); the tokens equal a single-pass tokenization."""
+    monkeypatch.setattr(readers, "WHOLE_TEXT_BYTES", 30_000)
     monkeypatch.setattr(readers, "TEXT_WINDOW_BYTES", 3000)
+    monkeypatch.setattr(encode, "LONG_DOC_CHARS", 5000)
+    monkeypatch.setattr(encode, "SPAN_WINDOW_CHARS", 1500)
+    monkeypatch.setattr(encode, "STREAM_CHARS", 7000)
     monkeypatch.setattr(encode, "SEAM_MARGIN_CHARS", 400)
     monkeypatch.setattr(encode, "SEAM_CONTEXT_CHARS", 200)
     words = (PARAGRAPH + "Ça coûte 12,50 € — ✓ naïve café.\n\n").split(" ")
-    text = " ".join(words[i % len(words)] for i in range(9000))  # ~60 kB, multi-byte characters across windows
-    big = tmp_path / "big.txt"
-    big.write_text(text)
-    small = tmp_path / "small.txt"
-    small.write_text(PARAGRAPH)
-    windows = []
-    pieces = readers.TextFile.pieces
+
+    def prose(n: int) -> str:
+        return " ".join(words[i % len(words)] for i in range(n))
+    docs = {"big.txt": prose(9000), "medium.md": prose(3000), "small.txt": PARAGRAPH}  # ~60 kB, ~20 kB, short
+    for name, text in docs.items():
+        (tmp_path / name).write_text(text)
+    windows, seams = [], []
+    pieces, seam = readers.TextFile.pieces, encode.TextEncoder._seam
     monkeypatch.setattr(readers.TextFile, "pieces", lambda self: (windows.append(p) or p for p in pieces(self)))
+    monkeypatch.setattr(encode.TextEncoder, "_seam", staticmethod(lambda *a: seams.append(1) or seam(*a)))
     data = prepare(_text_cfg(tmp_path, max_seq_len=128), tokenizer, None)
-    assert len(windows) > 15  # tokenized in many windows, seams checked
+    assert len(windows) > 15 and len(seams) > 30  # read in many pieces, joined at many seams
     blocks = _blocks_by_doc(data)
-    assert [t for b in blocks[str(big)] for t in b] == _doc_ids(tokenizer, text)
-    assert all(len(b) == 128 for b in blocks[str(big)][:-1])
-    assert [t for b in blocks[str(small)] for t in b] == _doc_ids(tokenizer, PARAGRAPH)
+    for name, text in docs.items():
+        assert [t for b in blocks[str(tmp_path / name)] for t in b] == _doc_ids(tokenizer, text), name
+        assert all(len(b) == 128 for b in blocks[str(tmp_path / name)][:-1])
 
     bad = tmp_path / "bad" / "big-binary.txt"
     bad.parent.mkdir()
-    bad.write_bytes(text.encode()[:5000] + b"\x00\x01" + text.encode()[:5000])
+    big = docs["big.txt"].encode()
+    bad.write_bytes(big[:40_000] + b"\x00\x01" + big[:40_000])  # above WHOLE_TEXT_BYTES: checked in one pass
     with pytest.raises(RejectedRowsError) as info:  # the only file is rejected: nothing to train on
         prepare(_text_cfg(bad.parent, max_rejected_fraction=1.0), tokenizer, None)
     r = info.value.report
-    assert r.rejected == {"binary_file": 1} and r.rejected_examples[0]["detail"].startswith("holds NUL bytes (at byte 5000)")
+    assert r.rejected == {"binary_file": 1} and r.rejected_examples[0]["detail"].startswith("holds NUL bytes (at byte 40000)")
 
 
 def test_the_sample_corpus(tokenizer):
