@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Example", "PreparedData", "RejectedRowsError", "fingerprint", "in_eval_split", "prepare"]
 
 # Bump when the processing changes what it produces (part of the fingerprint).
-PREP_VERSION = 2
+PREP_VERSION = 3
 MAX_REJECTED_EXAMPLES = 20
 REJECTED_EXAMPLES_PER_REASON = 3
 CHAT_BATCH = 1024  # conversations rendered and tokenized together
@@ -264,9 +264,11 @@ class _Build:
         self.template_error: Exception | None = None
         self._text: TextEncoder | None = None
         self.control = control_token_pattern(tokenizer)
-        self.train_w = store.PackedWriter(out / "train.arrow", self.max_len) if packed \
-            else store.SplitWriter(out / "train.arrow")
-        self.eval_w = store.SplitWriter(out / "eval.arrow", with_messages=True)
+        # Only text corpora: every label equals its input id, so the store keeps no labels column.
+        labels = any(s.format != "text" for s in specs)
+        self.train_w = store.PackedWriter(out / "train.arrow", self.max_len, with_labels=labels) if packed \
+            else store.SplitWriter(out / "train.arrow", with_labels=labels)
+        self.eval_w = store.SplitWriter(out / "eval.arrow", with_messages=True, with_labels=labels)
         self.rejections = _Rejections()
         self.sources = [SourceStats(path=s.path, format=s.format, weight=s.weight) for s in specs]
         self.seen: set[bytes] = set()

@@ -11,6 +11,9 @@ without re-reading or re-tokenizing anything.
     <cache>/datasets/<fingerprint>/
         train.arrow     input_ids, labels, location            (or packed: + seq_lengths, location per example)
         eval.arrow      input_ids, labels, location, messages  (the conversation as JSON; "" for text)
+
+A store of text corpora only has no labels column (every token is trained: the labels would repeat
+input_ids, doubling the store); TRL's collator and ExampleSplit then take the labels from input_ids.
         lengths.npy     every kept example's length in tokens (the histogram)
         report.json     the DataReport
         meta.json       template, masking, packing; written last, so its presence marks a complete store
@@ -35,6 +38,10 @@ IDS = pa.list_(pa.int32())
 EXAMPLES = pa.schema([("input_ids", IDS), ("labels", IDS), ("location", pa.string())])
 EVAL = pa.schema([("input_ids", IDS), ("labels", IDS), ("location", pa.string()), ("messages", pa.string())])
 PACKED = pa.schema([("input_ids", IDS), ("labels", IDS), ("seq_lengths", IDS), ("location", pa.list_(pa.string()))])
+
+
+def _schema(base: pa.Schema, labels: bool) -> pa.Schema:
+    return base if labels else base.remove(base.get_field_index("labels"))
 FLUSH_TOKENS = 1 << 19  # a record batch per ~0.5M tokens keeps the writer's memory small
 PACK_WINDOW_TOKENS = 1 << 22  # BFD packs this many tokens at a time (a few tens of MB of int32)
 
@@ -63,9 +70,11 @@ def _list_array(rows: list, total: int) -> pa.ListArray:
 class SplitWriter:
     """Appends examples to an Arrow stream file, a record batch at a time."""
 
-    def __init__(self, path: Path, with_messages: bool = False):
+    def __init__(self, path: Path, with_messages: bool = False, with_labels: bool = True):
         self.path = path
-        self.schema = EVAL if with_messages else EXAMPLES
+        self.with_messages = with_messages
+        self.with_labels = with_labels
+        self.schema = _schema(EVAL if with_messages else EXAMPLES, with_labels)
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = pa.ipc.new_stream(self._sink, self.schema)
         self._ids: list = []
@@ -82,7 +91,7 @@ class SplitWriter:
         self._ids.append(ids)
         self._labels.append(labels)
         self._locations.append(location)
-        if self.schema is EVAL:
+        if self.with_messages:
             self._messages.append(messages)
         self._pending += n
         self.rows += 1
@@ -94,9 +103,11 @@ class SplitWriter:
     def flush(self) -> None:
         if not self._ids:
             return
-        cols = [_list_array(self._ids, self._pending), _list_array(self._labels, self._pending),
-                pa.array(self._locations, pa.string())]
-        if self.schema is EVAL:
+        cols = [_list_array(self._ids, self._pending)]
+        if self.with_labels:
+            cols.append(_list_array(self._labels, self._pending))
+        cols.append(pa.array(self._locations, pa.string()))
+        if self.with_messages:
             cols.append(pa.array(self._messages, pa.string()))
         self._writer.write_batch(pa.record_batch(cols, schema=self.schema))
         self._ids, self._labels, self._locations, self._messages = [], [], [], []
@@ -111,11 +122,13 @@ class SplitWriter:
 class PackedWriter:
     """Packs examples into rows of at most `capacity` tokens (BFD over a window) and writes the rows."""
 
-    def __init__(self, path: Path, capacity: int):
+    def __init__(self, path: Path, capacity: int, with_labels: bool = True):
         self.path = path
         self.capacity = capacity
+        self.with_labels = with_labels
+        self.schema = _schema(PACKED, with_labels)
         self._sink = pa.OSFile(str(path), "wb")
-        self._writer = pa.ipc.new_stream(self._sink, PACKED)
+        self._writer = pa.ipc.new_stream(self._sink, self.schema)
         self._ids: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._locations: list[str] = []
@@ -127,7 +140,8 @@ class PackedWriter:
 
     def add(self, ids, labels, location: str) -> None:
         self._ids.append(np.asarray(ids, dtype=np.int32))
-        self._labels.append(self._ids[-1] if labels is ids else np.asarray(labels, dtype=np.int32))
+        if self.with_labels:
+            self._labels.append(self._ids[-1] if labels is ids else np.asarray(labels, dtype=np.int32))
         self._locations.append(location)
         self._tokens += len(ids)
         self.examples += 1
@@ -144,19 +158,18 @@ class PackedWriter:
         row_offsets = np.zeros(len(bins) + 1, dtype=np.int32)
         np.cumsum(row_lengths, out=row_offsets[1:])
         ids = np.concatenate([self._ids[i] for i in order])
-        labels = np.concatenate([self._labels[i] for i in order])
         count_offsets = np.zeros(len(bins) + 1, dtype=np.int32)
         np.cumsum([len(b) for b in bins], out=count_offsets[1:])
         seq_lengths = np.array([lengths[i] for i in order], dtype=np.int32)
         locations = pa.array([self._locations[i] for i in order], pa.string())
         offsets = pa.array(row_offsets)
         counts = pa.array(count_offsets)
-        batch = pa.record_batch([
-            pa.ListArray.from_arrays(offsets, pa.array(ids)),
-            pa.ListArray.from_arrays(offsets, pa.array(labels)),
-            pa.ListArray.from_arrays(counts, pa.array(seq_lengths)),
-            pa.ListArray.from_arrays(counts, locations),
-        ], schema=PACKED)
+        cols = [pa.ListArray.from_arrays(offsets, pa.array(ids))]
+        if self.with_labels:
+            labels = np.concatenate([self._labels[i] for i in order])
+            cols.append(pa.ListArray.from_arrays(offsets, pa.array(labels)))
+        cols += [pa.ListArray.from_arrays(counts, pa.array(seq_lengths)), pa.ListArray.from_arrays(counts, locations)]
+        batch = pa.record_batch(cols, schema=self.schema)
         self._writer.write_batch(batch)
         self.rows += len(bins)
         self.tokens += int(row_lengths.sum())
@@ -216,14 +229,15 @@ class ExampleSplit(Sequence):
 
     def _get(self, i: int) -> Example:
         t = self.table
+        labels_col = "labels" if "labels" in t.column_names else "input_ids"  # a text-only store
         if not self.packed:
-            return Example(t.column("input_ids")[i].as_py(), t.column("labels")[i].as_py(),
+            return Example(t.column("input_ids")[i].as_py(), t.column(labels_col)[i].as_py(),
                            t.column("location")[i].as_py())
         rows, starts, lengths = self._packed_index()
         r, s, n = int(rows[i]), int(starts[i]), int(lengths[i])
         k = i - int(np.searchsorted(rows, r))  # the example's place in its row
         ids = t.column("input_ids")[r].values[s:s + n].to_pylist()
-        labels = t.column("labels")[r].values[s:s + n].to_pylist()
+        labels = t.column(labels_col)[r].values[s:s + n].to_pylist()
         return Example(ids, labels, t.column("location")[r].values[k].as_py())
 
     def __getitem__(self, index):
@@ -238,6 +252,7 @@ class ExampleSplit(Sequence):
     def __iter__(self) -> Iterator[Example]:
         for batch in self.table.to_batches(max_chunksize=4096):
             cols = batch.to_pydict()
+            cols.setdefault("labels", cols["input_ids"])  # a text-only store trains on every token
             if "seq_lengths" not in cols:
                 yield from (Example(a, b, c) for a, b, c in zip(cols["input_ids"], cols["labels"], cols["location"],
                                                                 strict=True))

@@ -80,6 +80,8 @@ def test_a_corpus_directory_is_read_counted_and_cut_into_blocks(tokenizer, tmp_p
         assert all(len(b) <= 64 for b in got) and all(len(b) == 64 for b in got[:-1])
         assert [t for b in got for t in b] == _doc_ids(tokenizer, text)  # no boundary drift, BOS and EOS kept
     assert r.tokens.max == 64 and r.tokens.trained == r.tokens.total
+    # every token is trained: the store keeps no labels column, TRL's collator takes them from input_ids
+    assert "labels" not in data.to_dataset("train").column_names
 
 
 def test_a_glob_picks_the_files_it_names(tokenizer, tmp_path):
