@@ -325,6 +325,13 @@ class TextEncoder:
         self.backend = _private_backend(tokenizer)
         # Text in a document that looks like a control token (</s> in a web page) is text, not the token.
         self.backend.encode_special_tokens = True
+        lengths = byte_lengths(self.backend)
+        if lengths is not None:
+            import numpy as np
+
+            self.nbytes = np.asarray(lengths, dtype=np.int64)
+        else:
+            self.nbytes = None
         plain = tokenizer("a", add_special_tokens=False).input_ids
         full = tokenizer("a").input_ids
         at = next((i for i in range(len(full)) if full[i:i + len(plain)] == plain), 0)
@@ -348,16 +355,11 @@ class TextEncoder:
         """(ids, start offsets, end offsets) of `text`, equal to one encode() call, in parallel sub-windows."""
         n, w, c = len(text), SPAN_WINDOW_CHARS, SEAM_CONTEXT_CHARS
         if n <= w + c:
-            enc = self.backend.encode(text, add_special_tokens=False)
-            return enc.ids, [o[0] for o in enc.offsets], [o[1] for o in enc.offsets]
+            return self._encode_windows([text], [0])[0]
         cuts = list(range(0, n, w)) + [n]
         bases = [max(0, cuts[k] - c) for k in range(len(cuts) - 1)]
         windows = [text[bases[k]:min(n, cuts[k + 1] + c)] for k in range(len(cuts) - 1)]
-        encs = self.backend.encode_batch(windows, add_special_tokens=False)
-        parts = []
-        for base, enc in zip(bases, encs, strict=True):
-            offsets = enc.offsets
-            parts.append((enc.ids, [o[0] + base for o in offsets], [o[1] + base for o in offsets]))
+        parts = self._encode_windows(windows, bases)
         ids: list[int] = []
         starts: list[int] = []
         ends: list[int] = []
@@ -370,8 +372,7 @@ class TextEncoder:
             else:
                 seam_next = self._seam(parts[k], parts[k + 1], cuts[k + 1])
                 if seam_next is None:  # no agreement (never seen in practice): one call over the span
-                    enc = self.backend.encode(text, add_special_tokens=False)
-                    return enc.ids, [o[0] for o in enc.offsets], [o[1] for o in enc.offsets]
+                    return self._encode_windows([text], [0])[0]
                 stop = seam_next[0]
             ids += a_ids[begin:stop]
             starts += a_starts[begin:stop]
@@ -379,6 +380,42 @@ class TextEncoder:
             if seam_next is not None:
                 begin = seam_next[1]
         return ids, starts, ends
+
+    def _encode_windows(self, windows: list[str], bases: list[int]) -> list[tuple[list[int], list[int], list[int]]]:
+        """(ids, character starts, character ends) per window, positions shifted by the window's base.
+
+        Byte-level BPE: ids from the fast call (no offset tracking), positions from each token's byte
+        length, mapped to characters through the window's UTF-8 bytes (a token holding part of a
+        character gets that character, as the tokenizer's own offsets do); checked to add up, else
+        the tokenizer's offsets.
+        """
+        import numpy as np
+
+        out = []
+        if self.nbytes is not None:
+            encs = self.backend.encode_batch_fast(windows, add_special_tokens=False)
+            for window, base, enc in zip(windows, bases, encs, strict=True):
+                ids = enc.ids
+                sizes = self.nbytes[np.asarray(ids, dtype=np.int64)] if ids else np.zeros(0, np.int64)
+                ends_b = np.cumsum(sizes)
+                raw = np.frombuffer(window.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+                if not len(ids) or int(ends_b[-1]) != len(raw):
+                    out.append(self._with_offsets(window, base))
+                    continue
+                if window.isascii():
+                    starts, ends = ends_b - sizes, ends_b
+                else:
+                    char_of_byte = np.cumsum((raw & 0xC0) != 0x80) - 1
+                    starts, ends = char_of_byte[ends_b - sizes], char_of_byte[ends_b - 1] + 1
+                out.append((ids, (starts + base).tolist(), (ends + base).tolist()))
+            return out
+        encs = self.backend.encode_batch(windows, add_special_tokens=False)
+        return [(e.ids, [o[0] + base for o in e.offsets], [o[1] + base for o in e.offsets])
+                for base, e in zip(bases, encs, strict=True)]
+
+    def _with_offsets(self, window: str, base: int) -> tuple[list[int], list[int], list[int]]:
+        enc = self.backend.encode(window, add_special_tokens=False)
+        return enc.ids, [o[0] + base for o in enc.offsets], [o[1] + base for o in enc.offsets]
 
     @staticmethod
     def _seam(a, b, cut: int) -> tuple[int, int] | None:
@@ -436,6 +473,8 @@ class TextEncoder:
                 return
             limit = len(buf) - SEAM_MARGIN_CHARS
             k = bisect.bisect_right(ends, limit, lo=j)
+            while k > j and starts[k] < ends[k - 1]:  # token k begins inside a character: commit before it
+                k -= 1
             if k <= j + SEAM_CHECK_TOKENS:  # too short to commit anything: read more first
                 carry += piece
                 piece = following
