@@ -215,13 +215,21 @@ class _Rejections:
             self.examples.append({"location": location, "reason": reason, "detail": detail})
 
 
+PROGRESS_MIN_BYTES = 32 << 20  # smaller sources are prepared in seconds: no bar
+
+
+def _progress_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 class _Progress:
-    """A rich progress bar over the bytes of the sources, shown on a terminal only."""
+    """A rich progress bar over the bytes of the sources (and the rows read), shown on a terminal only."""
 
     def __init__(self, total_bytes: int, enabled: bool):
         self._progress = None
-        if enabled and total_bytes > (32 << 20):
-            from rich.console import Console
+        if enabled and total_bytes > PROGRESS_MIN_BYTES:
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
@@ -231,7 +239,7 @@ class _Progress:
                 TimeRemainingColumn,
             )
 
-            console = Console(stderr=True)
+            console = _progress_console()
             if console.is_terminal:
                 self._progress = Progress(TextColumn("data"), BarColumn(), DownloadColumn(),
                                           TextColumn("{task.fields[rows]} rows"), TimeElapsedColumn(),

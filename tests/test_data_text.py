@@ -183,3 +183,18 @@ def test_the_sample_corpus(tokenizer):
     assert all(len(ex.input_ids) <= 128 for ex in data.train)
     eval_docs = {ex.location for ex in data.eval}
     assert eval_docs and not eval_docs & {ex.location for ex in data.train}  # a document is on one side only
+
+
+def test_a_progress_bar_on_a_terminal(tokenizer, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from data_prep import prepare as stage
+
+    out = io.StringIO()
+    monkeypatch.setattr(stage, "PROGRESS_MIN_BYTES", 0)
+    monkeypatch.setattr(stage, "_progress_console", lambda: Console(file=out, force_terminal=True, width=100))
+    root, docs = _corpus(tmp_path)
+    prepare(_text_cfg(root, max_rejected_fraction=0.5), tokenizer, None)
+    assert "data" in out.getvalue() and "rows" in out.getvalue()
