@@ -658,7 +658,8 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None, model_type: str |
     finally:
         bar.close()
     store.commit(tmp, final, {"prep_version": PREP_VERSION, "template_name": template.name,
-                              "template": template.jinja, "masking": template.masking, "packed": packed})
+                              "template": template.jinja, "masking": template.masking, "packed": packed},
+                 replace=not dataset_cfg.cache)
     data = _load(final)
     _check(data.report, dataset_cfg)
     return data

@@ -193,7 +193,8 @@ class ExampleSplit(Sequence):
 
     def __init__(self, path: Path):
         self.path = path
-        self._table: pa.Table | None = None
+        # Mapped now (zero-copy, nothing read yet): the mapping stays valid even if a later run replaces the file.
+        self._table: pa.Table | None = open_table(path)
         self._index: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
@@ -289,9 +290,13 @@ def new_build_dir(final: Path) -> Path:
     return tmp
 
 
-def commit(tmp: Path, final: Path, meta: dict[str, Any]) -> Path:
-    """Mark a build complete and move it into place (replacing an older build of the same fingerprint)."""
+def commit(tmp: Path, final: Path, meta: dict[str, Any], replace: bool = False) -> Path:
+    """Mark a build complete and move it into place. A complete build of the same fingerprint already
+    there (another run finished first) is kept, unless `replace` (dataset.cache: false)."""
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if final.exists() and not replace and is_complete(final):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return final
     if final.exists():
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
         final.rename(old)
