@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Example", "PreparedData", "RejectedRowsError", "fingerprint", "in_eval_split", "prepare"]
 
 # Bump when the processing changes what it produces (part of the fingerprint).
-PREP_VERSION = 3
+PREP_VERSION = 4
 MAX_REJECTED_EXAMPLES = 20
 REJECTED_EXAMPLES_PER_REASON = 3
 CHAT_BATCH = 1024  # conversations rendered and tokenized together
@@ -122,7 +122,8 @@ def source_specs(cfg) -> list[SourceSpec]:
 # ---- content keys: de-duplication, split and weights ---------------------------------------------
 
 def _chat_key(messages: list[dict[str, str]]) -> str:
-    return json.dumps([[m["role"], " ".join(m["content"].split()).lower()] for m in messages], ensure_ascii=False)
+    """Roles and texts, lowercased, whitespace runs as one space: what de-duplication and the split compare."""
+    return "\x1e".join(m["role"] + "\x1f" + " ".join(m["content"].lower().split()) for m in messages)
 
 
 def _unit(digest: bytes, start: int) -> float:
