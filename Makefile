@@ -12,13 +12,12 @@ PORT   ?= 5000
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install demo test bench preflight train ui lint clean
+.PHONY: help install demo test preflight train ui lint clean
 
 help:
 	@echo "make install                 create $(VENV) (if missing) and install finetune with its dev tools"
 	@echo "make demo                    fine-tune the tiny demo model on the CPU (data, preflight, QLoRA, eval, MLflow)"
 	@echo "make test                    run the test suite (CPU only, no network)"
-	@echo "make bench                   run every benchmark (tests/benchmarks/bench_*.py); results in tests/benchmarks/results/"
 	@echo "make preflight RECIPE=NAME   print the memory plan for a recipe (no GPU, no download)"
 	@echo "make train RECIPE=NAME       run a recipe end to end (ARGS='key=value ...' to override)"
 	@echo "make ui                      MLflow UI on http://127.0.0.1:$(PORT) over ./mlflow.db"
@@ -42,13 +41,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
-
-# Every tests/benchmarks/bench_*.py in turn (each writes its JSON into tests/benchmarks/results/);
-# fails if any fails. ARGS goes to each script.
-bench: $(STAMP)
-	@set -e; for script in tests/benchmarks/bench_*.py; do \
-		echo "== $$script"; $(BIN)/python $$script $(ARGS); \
-	done
 
 preflight: $(STAMP)
 	$(BIN)/finetune +recipe=$(RECIPE) stages=[preflight] $(ARGS)

@@ -303,3 +303,10 @@ def read_rows(listing: Listing, on_bytes: OnBytes = None) -> Iterator[RawRow]:
             raise DataError(f"dataset.path: {f}: unsupported file type '{f.suffix}' "
                             f"(supported: {', '.join(ROW_FILE_SUFFIXES + TEXT_SUFFIXES)})")
         yield from reader(f, on_bytes)
+
+
+def source_files(path: str | None) -> list[Path]:
+    """The local files behind a dataset path ([] for a hub id or no path); DataError when it names nothing."""
+    if not path:
+        return []
+    return list_source(path).files

@@ -21,7 +21,8 @@ while a second thread runs the Rust tokenizer (which releases the GIL and may us
 thread pool); TRL tokenizes one row at a time. The CPU seconds of each are reported
 beside the wall-clock rates. Every row's input_ids and labels are compared between the two.
 
-Writes tests/benchmarks/results/data_prep.json.
+Writes tests/benchmarks/results/data_prep.json. Exits non-zero when the token ids differ or ours is
+below 2x TRL's rows per second (the floor; the target is 3x).
 """
 
 from __future__ import annotations
@@ -187,7 +188,9 @@ def main() -> int:
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
-    return 0 if identical else 1
+    if result["ratio_ours_vs_trl"] < 3.0:
+        print(f"note: {result['ratio_ours_vs_trl']}x is below the 3x target (2x is the floor)")
+    return 0 if identical and result["ratio_ours_vs_trl"] >= 2.0 else 1
 
 
 if __name__ == "__main__":
