@@ -147,9 +147,11 @@ def test_the_trainer_gets_padding_free_batches_from_packed_rows(tokenizer, tmp_p
 
     data = prepare(DatasetConfig(path="sample:medical-qa", format=DatasetFormat.alpaca, max_seq_len=256,
                                  packing=True), tokenizer, "llama-2", model_type="llama")
-    cfg = compose(["+recipe=tiny-demo"])
-    choices = {"micro_batch_size": 2, "gradient_accumulation_steps": 1, "optimizer": "adamw",
-               "gradient_checkpointing": False, "compute_dtype": "fp32"}
+    from finetune.preflight import run_preflight
+
+    cfg = compose(["+recipe=tiny-demo", "preflight.pin.micro_batch_size=2"])
+    choices = dict(run_preflight(cfg, data.report).choices)
+    assert choices["micro_batch_size"] == 2
     args = sft_config(cfg, choices, tmp_path, "cpu", has_eval=False, packed=data.packed)
     model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                                          num_attention_heads=4, vocab_size=2048))
