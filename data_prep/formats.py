@@ -1,7 +1,9 @@
-"""Dataset formats -> canonical chat messages ([{"role": ..., "content": ...}, ...]).
+"""Dataset formats -> canonical records: chat messages, or a document's text.
 
-Each converter validates one row and either returns its messages or raises
+Each converter validates one row and either returns its canonical form or raises
 :class:`RowError` with a reason (a short, countable key) and a detail for the user.
+Chat formats return ``[{"role": ..., "content": ...}, ...]``; the text format
+returns the document's text.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ ROLE_ALIASES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
     "model": "assistant", "system": "system",
 }
+CHAT_FORMATS = ("alpaca", "sharegpt", "messages")
 
 
 class RowError(Exception):
@@ -19,6 +22,18 @@ class RowError(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+def _has_surrogates(text: str) -> bool:
+    # Lone surrogates come from bytes that are not UTF-8 (read with surrogateescape) or from JSON
+    # escapes like "\udc80"; no tokenizer can encode them.
+    return not text.isascii() and any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def check_text(text: str, where: str) -> str:
+    if _has_surrogates(text):
+        raise RowError("undecodable", f"{where} holds bytes that are not UTF-8 text")
+    return text
 
 
 def _field(row: dict, key: str, required: bool = True) -> str:
@@ -29,27 +44,28 @@ def _field(row: dict, key: str, required: bool = True) -> str:
     value = row[key]
     if not isinstance(value, str):
         raise RowError("not_a_string", f"field '{key}' is {type(value).__name__}, not a string")
-    return value
+    return check_text(value, f"field '{key}'")
 
 
 def alpaca(row: Any) -> list[dict[str, str]]:
     """instruction / input (optional) / output, and an optional system prompt."""
     if not isinstance(row, dict):
         raise RowError("not_an_object", f"row is {type(row).__name__}, not an object")
-    instruction = _field(row, "instruction")
-    extra = _field(row, "input", required=False)
-    output = _field(row, "output")
-    system = _field(row, "system", required=False)
-    if not instruction.strip() and not extra.strip():
+    instruction = _field(row, "instruction").strip()
+    extra = _field(row, "input", required=False).strip()
+    output = _field(row, "output").strip()
+    system = _field(row, "system", required=False).strip()
+    if not instruction and not extra:
         raise RowError("empty_prompt", "empty 'instruction' and 'input'")
-    if not output.strip():
+    if not output:
         raise RowError("empty_answer", "empty 'output'")
-    user = instruction.strip()
-    if extra.strip():
-        user = f"{user}\n\n{extra.strip()}" if user else extra.strip()
-    messages = [{"role": "system", "content": system.strip()}] if system.strip() else []
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output.strip()}]
-    return messages
+    user = instruction
+    if extra:
+        user = f"{user}\n\n{extra}" if user else extra
+    if system:
+        return [{"role": "system", "content": system}, {"role": "user", "content": user},
+                {"role": "assistant", "content": output}]
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
 def _check_turns(messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -75,7 +91,7 @@ def _turn_list(row: Any, keys: tuple[str, ...]) -> tuple[str, list]:
     if not isinstance(row, dict):
         raise RowError("not_an_object", f"row is {type(row).__name__}, not an object")
     for key in keys:
-        if key in row:
+        if key in row and row[key] is not None:
             turns = row[key]
             if not isinstance(turns, list):
                 raise RowError("not_a_list", f"field '{key}' is {type(turns).__name__}, not a list of turns")
@@ -94,9 +110,11 @@ def sharegpt(row: Any) -> list[dict[str, str]]:
         content = turn.get("value", turn.get("content"))
         if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
             raise RowError("unknown_role", f"{key}[{i}] has role {role!r} (expected human/gpt/system or user/assistant)")
+        if content is None:
+            raise RowError("missing_field", f"{key}[{i}] has no 'value' (or 'content')")
         if not isinstance(content, str):
             raise RowError("not_a_string", f"{key}[{i}] content is {type(content).__name__}, not a string")
-        messages.append({"role": ROLE_ALIASES[role.lower()], "content": content})
+        messages.append({"role": ROLE_ALIASES[role.lower()], "content": check_text(content, f"{key}[{i}]")})
     return _check_turns(messages)
 
 
@@ -110,16 +128,28 @@ def messages_format(row: Any) -> list[dict[str, str]]:
         role, content = turn.get("role"), turn.get("content")
         if role not in ("system", "user", "assistant"):
             raise RowError("unknown_role", f"{key}[{i}] has role {role!r} (expected system, user or assistant)")
+        if content is None:
+            raise RowError("missing_field", f"{key}[{i}] has no 'content'")
         if not isinstance(content, str):
             raise RowError("not_a_string", f"{key}[{i}] content is {type(content).__name__}, not a string")
-        messages.append({"role": role, "content": content})
+        messages.append({"role": role, "content": check_text(content, f"{key}[{i}]")})
     return _check_turns(messages)
+
+
+def text_row(row: Any, column: str) -> str:
+    """One document from a row file (JSONL/CSV/Parquet): the text in `column`."""
+    if not isinstance(row, dict):
+        raise RowError("not_an_object", f"row is {type(row).__name__}, not an object")
+    text = _field(row, column)
+    if not text.strip():
+        raise RowError("empty_text", f"field '{column}' is empty")
+    return text
 
 
 CONVERTERS = {"alpaca": alpaca, "sharegpt": sharegpt, "messages": messages_format}
 
 
-def detect(row: Any) -> str | None:
+def detect(row: Any, text_column: str = "text") -> str | None:
     """The format a row looks like, or None."""
     if not isinstance(row, dict):
         return None
@@ -130,4 +160,6 @@ def detect(row: Any) -> str | None:
     if isinstance(row.get("messages"), list):
         first = next((t for t in row["messages"] if isinstance(t, dict)), {})
         return "sharegpt" if "from" in first else "messages"
+    if isinstance(row.get(text_column), str):
+        return "text"
     return None

@@ -7,10 +7,16 @@ turns those markers into the loss mask, so the ids we train on are the ids the
 tokenizer gives for the rendered conversation (no boundary drift between training
 and inference). The template is saved with the adapter and used again by
 evaluation and chat; the markers are ignored when rendering a prompt.
+
+A tokenizer's own template is used as it is. When it has no markers (most shipped
+templates have none) the mask is derived from prefix renderings instead, exactly and
+checked row by row (see :class:`Resolved`), rather than swapping in another template:
+the model then trains on exactly the text the template renders at inference.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from finetune.errors import ConfigError
@@ -93,26 +99,37 @@ CHATML = ChatTemplate(
 
 BUILTIN: dict[str, ChatTemplate] = {t.name: t for t in (LLAMA2, ALPACA, CHATML)}
 
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
-def resolve(name: str | None, tokenizer) -> tuple[str, str]:
-    """The template to train with: (name, jinja). A built-in name wins; null takes the tokenizer's own.
+
+@dataclass(frozen=True)
+class Resolved:
+    """The template a run trains with, and how its loss mask is derived."""
+
+    name: str  # a built-in name, or "tokenizer" for the tokenizer's own
+    jinja: str
+    # "markers": the template marks the assistant's tokens with {% generation %} (transformers records the spans).
+    # "prefixes": the tokenizer's own template has no markers; each assistant turn's span is found by rendering
+    # the conversation up to the turn (with the generation prompt) and up to its end, and is accepted only when
+    # both renderings are prefixes of the whole conversation's (checked for every row; see data_prep.encode).
+    masking: str
+
+
+def resolve(name: str | None, tokenizer) -> Resolved:
+    """The template to train with. A built-in name wins; null takes the tokenizer's own.
 
     Raises ConfigError when there is none, or when the tokenizer lacks the template's control tokens.
     """
     if name is None:
         own = getattr(tokenizer, "chat_template", None)
+        if isinstance(own, dict):
+            own = own.get("default")
         if not own:
             raise ConfigError(
                 "model.chat_template: the tokenizer has no chat template of its own (base models such as "
                 f"Llama-2 ship none); set a built-in one: {', '.join(sorted(BUILTIN))}"
             )
-        if "generation" not in own:
-            raise ConfigError(
-                "model.chat_template: the tokenizer's own template does not mark the assistant's tokens "
-                "({% generation %}), so the loss mask cannot be derived from it; set a built-in template "
-                f"({', '.join(sorted(BUILTIN))}) that matches the model's format"
-            )
-        return "tokenizer", own
+        return Resolved("tokenizer", own, "markers" if GENERATION_TAG.search(own) else "prefixes")
     if name not in BUILTIN:
         raise ConfigError(f"model.chat_template: unknown template '{name}' (built-in: {', '.join(sorted(BUILTIN))})")
     template = BUILTIN[name]
@@ -123,7 +140,7 @@ def resolve(name: str | None, tokenizer) -> tuple[str, str]:
             f"model.chat_template: '{name}' needs the tokens {', '.join(missing)}, which this tokenizer "
             f"does not have; pick another template ({', '.join(sorted(set(BUILTIN) - {name}))})"
         )
-    return template.name, template.jinja
+    return Resolved(template.name, template.jinja, "markers")
 
 
 def end_of_turn_token(name: str, tokenizer) -> str:

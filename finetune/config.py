@@ -38,6 +38,11 @@ class DatasetFormat(Enum):
     auto = "auto"
 
 
+class LengthPolicy(Enum):
+    drop = "drop"
+    truncate = "truncate"
+
+
 class Quantization(Enum):
     nf4 = "nf4"
     int8 = "int8"
@@ -91,27 +96,71 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One of several datasets mixed in one recipe (dataset.sources)."""
+
+    # A file, directory, glob, hub id or sample, as dataset.path.
+    path: str = MISSING
+    # null: dataset.format.
+    format: DatasetFormat | None = None
+    # This source's training rows are repeated (2.0: twice) or thinned (0.5: half, picked by content
+    # hash, so the same half every run); held-out rows are never weighted.
+    weight: float = 1.0
+    # The text column of a text source in JSONL/CSV/Parquet; null: dataset.text_column.
+    text_column: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.weight > 0, "dataset.sources", f"weight must be positive, got {self.weight} for {self.path}")
+
+
+@dataclass
 class DatasetConfig:
     """Where the training data comes from and how it becomes tokens."""
 
     format: DatasetFormat = DatasetFormat.auto
-    # A file, directory or glob; a hub dataset id; or a built-in sample (sample:medical-qa).
-    path: str = MISSING
-    # Longest tokenized example kept (longer ones are dropped and counted).
+    # A file, directory or glob; a hub dataset id; or a built-in sample (sample:medical-qa,
+    # sample:medical-notes). Or leave it null and list several in `sources`.
+    path: str | None = None
+    # Several datasets mixed, each with its own format and weight; instead of `path`.
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Longest tokenized example kept (the packed row length with packing; text is cut into blocks of it).
     max_seq_len: int = 1024
+    # Longer examples: drop (rejected as too_long, counted) or truncate (cut to max_seq_len, counted).
+    length_policy: LengthPolicy = LengthPolicy.drop
     # Share of rows held out for evaluation (split by content hash, stable under reordering).
     eval_fraction: float = 0.1
     # Train on the prompt tokens too, not only on the answers.
     train_on_inputs: bool = False
     # The run fails (exit 3) when more than this share of rows is rejected.
     max_rejected_fraction: float = 0.05
+    # The column holding the text, for dataset.format: text in JSONL/CSV/Parquet files.
+    text_column: str = "text"
+    # Drop exact duplicates (same roles and text, ignoring case and whitespace); counted.
+    dedup: bool = True
+    # Pack several examples into each max_seq_len row (padding-free: faster, same loss) where the
+    # architecture supports it exactly; others train on padded batches (the report says which).
+    packing: bool = False
+    # Reuse the processed dataset when sources, tokenizer, template and settings are unchanged.
+    cache: bool = True
+    # Print this many rendered examples with the trained tokens highlighted (stages=[data] to only look).
+    preview: int = 0
 
     def __post_init__(self) -> None:
+        _check(not (self.path and self.sources), "dataset.sources",
+               "set either dataset.path or dataset.sources, not both")
         _check(self.max_seq_len >= 8, "dataset.max_seq_len", f"must be at least 8, got {self.max_seq_len}")
         _check(0.0 <= self.eval_fraction < 1.0, "dataset.eval_fraction",
                f"must be in [0, 1), got {self.eval_fraction}")
         _check(0.0 <= self.max_rejected_fraction <= 1.0, "dataset.max_rejected_fraction",
                f"must be in [0, 1], got {self.max_rejected_fraction}")
+        _check(bool(self.text_column), "dataset.text_column", "must name a column")
+        _check(self.preview >= 0, "dataset.preview", f"must be 0 or more examples, got {self.preview}")
+
+    def check_source(self) -> None:
+        """A composed recipe names its data (run by RunConfig: the schema's own default has none)."""
+        _check(bool(self.path) or bool(self.sources), "dataset.path",
+               "missing a value: set dataset.path (a file, directory, glob, hub id or sample) or dataset.sources "
+               "(pick a recipe: finetune +recipe=NAME)")
 
 
 @dataclass
@@ -321,6 +370,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(len(self.stages) > 0, "stages", "must list at least one of data, preflight, train, eval")
+        self.dataset.check_source()
 
 
 def register_configs() -> None:
@@ -357,7 +407,8 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         obj = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:
         key = getattr(e, "full_key", None) or "?"
-        hint = " (pick a recipe: finetune +recipe=NAME)" if key in ("name", "model.name_or_path", "dataset.path") else ""
+        hint = " (pick a recipe: finetune +recipe=NAME)" if key in ("name", "model.name_or_path", "dataset.path",
+                                                                  "dataset.sources") else ""
         raise ConfigError(f"{key}: missing a value{hint}") from e
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"

@@ -69,21 +69,56 @@ def _model_vocab_size(cfg: RunConfig) -> int | None:
         return None
 
 
+def _model_type(cfg: RunConfig) -> str | None:
+    """The model's architecture (config.json model_type), offline when the catalog knows it; None if unknown."""
+    from finetune.preflight import catalog
+
+    try:
+        return catalog.model_config(cfg.model.name_or_path)[0].get("model_type")
+    except ConfigError:
+        pass
+    try:
+        from transformers import AutoConfig
+
+        from finetune.models.loader import resolve_path
+
+        return AutoConfig.from_pretrained(resolve_path(cfg.model), revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code).model_type
+    except Exception:  # no network, no access: packing falls back to padded batches and the report says why
+        return None
+
+
 def run_data_stage(cfg: RunConfig, run_dir: Path):
-    from data_prep.prepare import prepare
+    """Prepare (or reuse) the dataset; writes data_report.json and token_lengths.png into the run directory."""
+    from data_prep.prepare import RejectedRowsError, prepare
+    from data_prep.report import write_histogram
     from finetune.models.loader import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model, _model_vocab_size(cfg))
-    data = prepare(cfg.dataset, tokenizer, cfg.model.chat_template)
+    model_type = _model_type(cfg) if cfg.dataset.packing else None
+    try:
+        data = prepare(cfg.dataset, tokenizer, cfg.model.chat_template, model_type=model_type)
+    except RejectedRowsError as e:
+        if is_leader():
+            e.report.write(run_dir / "data_report.json")  # the rejected rows, with their locations, for the user
+        raise
     if is_leader():
         data.report.write(run_dir / "data_report.json")
+        write_histogram(data.lengths, data.report, run_dir / "token_lengths.png")
     r = data.report
     rejected = f", {r.rows_rejected} rejected ({', '.join(f'{k} {v}' for k, v in r.rejected.items())})" \
         if r.rows_rejected else ""
+    packing = f"; packed into {r.packing.rows} rows ({r.packing.efficiency:.0%} full)" if r.packing.enabled else ""
     log.info("data: %d rows read (%s%s), %d kept%s, %d duplicates; %d train / %d eval; tokens p50 %d / p95 %d / "
-             "max %d; template %s", r.rows_read, r.format, " detected" if r.format_detected else "", r.rows_kept,
+             "max %d; template %s%s%s", r.rows_read, r.format, " detected" if r.format_detected else "", r.rows_kept,
              rejected, r.duplicates, r.train_rows, r.eval_rows, r.tokens.p50, r.tokens.p95, r.tokens.max,
-             r.chat_template)
+             r.chat_template, packing, " (reused from the cache)" if r.cache_hit else "")
+    if r.packing.requested and not r.packing.enabled:
+        log.warning("data: dataset.packing is on but %s", r.packing.reason)
+    if cfg.dataset.preview:
+        from data_prep.preview import show
+
+        show(data, tokenizer, cfg.dataset.preview, console)
     return data, tokenizer
 
 
@@ -185,7 +220,8 @@ def _log_run_start(tracker, cfg: RunConfig, plan, data, run_dir: Path, sweep) ->
     params.update({f"plan.{k}": v for k, v in plan.choices.items()})
     params.update({f"plan.predicted_{k}": v for k, v in plan.predicted.items()})
     tracker.log_params(params)
-    tags = {"recipe": cfg.name, "model": cfg.model.name_or_path, "dataset": cfg.dataset.path,
+    paths = [cfg.dataset.path] if cfg.dataset.path else [src.path for src in cfg.dataset.sources]
+    tags = {"recipe": cfg.name, "model": cfg.model.name_or_path, "dataset": " + ".join(paths),
             "dataset_fingerprint": data.report.fingerprint, "run_dir": str(run_dir.resolve())}
     commit = _git_commit()
     if commit:
@@ -203,11 +239,13 @@ def _log_run_start(tracker, cfg: RunConfig, plan, data, run_dir: Path, sweep) ->
     from finetune.tracking import charts
 
     tracker.log_artifact(charts.memory_breakdown(plan.to_dict(), run_dir / "plan_memory.png"))
-    try:
-        files = source_files(cfg.dataset.path)
-    except FinetuneError:
-        files = []
-    tracker.log_dataset(cfg.dataset.path, files, data.report.fingerprint, data.report.rows_kept)
+    files = []
+    for path in paths:
+        try:
+            files += source_files(path)
+        except FinetuneError:
+            pass
+    tracker.log_dataset(" + ".join(paths), files, data.report.fingerprint, data.report.rows_kept)
 
 
 def _train_and_eval(cfg: RunConfig, plan, data, tokenizer, run_dir: Path, tracker, stages: set[str],

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from data_prep.samples import medical
+from data_prep.samples import corpus, medical
 
-# name -> (file name in the cache, writer)
+# name -> (file or directory name in the cache, writer)
 SAMPLES: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "medical-qa": ("medical_qa.jsonl", medical.write),
+    "medical-notes": (f"medical_notes-v{corpus.VERSION}", corpus.write),
 }
 
 PREFIX = "sample:"
@@ -20,7 +21,7 @@ def is_sample(path: str) -> bool:
 
 
 def resolve(path: str) -> Path:
-    """The file behind ``sample:NAME``, written into the cache on first use."""
+    """The file (or directory) behind ``sample:NAME``, written into the cache on first use."""
     from finetune.errors import ConfigError
     from finetune.paths import cache_dir
 
@@ -29,6 +30,6 @@ def resolve(path: str) -> Path:
         raise ConfigError(f"dataset.path: no sample named '{name}' (samples: {', '.join(sorted(SAMPLES))})")
     file_name, writer = SAMPLES[name]
     target = cache_dir() / "samples" / file_name
-    if not target.is_file():
+    if not target.exists():
         writer(target)
     return target

@@ -237,9 +237,12 @@ class Tracker:
         from mlflow.data.meta_dataset import MetaDataset
 
         if files:
+            import os
+
             from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-            where = files[0] if len(files) == 1 else Path(source)
+            # One file, or the folder that holds them all (a directory, a glob, several sources).
+            where = files[0] if len(files) == 1 else Path(os.path.commonpath([str(f.resolve()) for f in files]))
             with warnings.catch_warnings():
                 # MLflow registers its local-file source twice ("" and "file" schemes) and warns that a
                 # local path "can be interpreted in multiple ways": both are the same class.

@@ -105,7 +105,7 @@ def lora_config(cfg, model_config: dict[str, Any]):
     )
 
 
-def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_eval: bool):
+def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_eval: bool, packed: bool = False):
     from trl import SFTConfig
 
     t = cfg.train
@@ -145,7 +145,10 @@ def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_
         report_to="none",
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,  # the data stage already enforced dataset.max_seq_len (and counted what it dropped)
-        packing=False,
+        # Rows packed by the data stage (with seq_lengths) train padding-free: position ids restart per example,
+        # so no example attends to another (data_prep/packing.py lists the architectures where that is exact).
+        packing=packed,
+        padding_free=packed,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient on every step
         disable_tqdm=True,  # our rich progress bar replaces tqdm and the per-step log printing
@@ -260,7 +263,6 @@ class _Attempt:
     """One trainer over one plan's choices (rebuilt after an out-of-memory error)."""
 
     def __init__(self, cfg, choices, data, tokenizer, run_dir: Path, device: str, tracker, stop):
-        from datasets import Dataset
         from transformers import EarlyStoppingCallback
         from transformers.trainer_callback import PrinterCallback
 
@@ -273,9 +275,10 @@ class _Attempt:
         )
 
         model = load_model(cfg.model, choices, device, attention=ATTENTION.get(choices.get("attention", "sdpa")))
-        train_ds = Dataset.from_dict(data.as_columns("train"))
-        eval_ds = Dataset.from_dict(data.as_columns("eval")) if data.eval else None
-        args = sft_config(cfg, choices, run_dir / resume_mod.CHECKPOINTS, device, has_eval=eval_ds is not None)
+        train_ds = data.to_dataset("train")  # memory-mapped Arrow from the data stage (packed rows when data.packed)
+        eval_ds = data.to_dataset("eval") if len(data.eval) else None
+        args = sft_config(cfg, choices, run_dir / resume_mod.CHECKPOINTS, device, has_eval=eval_ds is not None,
+                          packed=data.packed)
         self.metrics = MetricsCallback(tracker)
         callbacks = [self.metrics, RichProgressCallback(), CheckpointMarkerCallback(), StopOnSignalCallback(stop)]
         if args.load_best_model_at_end and cfg.train.early_stopping_patience:

@@ -1,0 +1,173 @@
+"""Packing: exact where position ids separate the examples, padded batches elsewhere.
+
+The per-architecture check builds each family from its transformers config class with
+random weights (tiny, dims multiples of 32), feeds several sequences packed into one
+row exactly as TRL's padding-free collator hands them to the model during training,
+and compares the logits with running each sequence alone. data_prep.packing's tables
+must agree with what this finds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_prep.packing import PADDING_FREE_EXACT, PADDING_FREE_LEAKS, best_fit_decreasing, decide
+from data_prep.prepare import prepare
+from finetune.config import DatasetConfig, DatasetFormat, ModelConfig
+from finetune.models.loader import load_tokenizer
+
+VOCAB = 256
+LAYERS = dict(num_hidden_layers=2)
+
+
+def _config(model_type: str):
+    import transformers as T
+
+    small = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=VOCAB, **LAYERS)
+    return {
+        "llama": lambda: T.LlamaConfig(num_key_value_heads=2, **small),
+        "mistral": lambda: T.MistralConfig(num_key_value_heads=2, sliding_window=16, **small),
+        "mixtral": lambda: T.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                           **dict(small, intermediate_size=64)),
+        "gptj": lambda: T.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128,
+                                     vocab_size=VOCAB, bos_token_id=0, eos_token_id=0),
+        "gpt_neox": lambda: T.GPTNeoXConfig(max_position_embeddings=128, **small),
+        "phi": lambda: T.PhiConfig(**small),
+        "phi3": lambda: T.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **small),
+        "gemma": lambda: T.GemmaConfig(num_key_value_heads=2, head_dim=16, **small),
+        "gemma2": lambda: T.Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=16, **small),
+        "qwen2": lambda: T.Qwen2Config(num_key_value_heads=2, **small),
+        "falcon": lambda: T.FalconConfig(hidden_size=64, num_attention_heads=4, vocab_size=VOCAB, **LAYERS),
+        "bloom": lambda: T.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB),
+    }[model_type]()
+
+
+def _packed_vs_separate(model_type: str) -> float:
+    """Largest logit difference between a padding-free packed row and the same sequences run alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(model_type), dtype=torch.float32).eval()
+    lengths = [7, 12, 5, 9]
+    seqs = [torch.randint(4, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+    ids = [t for s in seqs for t in s]
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": ids, "labels": ids, "seq_lengths": lengths}])
+    assert "attention_mask" not in batch and batch["position_ids"][0].tolist()[7] == 0
+    batch.pop("labels")
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False).logits[0]  # as TRL's compute_loss calls it (use_cache=False)
+        separate = torch.cat([model(input_ids=torch.tensor([s]), use_cache=False).logits[0] for s in seqs])
+    return float((packed - separate).abs().max())
+
+
+@pytest.mark.parametrize("model_type", sorted(PADDING_FREE_EXACT))
+def test_padding_free_packing_is_exact(model_type):
+    assert _packed_vs_separate(model_type) < 1e-4
+
+
+@pytest.mark.parametrize("model_type", sorted(PADDING_FREE_LEAKS))
+def test_padding_free_packing_leaks_across_examples(model_type):
+    assert _packed_vs_separate(model_type) > 1e-3  # a packed example attends to the ones before it
+
+
+def test_packing_decision_per_architecture():
+    assert decide(True, "llama")[0] and decide(True, "qwen2")[0]
+    for model_type in ("falcon", "bloom", "some_new_arch", None):
+        packs, why = decide(True, model_type)
+        assert not packs and "padded batches" in why
+    assert not decide(False, "llama")[0]
+
+
+def test_best_fit_decreasing_packs_every_example_once_within_capacity():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 256) for _ in range(3000)]
+    bins = best_fit_decreasing(lengths, 256)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 256 for b in bins)
+    lower_bound = -(-sum(lengths) // 256)
+    assert len(bins) <= lower_bound * 1.02  # near the optimum
+    assert best_fit_decreasing(lengths, 256) == bins  # deterministic
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(ModelConfig(name_or_path="tiny:llama", chat_template="llama-2"), model_vocab_size=2048)
+
+
+def test_packed_rows_hold_the_same_examples(tokenizer):
+    cfg = dict(path="sample:medical-qa", format=DatasetFormat.alpaca, max_seq_len=256, eval_fraction=0.15)
+    plain = prepare(DatasetConfig(**cfg), tokenizer, "llama-2")
+    packed = prepare(DatasetConfig(packing=True, **cfg), tokenizer, "llama-2", model_type="llama")
+    assert packed.packed and not plain.packed
+    p = packed.report.packing
+    assert p.enabled and p.architecture == "llama" and "exact" in p.reason
+    rows = packed.to_dataset("train")
+    assert set(rows.column_names) >= {"input_ids", "labels", "seq_lengths"}
+    assert len(rows) == p.rows < len(plain.train)
+    for row in rows:
+        assert len(row["input_ids"]) == sum(row["seq_lengths"]) <= 256
+    assert p.efficiency == round(sum(len(r["input_ids"]) for r in rows) / (len(rows) * 256), 4)
+    assert p.efficiency > 0.9 > p.padded_efficiency  # what packing buys over padded batches
+    assert p.row_tokens_max <= 256
+
+    def examples(d):
+        return sorted((e.location, tuple(e.input_ids), tuple(e.labels)) for e in d.train)
+    assert examples(packed) == examples(plain)  # the packed store seen as its examples: nothing lost or changed
+    assert packed.report.train_rows == plain.report.train_rows
+    assert [e.input_ids for e in packed.eval] == [e.input_ids for e in plain.eval]  # eval is never packed
+    # unpacked: the report still says what packing would give
+    assert 0.9 < plain.report.packing.efficiency and not plain.report.packing.enabled
+
+
+@pytest.mark.parametrize("model_type", ["falcon", "bloom", None])
+def test_packing_falls_back_to_padded_batches(tokenizer, model_type):
+    data = prepare(DatasetConfig(path="sample:medical-qa", format=DatasetFormat.alpaca, max_seq_len=256,
+                                 packing=True), tokenizer, "llama-2", model_type=model_type)
+    assert not data.packed and "seq_lengths" not in data.to_dataset("train").column_names
+    p = data.report.packing
+    assert p.requested and not p.enabled and "padded batches" in p.reason and p.rows == 0
+
+
+def test_the_trainer_gets_padding_free_batches_from_packed_rows(tokenizer, tmp_path):
+    """The train stage's SFTConfig with packed data: TRL's collator flattens each micro-batch into one row with
+    position ids that restart at every example and no attention mask, and never trains across a seam."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from trl import SFTTrainer
+
+    from finetune.config import compose
+    from finetune.train import sft_config
+
+    data = prepare(DatasetConfig(path="sample:medical-qa", format=DatasetFormat.alpaca, max_seq_len=256,
+                                 packing=True), tokenizer, "llama-2", model_type="llama")
+    from finetune.preflight import run_preflight
+
+    cfg = compose(["+recipe=tiny-demo", "preflight.pin.micro_batch_size=2"])
+    choices = dict(run_preflight(cfg, data.report).choices)
+    assert choices["micro_batch_size"] == 2
+    args = sft_config(cfg, choices, tmp_path, "cpu", has_eval=False, packed=data.packed)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                                         num_attention_heads=4, vocab_size=2048))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data.to_dataset("train"), processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    positions = batch["position_ids"][0]
+    starts = (positions == 0).nonzero().flatten().tolist()
+    assert len(starts) > 2 * 2  # two packed rows of several examples each
+    assert all(batch["labels"][0, s] == -100 for s in starts)  # no token is predicted across a seam
+    assert torch.equal(batch["cu_seq_lens_q"][:-1], torch.tensor(starts, dtype=torch.int32))
+
+
+def test_report_and_store_survive_json(tokenizer):
+    data = prepare(DatasetConfig(path="sample:medical-qa", format=DatasetFormat.alpaca, max_seq_len=256,
+                                 packing=True), tokenizer, "llama-2", model_type="llama")
+    on_disk = json.loads((data.store_dir / "report.json").read_text())
+    assert on_disk["packing"]["enabled"] is True and on_disk["fingerprint"] == data.report.fingerprint
+    assert len(data.lengths) == data.report.rows_kept
