@@ -136,9 +136,9 @@ def _check_pins(cfg) -> None:
                               f"hardware.device is {device}: use nf4, none or null")
     if pin.distributed is not None and pin.distributed.value != "none" and cfg.hardware.num_gpus == 1:
         raise ConfigError(f"preflight.pin.distributed={pin.distributed.value} needs hardware.num_gpus > 1")
-    if cfg.hardware.num_gpus > 1 and device != "cuda":
-        raise ConfigError(f"hardware.num_gpus={cfg.hardware.num_gpus}: several devices need CUDA "
-                          f"(hardware.device is {device})")
+    if cfg.hardware.num_gpus > 1 and device == "mps":
+        raise ConfigError(f"hardware.num_gpus={cfg.hardware.num_gpus}: Apple GPUs train one process at a time")
+    # On the CPU, num_gpus counts processes: torchrun runs DDP over gloo there (the tests do).
     if pin.double_quant and pin.quantization is not None and pin.quantization.value != "nf4":
         raise ConfigError("preflight.pin.double_quant=true applies to nf4 only; "
                           f"preflight.pin.quantization is {pin.quantization.value}")
