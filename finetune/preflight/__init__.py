@@ -31,7 +31,11 @@ def run_preflight(cfg, data_report: Any | None = None) -> Plan:
     config, _source = catalog.model_config(cfg.model.name_or_path)
     spec = arch.from_config(config)
     tokens = getattr(data_report, "tokens", None) if data_report is not None else None
-    if tokens is not None and tokens.max > 0:
+    packing = getattr(data_report, "packing", None) if data_report is not None else None
+    if packing is not None and packing.enabled and packing.row_tokens_max > 0:
+        # Packed rows: a training row holds several examples, up to max_seq_len tokens.
+        seq_len, source = min(cfg.dataset.max_seq_len, packing.row_tokens_max), "data"
+    elif tokens is not None and tokens.max > 0:
         seq_len, source = min(cfg.dataset.max_seq_len, tokens.max), "data"
     else:
         seq_len, source = cfg.dataset.max_seq_len, "recipe"

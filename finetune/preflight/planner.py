@@ -376,7 +376,8 @@ def _tokens_to_train(cfg, seq_len: int, mb: int, data_report: Any | None) -> tup
     tokens = getattr(data_report, "tokens", None) if data_report is not None else None
     rows = getattr(data_report, "rows_kept", 0) if data_report is not None else 0
     if tokens is not None and rows:
-        mean = tokens.total / rows
+        # Per training sequence: tokens.mean (for a text corpus, rows_kept counts documents, not blocks).
+        mean = getattr(tokens, "mean", 0.0) or tokens.total / rows
         # a padded micro-batch is as long as its longest row: from the mean towards p95 as it grows
         padded = min(seq_len, mean + (max(tokens.p95, mean) - mean) * min(1.0, math.log2(max(mb, 1)) / 3))
         if cfg.train.max_steps > 0:
