@@ -84,3 +84,25 @@ def test_flatten_gives_stable_dotted_names():
     assert flat["model.name_or_path"] == "tiny:llama"
     assert flat["preflight.pin.quantization"] == "nf4"
     assert flat["stages"] == "data,preflight,train,eval"
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_plans_offline(name):
+    """Each shipped recipe's model is in the catalog, and its plan fits its own card (no network)."""
+    from finetune.preflight import run_preflight
+
+    plan = run_preflight(compose([f"+recipe={name}"]))
+    assert plan.fits
+    assert plan.predicted["device_total_bytes"] <= plan.budget_bytes
+    c = plan.choices
+    per_gpu = max(1, compose([f"+recipe={name}"]).train.effective_batch_size // c["num_gpus"])
+    assert c["micro_batch_size"] * c["gradient_accumulation_steps"] >= per_gpu
+
+
+def test_the_seed_families_each_have_a_recipe():
+    wanted = {"llama2-7b-alpaca", "llama2-13b-sharegpt", "llama2-70b", "mistral-7b-domain", "falcon-7b",
+              "falcon-180b", "bloom-7b1", "gpt-j-6b", "gpt-neox-20b", "mixtral-8x7b"}
+    assert wanted <= set(RECIPES)
+    assert compose(["+recipe=llama2-70b"]).hardware.num_gpus > 1
+    assert compose(["+recipe=falcon-180b"]).stages[0].value == "preflight" and len(
+        compose(["+recipe=falcon-180b"]).stages) == 1, "falcon-180b only plans"

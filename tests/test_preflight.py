@@ -461,3 +461,17 @@ def test_alternatives_offer_smaller_plans_on_the_same_base_for_oom_replanning():
         assert len(smaller) >= 2, card
         # down to well below the chosen plan (a smaller micro-batch, or checkpointing)
         assert min(a["device_total_bytes"] for a in smaller) < 0.8 * p.predicted["device_total_bytes"], card
+
+
+def test_packed_rows_are_planned_at_their_length():
+    """With packing on, a training row holds several examples: the plan uses the packed row length."""
+    from types import SimpleNamespace
+
+    cfg = compose(["+recipe=llama2-7b-medical", "dataset.max_seq_len=1024"])
+    tokens = SimpleNamespace(max=200, total=2_000_000, mean=150.0, p50=140, p95=190, p99=198, train_total=0)
+    unpacked = SimpleNamespace(tokens=tokens, rows_kept=13_000, train_rows=12_000,
+                               packing=SimpleNamespace(enabled=False, row_tokens_max=200))
+    packed = SimpleNamespace(tokens=tokens, rows_kept=13_000, train_rows=12_000,
+                             packing=SimpleNamespace(enabled=True, row_tokens_max=1024))
+    assert run_preflight(cfg, unpacked).choices["max_seq_len"] == 200
+    assert run_preflight(cfg, packed).choices["max_seq_len"] == 1024
