@@ -475,3 +475,18 @@ def test_packed_rows_are_planned_at_their_length():
                              packing=SimpleNamespace(enabled=True, row_tokens_max=1024))
     assert run_preflight(cfg, unpacked).choices["max_seq_len"] == 200
     assert run_preflight(cfg, packed).choices["max_seq_len"] == 1024
+
+
+def test_flash_attention_only_where_it_runs(monkeypatch):
+    from finetune.preflight import planner
+
+    spec = arch.from_config(catalog.model_config("meta-llama/Llama-2-7b-hf")[0])
+    gpu = compose(["+recipe=llama2-7b-medical"])
+    cpu = compose(["+recipe=tiny-demo"])
+    monkeypatch.setattr(planner, "flash_attention_installed", lambda: True)
+    assert planner.attention_for(spec, gpu) == "flash2"
+    assert planner.attention_for(spec, cpu) == "sdpa", "no flash kernels on the CPU"
+    bloom = arch.from_config(catalog.model_config("bigscience/bloom-7b1")[0])
+    assert planner.attention_for(bloom, gpu) == bloom.attention, "BLOOM's ALiBi keeps its own attention"
+    monkeypatch.setattr(planner, "flash_attention_installed", lambda: False)
+    assert planner.attention_for(spec, gpu) == "sdpa"

@@ -184,11 +184,30 @@ def candidates(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, *, pins: 
                 "optimizer": opt,
                 # transformers' attn_implementation (Falcon's multi-query layout runs SDPA's math kernel
                 # underneath; the memory model knows, the name stays the one transformers uses)
-                "attention": "sdpa" if spec.attention == "math" else spec.attention,
+                "attention": attention_for(spec, cfg),
                 "distributed": dist if n > 1 else "none",
                 "num_gpus": n,
             })
     return out
+
+
+def flash_attention_installed() -> bool:
+    """flash-attn importable here (looked up, not imported: the preflight imports no torch)."""
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def attention_for(spec: ArchSpec, cfg) -> str:
+    """FlashAttention 2 where it runs (a CUDA plan, flash-attn installed, a family whose SDPA path it
+    replaces, a card that supports bf16/fp16 flash kernels), else the family's own attention.
+    FlashAttention keeps no mask and takes grouped k/v heads natively; the memory model counts it as
+    flash2. Not yet verified on a GPU here (none was at hand)."""
+    base = "sdpa" if spec.attention == "math" else spec.attention
+    if (base == "sdpa" and spec.attention != "math" and cfg.hardware.device.value == "cuda"
+            and flash_attention_installed()):
+        return "flash2"
+    return base
 
 
 class _Scorer:

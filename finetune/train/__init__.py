@@ -133,6 +133,7 @@ def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_
         fp16=on_gpu and choices["compute_dtype"] == "fp16",  # with a GradScaler: loss scaling
         use_cpu=not on_gpu,
         neftune_noise_alpha=t.neftune_noise_alpha,
+        use_liger_kernel=liger_available(device),
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -153,6 +154,14 @@ def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient on every step
         disable_tqdm=True,  # our rich progress bar replaces tqdm and the per-step log printing
     )
+
+
+def liger_available(device: str) -> bool:
+    """Liger's fused kernels (RMSNorm, RoPE, SwiGLU) apply when the package is installed and we train on
+    CUDA; TRL keeps its own fused LM head and turns Liger's cross-entropy off."""
+    import importlib.util
+
+    return device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
 
 
 def _fsdp_args(choices: dict[str, Any]) -> dict[str, Any]:
