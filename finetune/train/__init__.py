@@ -435,8 +435,13 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
     logs = trainer.state.log_history
     history = [(int(e["step"]), float(e["loss"])) for e in logs if "loss" in e and "step" in e]
     evals = [(int(e["step"]), float(e["eval_loss"])) for e in logs if "eval_loss" in e and "step" in e]
-    # Tokens this invocation fed through the model (all input tokens, the usual throughput measure).
-    mean_tokens = sum(len(ex.input_ids) for ex in data.train) / max(len(data.train), 1)
+    # Tokens this invocation fed through the model (all input tokens, the usual throughput measure),
+    # from the data report's statistics (a packed row holds efficiency x max_seq_len tokens).
+    report = data.report
+    if data.packed:
+        mean_tokens = report.packing.efficiency * cfg.dataset.max_seq_len
+    else:
+        mean_tokens = report.tokens.mean or report.tokens.total / max(report.rows_kept, 1)
     steps_run = trainer.state.global_step - (resume_point.step if resume_point is not None else 0)
     tokens = steps_run * choices["micro_batch_size"] * choices["gradient_accumulation_steps"] * world_size * mean_tokens
     result = TrainResult(
