@@ -194,6 +194,7 @@ class HardwareConfig:
     # The memory the plan must fit, per GPU, in GiB (a "12 GB" RTX 4070 has 12 GiB; datacenter
     # cards: what torch reports, e.g. 79.1 for an H100 80GB; Apple: the GPU's share of system RAM).
     vram_gib: float = 24.0
+    # GPUs on this machine, one training process each (with device=cpu: processes, DDP over gloo).
     num_gpus: int = 1
     # False on cards without bfloat16 (T4, V100, 2080 Ti): compute runs in fp16 with loss scaling.
     bf16: bool = True
