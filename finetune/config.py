@@ -328,6 +328,13 @@ class EvalConfig:
     # (ROUGE-L, token F1, exact match, chrF, BLEU); 0: no generation evals.
     generate_examples: int = 32
     max_new_tokens: int = 128
+    # lm-evaluation-harness tasks on base and adapter, when `lm-eval` is installed (offline: tasks
+    # with local data, such as the built-in finetune_medical_mc); [] : none.
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    # Examples per task; null: all.
+    lm_eval_limit: int | None = None
+    # A directory of your own task YAMLs for the harness.
+    lm_eval_include_path: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "eval.batch_size", f"must be at least 1, got {self.batch_size}")

@@ -148,6 +148,10 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None = N
         from finetune.train import check_world
 
         check_world(cfg)  # before any work, and before an MLflow run exists
+    if Stage.eval.value in stages:
+        from finetune.evaluate.harness import require
+
+        require(cfg)  # lm-eval tasks asked for: the harness must be there before hours of training
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = to_plain_dict(cfg)
     if leader:

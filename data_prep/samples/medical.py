@@ -323,3 +323,17 @@ def encyclopedia() -> list[str]:
             f"{_join(cond.see_doctor, 'or')}."
         )
     return docs
+
+
+def multiple_choice_rows(seed: int = 0) -> list[dict]:
+    """Four-way multiple-choice questions (which condition fits a description), one per condition:
+    the data of the built-in lm-eval-harness task `finetune_medical_mc` (finetune/evaluate/harness.py)."""
+    rng = random.Random(seed)
+    rows = []
+    for cond in CONDITIONS:
+        others = rng.sample([o.name for o in CONDITIONS if o.name != cond.name], 3)
+        choices = others + [cond.name]
+        rng.shuffle(choices)
+        rows.append({"question": f"Which condition is {cond.what}?", "choices": choices,
+                     "answer": choices.index(cond.name)})
+    return rows

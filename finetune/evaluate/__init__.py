@@ -34,6 +34,8 @@ class EvalReport:
     base: LossReport | None = None
     improvement: float | None = None  # base loss - adapter loss (positive: the adapter is better)
     generation: GenerationReport | None = None
+    # lm-evaluation-harness: {"adapter": {task: {metric: value}}, "base": {...}}
+    lm_eval: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,6 +54,9 @@ class EvalReport:
             out.update(self.generation.adapter.metrics("eval/adapter"))
             if self.generation.base is not None:
                 out.update(self.generation.base.metrics("eval/base"))
+        for which, tasks in self.lm_eval.items():
+            for task, metrics in tasks.items():
+                out.update({f"eval/lm_eval/{task}/{name}_{which}": value for name, value in metrics.items()})
         return out
 
 
@@ -117,9 +122,14 @@ def evaluate(cfg, data, model, tokenizer) -> EvalReport:
         generation = generation_eval(model, tokenizer, conversations, max_new_tokens=cfg.eval.max_new_tokens,
                                      batch_size=cfg.eval.batch_size, stop_ids=sorted(t for t in stop if t is not None),
                                      compare_base=cfg.eval.compare_base)
+    lm_eval_scores = {}
+    if cfg.eval.lm_eval_tasks:
+        from finetune.evaluate import harness
+
+        lm_eval_scores = harness.run(cfg, model, tokenizer)
     report = EvalReport(adapter=adapter, base=base,
                         improvement=(base.loss - adapter.loss) if base is not None else None,
-                        generation=generation, notes=notes)
+                        generation=generation, lm_eval=lm_eval_scores, notes=notes)
     log.info("eval: adapter loss %.4f (ppl %.2f)%s on %d held-out examples", adapter.loss, adapter.perplexity,
              f" vs base {base.loss:.4f} (ppl {base.perplexity:.2f})" if base else "", adapter.examples)
     if generation is not None:

@@ -210,6 +210,18 @@ def attention_for(spec: ArchSpec, cfg) -> str:
     return base
 
 
+def kernels_note(attention: str) -> str:
+    """Which fast kernels training will use on CUDA, as installed where the plan is made."""
+    import importlib.util
+
+    names = {"flash2": "FlashAttention 2", "sdpa": "PyTorch SDPA", "eager": "eager attention (the family needs it)"}
+    liger = importlib.util.find_spec("liger_kernel") is not None
+    return (f"kernels: {names.get(attention, attention)}"
+            + ("" if attention != "sdpa" else " (pip install flash-attn for FlashAttention 2)")
+            + ("; Liger kernels on" if liger else "; Liger kernels off (pip install liger-kernel)")
+            + "; the speed estimate does not count either")
+
+
 class _Scorer:
     """Memory and speed of candidates for one recipe (reused by the what-would-fit searches)."""
 
@@ -503,6 +515,8 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
                            "figures do not apply")
     elif hw.device.value == "mps" or hw.unified_memory:
         explanation.append("unified memory: the budget is the GPU's share of system RAM; no CUDA context")
+    if hw.device.value == "cuda":
+        explanation.append(kernels_note(c["attention"]))
     explanation += chosen.est.notes
     predicted = chosen.est.predicted()
     details = {"tokens_per_s": tps, "relative_speed": chosen.thr.relative, "phase": chosen.est.phase,
