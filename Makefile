@@ -17,7 +17,7 @@ GPUS   ?= 2
 ADAPTER ?= $(shell ls -td outputs/*/*/adapter outputs/*/*/*/adapter 2>/dev/null | head -1)
 RUN_DIR = outputs/$(RECIPE)/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help install demo test preflight train train-multi merge chat ui lint bench clean
+.PHONY: help install demo test preflight train train-multi merge chat ui lint bench bench-gpu clean
 
 help:
 	@echo "make install                 create $(VENV) (if missing) and install finetune with its dev tools"
@@ -31,6 +31,7 @@ help:
 	@echo "make ui                      MLflow UI on http://127.0.0.1:$(PORT) over ./mlflow.db"
 	@echo "make lint                    ruff"
 	@echo "make bench                   every benchmark script in tests/benchmarks/ (results in tests/benchmarks/results/)"
+	@echo "make bench-gpu               on a CUDA machine: measured peak memory and speed against the preflight"
 	@echo "make clean                   remove outputs/, mlflow.db, mlruns/ (not the venv)"
 
 $(BIN)/python:
@@ -83,6 +84,11 @@ bench: $(STAMP)
 	@for script in tests/benchmarks/*.py; do \
 		echo "== $$script"; $(BIN)/python $$script || exit 1; \
 	done
+
+# On a CUDA machine: a grid of plans on catalog models with random weights, measured against the
+# preflight (tests/benchmarks/bench_gpu_memory.py --help for the grid).
+bench-gpu: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_gpu_memory.py $(ARGS)
 
 clean:
 	rm -rf outputs mlflow.db mlruns
