@@ -130,7 +130,8 @@ def run_point(args) -> dict:
     measured = dict(result.peak_memory)
     if smi:
         measured["nvidia_smi_peak_bytes"] = smi.peak_mib * 2**20
-    return {"model": args.model, "quantization": args.quant, "gradient_checkpointing": args.ckpt == "true",
+    return {"model": args.model, "rank": cfg.adapter.rank, "dropout": cfg.adapter.dropout,
+            "quantization": args.quant, "gradient_checkpointing": args.ckpt == "true",
             "micro_batch_size": args.mb, "seq_len": args.seq, "steps": args.steps,
             "choices": plan.choices, "predicted": plan.predicted, "measured": measured,
             "ratio_allocated": (plan.predicted["peak_allocated_bytes"] / measured["peak_allocated_bytes"]
