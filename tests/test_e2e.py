@@ -158,6 +158,12 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(trained):
     assert sum(values[-5:]) < sum(values[:5])
     metrics = run.data.metrics
     assert metrics["eval/adapter_loss"] < metrics["eval/base_loss"]
+    assert "eval/adapter_rougeL" in metrics and "eval/base_rougeL" in metrics
+    assert any(k.startswith("system/cpu_utilization") for k in metrics), "system metrics are on"
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest == \
+        results["data"].report.fingerprint
+    versions = client.search_model_versions(f"name='{cfg.name}'")
+    assert [v.run_id for v in versions] == [run_id], "the adapter is registered under the recipe's name"
 
     def listing(path=None):
         out = []
@@ -166,7 +172,8 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(trained):
         return out
 
     artifacts = set(listing())
-    assert {"plan.json", "data_report.json", "config.yaml", "eval.json",
+    assert {"plan.json", "data_report.json", "config.yaml", "eval.json", "plan_memory.png", "loss_curves.png",
+            "token_lengths.png", "eval/generations.json",
             "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
             "adapter/chat_template.jinja"} <= artifacts
 
@@ -214,3 +221,17 @@ def test_cli_demo_prints_adapter_and_run_id(run_cli, tmp_path):
     runs = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(experiment_ids=["1"])
     assert [r.info.run_id for r in runs] == [run_id.group(1)]
     assert runs[0].info.status == "FINISHED"
+
+
+def test_logged_mlflow_model_reloads_offline(trained):
+    import os
+
+    import mlflow
+
+    _, results, work = trained
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
+    pipe = mlflow.transformers.load_model(results["model_uri"])
+    out = pipe("<s>[INST] What causes influenza? [/INST]", max_new_tokens=8, do_sample=False)
+    assert out[0]["generated_text"].startswith("<s>[INST] What causes influenza? [/INST]")
+    assert len(out[0]["generated_text"]) > len("<s>[INST] What causes influenza? [/INST]")
