@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--system", help="a system prompt")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     args = parser.parse_args(argv)
+    from finetune.quiet import quiet_libraries
+
+    quiet_libraries()
     try:
         chat = Chat(args.adapter, system=args.system, max_new_tokens=args.max_new_tokens)
     except FinetuneError as e:

@@ -12,7 +12,6 @@ import json
 import logging
 import platform
 import subprocess
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from rich.console import Console
 from finetune.config import RunConfig, Stage, flatten, to_plain_dict
 from finetune.distributed import is_leader
 from finetune.errors import ConfigError, FinetuneError
+from finetune.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
 # soft_wrap: long lines (paths, run ids) stay whole for grep and copy-paste; tables keep their layout.
@@ -122,15 +122,6 @@ def run_data_stage(cfg: RunConfig, run_dir: Path):
     return data, tokenizer
 
 
-def _quiet_libraries() -> None:
-    # bitsandbytes warns on every CPU run that an optional kernel package is missing, then
-    # falls back to its own CPU kernel, which is what we want; keep its real warnings.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score says "Using default tokenizer" per call
-    # transformers deprecates the name TRL 1.16 still calls; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-
-
 def run_pipeline(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the recipe's stages in `run_dir`; returns what each stage produced (for callers and tests).
 
@@ -141,7 +132,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None = N
     from finetune.preflight import Plan, run_preflight, write_plan
     from finetune.preflight.show import show_plan
 
-    _quiet_libraries()
+    quiet_libraries()
     stages = _stages(cfg)
     leader = is_leader()
     if Stage.train.value in stages:

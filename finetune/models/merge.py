@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--from-quantized", action="store_true",
                         help="merge into the dequantized 4-bit base the adapter was trained on")
     args = parser.parse_args(argv)
+    from finetune.quiet import quiet_libraries
+
+    quiet_libraries()
     try:
         run = find_run(args.adapter)
         out = Path(args.out) if args.out else run.run_dir / "merged"
