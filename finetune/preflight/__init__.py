@@ -18,12 +18,7 @@ from typing import Any
 from finetune.preflight import arch, catalog
 from finetune.preflight.planner import Plan, make_plan
 
-__all__ = ["Plan", "plan_for", "run_preflight", "write_plan"]
-
-
-def plan_for(cfg, data_report: Any | None = None) -> Plan:
-    """Alias of :func:`run_preflight`."""
-    return run_preflight(cfg, data_report)
+__all__ = ["Plan", "run_preflight", "write_plan"]
 
 
 def run_preflight(cfg, data_report: Any | None = None) -> Plan:

@@ -298,11 +298,6 @@ class NullTracker:
         return lambda *args, **kwargs: None
 
 
-def read_run_json(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def wait_for_server(uri: str, timeout: float = 60.0) -> bool:
     """Poll an MLflow server's /health until it answers (for tests and scripts)."""
     import requests

@@ -35,7 +35,6 @@ class MetricsCallback(TrainerCallback):
 
     def __init__(self, tracker) -> None:
         self.tracker = tracker
-        self.loss_history: list[tuple[int, float]] = []
         self._pending: list[tuple[str, float, int, int]] = []
         self._last_flush = time.monotonic()
 
@@ -65,8 +64,6 @@ class MetricsCallback(TrainerCallback):
                 metrics[f"eval/{key.removeprefix('eval_')}"] = value
             else:
                 metrics[f"train/{key}"] = value
-        if "loss" in logs and "train_loss" not in logs:
-            self.loss_history.append((state.global_step, float(logs["loss"])))
         now_ms = int(time.time() * 1000)
         self._pending.extend((key, value, state.global_step, now_ms) for key, value in metrics.items())
         self._pending.extend((key, value, 0, now_ms) for key, value in summary.items())
