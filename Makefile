@@ -11,16 +11,21 @@ PORT   ?= 5000
 # The CPU wheel here, the CUDA build on a GPU machine: same pin, pip picks the right one.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# Exact versions of every other Python dependency (pip constraints), the same in CI; `make lock` writes it.
+LOCK   := requirements.lock
+LATEST ?= .venv-latest
 
 GPUS   ?= 2
 # The newest adapter under outputs/ unless ADAPTER=... is given.
 ADAPTER ?= $(shell ls -td outputs/*/*/adapter outputs/*/*/*/adapter 2>/dev/null | head -1)
 RUN_DIR = outputs/$(RECIPE)/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help install demo test preflight train train-multi merge chat ui lint bench bench-gpu clean
+.PHONY: help install lock test-latest demo test preflight train train-multi merge chat ui lint bench bench-gpu clean
 
 help:
-	@echo "make install                 create $(VENV) (if missing) and install finetune with its dev tools"
+	@echo "make install                 create $(VENV) (if missing) and install finetune with its dev tools, exactly as $(LOCK) pins them"
+	@echo "make lock                    re-resolve the newest versions pyproject.toml allows and write $(LOCK)"
+	@echo "make test-latest             the test suite on the newest versions pyproject.toml allows, in $(LATEST) (not the lock)"
 	@echo "make demo                    fine-tune the tiny demo model on the CPU (data, preflight, QLoRA, eval, MLflow)"
 	@echo "make test                    run the test suite (CPU only, no network)"
 	@echo "make preflight RECIPE=NAME   print the memory plan for a recipe (no GPU, no download)"
@@ -37,14 +42,41 @@ help:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall when pyproject.toml changes; otherwise a no-op.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+# Reinstall when pyproject.toml or the lock changes; otherwise a no-op. Every package comes at the
+# version the lock pins (torch at its own pin, built for this machine; on a CUDA machine torch's own
+# nvidia-* dependencies are pinned by torch itself).
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -c $(LOCK) pip
+	$(BIN)/python -m pip install --quiet -c $(LOCK) "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[dev]"
+	$(BIN)/python -m finetune.versions --check-lock $(LOCK)
 	@touch $@
 
 install: $(STAMP)
+
+# Resolve the newest versions the bounds in pyproject.toml allow in a scratch environment and write
+# them to the lock. Then run `make test` (and raise finetune/versions.py's VERIFIED if a library moved
+# a minor version, once the suite passes on it) before committing the new lock.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet "$(TORCH)"
+	.venv-lock/bin/python -m pip install --quiet ".[dev]"
+	.venv-lock/bin/python -m finetune.versions --write-lock $(LOCK) --torch "$(TORCH)"
+	rm -rf .venv-lock build
+	@echo "wrote $(LOCK); now: make test"
+
+# The suite on the newest releases the bounds allow (not the lock), in its own environment, so drift
+# is seen before users see it: first what moved against the lock and the verified versions, then the
+# tests (a rule that no longer holds fails naming the rule and both versions). Not part of CI.
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet "$(TORCH)"
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/python -m finetune.versions --against-lock $(LOCK)
+	FINETUNE_TEST_LATEST=1 $(LATEST)/bin/python -m pytest $(ARGS)
 
 demo: $(STAMP)
 	$(BIN)/finetune +recipe=tiny-demo $(ARGS)

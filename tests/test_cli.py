@@ -9,7 +9,7 @@ import sys
 import pytest
 
 PLAN_KEYS = {"schema_version", "model", "choices", "predicted", "breakdown_bytes", "budget_bytes", "fits",
-             "alternatives", "explanation", "measured"}
+             "alternatives", "explanation", "measured", "versions"}
 CHOICE_KEYS = {"quantization", "double_quant", "compute_dtype", "gradient_checkpointing", "micro_batch_size",
                "gradient_accumulation_steps", "max_seq_len", "seq_len_source", "packing", "optimizer",
                "attention", "distributed", "num_gpus"}
@@ -78,6 +78,7 @@ def test_headline_preflight_is_an_offline_dry_run(run_cli, tmp_path):
     assert plan["choices"]["quantization"] == "nf4"  # 7B in bf16 cannot fit 12 GiB
     assert plan["predicted"]["device_total_bytes"] <= plan["budget_bytes"] == int(12 * 2**30 * 0.9)
     assert plan["measured"] is None
+    assert plan["versions"]["verified"]["transformers"] and plan["versions"]["drift"] == []  # the locked env
     assert not (tmp_path / "mlflow.db").exists(), "a dry run opens no MLflow run"
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune import versions
 from finetune.errors import ConfigError
 
 # What a linear layer reads: which tensor backward keeps when LoRA targets the layer.
@@ -39,8 +40,9 @@ class Linear:
     out_features: int
     reads: str = ATTN_IN
     bias: bool = False
-    # False where transformers 5.23's load_in_4bit/8bit leaves the layer alone: it replaces only
-    # modules whose type *is* nn.Linear (or Conv1D), so a subclass such as FalconLinear stays in bf16.
+    # False where transformers' load_in_4bit/8bit leaves the layer alone: through the verified release it
+    # replaces only modules whose type *is* nn.Linear (or Conv1D), so a subclass such as FalconLinear stays
+    # in bf16 (finetune/versions.py decides it from the installed release).
     quantizable: bool = True
 
     @property
@@ -262,7 +264,8 @@ def _llama_like(config: dict[str, Any]) -> ArchSpec:
 def _falcon(config: dict[str, Any]) -> ArchSpec:
     """Falcon: fused query_key_value (multi-query for 7B, grouped for 40B/180B), parallel attention+MLP,
     LayerNorm, plain GELU MLP. Its linear layers are FalconLinear, an nn.Linear subclass, which
-    transformers 5.23's bitsandbytes integration does not replace: the "4-bit" model stays bf16."""
+    transformers' bitsandbytes integration does not replace through the verified release (5.24): the
+    "4-bit" model stays bf16 (finetune.versions.quantizes_linear_subclasses)."""
     h = _get(config, "hidden_size", "n_embed")
     heads = _get(config, "num_attention_heads", "n_head")
     hd = h // heads
@@ -287,11 +290,12 @@ def _falcon(config: dict[str, Any]) -> ArchSpec:
         norms, shared = 2, False
     else:
         norms, shared = 1, True
+    quantizable = versions.quantizes_linear_subclasses()
     linears = (
-        Linear("query_key_value", h, qkv_out, ATTN_IN, bias, quantizable=False),
-        Linear("dense", h, h, ATTN_OUT, bias, quantizable=False),
-        Linear("dense_h_to_4h", h, ffn, MLP_IN, bias, quantizable=False),
-        Linear("dense_4h_to_h", ffn, h, MLP_MID, bias, quantizable=False),
+        Linear("query_key_value", h, qkv_out, ATTN_IN, bias, quantizable=quantizable),
+        Linear("dense", h, h, ATTN_OUT, bias, quantizable=quantizable),
+        Linear("dense_h_to_4h", h, ffn, MLP_IN, bias, quantizable=quantizable),
+        Linear("dense_4h_to_h", ffn, h, MLP_MID, bias, quantizable=quantizable),
     )
     return ArchSpec(
         architecture=_arch_name(config), model_type="falcon",

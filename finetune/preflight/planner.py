@@ -24,6 +24,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from finetune import versions
 from finetune.errors import ConfigError, DoesNotFitError
 from finetune.preflight import memory, speed
 from finetune.preflight.arch import ArchSpec
@@ -61,13 +62,15 @@ class Plan:
     alternatives: list[dict[str, Any]] = field(default_factory=list)
     explanation: list[str] = field(default_factory=list)
     measured: dict[str, Any] | None = None
+    # the library versions the memory model was verified on, the installed ones, and which differ
+    versions: dict[str, Any] = field(default_factory=versions.record)
     schema_version: int = SCHEMA_VERSION
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         order = ["schema_version", "model", "choices", "predicted", "breakdown_bytes", "budget_bytes", "fits",
-                 "alternatives", "explanation", "measured"]
+                 "alternatives", "explanation", "measured", "versions"]
         return {k: d[k] for k in order}
 
 
@@ -111,7 +114,9 @@ def hardware_catalog() -> dict[str, dict[str, Any]]:
 
 def settings_for(cfg) -> Settings:
     device = cfg.hardware.device.value
-    return Settings(device=device, lora_dropout=float(cfg.adapter.dropout))
+    # TRL's chunked LM head over labelled positions where the installed TRL has it (finetune/versions.py)
+    return Settings(device=device, lora_dropout=float(cfg.adapter.dropout),
+                    lm_head_loss="fused" if versions.trl_fused_lm_head() else "materialized")
 
 
 def compute_dtype(cfg) -> str:
@@ -518,6 +523,9 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
     if hw.device.value == "cuda":
         explanation.append(kernels_note(c["attention"]))
     explanation += chosen.est.notes
+    drift = versions.drift_line()
+    if drift:
+        explanation.insert(0, drift)
     predicted = chosen.est.predicted()
     details = {"tokens_per_s": tps, "relative_speed": chosen.thr.relative, "phase": chosen.est.phase,
                "reserved_slack": predicted["peak_reserved_bytes"] - predicted["peak_allocated_bytes"],
@@ -529,13 +537,15 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
 def _architecture_notes(spec: ArchSpec, c: dict[str, Any], seq_len: int, extra: list[str] | None) -> list[str]:
     notes = list(extra or [])
     if c["quantization"] != "none" and not any(lin.quantizable for lin in spec.linears):
-        notes.append(f"{spec.architecture}: transformers 5.23 replaces only modules whose type is nn.Linear; "
-                     "FalconLinear is a subclass, so the base stays bf16 under 'quantization'")
+        notes.append(f"{spec.architecture}: transformers {versions.release('transformers')} replaces only "
+                     "modules whose type is nn.Linear; FalconLinear is a subclass, so the base stays bf16 under "
+                     "'quantization'")
     if spec.experts:
         notes.append(f"{spec.architecture}: the {spec.experts} experts per layer are 3-D parameters that "
                      "bitsandbytes does not quantize (bf16) and LoRA all-linear does not target")
     if spec.attention == "eager":
-        notes.append(f"{spec.architecture} has no SDPA path in transformers 5.23: eager attention keeps "
+        notes.append(f"{spec.architecture} has no SDPA path in transformers {versions.VERIFIED['transformers']}: "
+                     f"eager attention keeps "
                      f"{spec.heads} x {seq_len} x {seq_len} probabilities per layer and sequence")
     if c["quantization"] != "none" and spec.norm == "layer" and any(lin.quantizable for lin in spec.linears):
         notes.append("LayerNorm returns fp32 under autocast and bitsandbytes returns its input's dtype: the "
