@@ -5,16 +5,14 @@ each ends. TRL's padding-free collator (``DataCollatorForLanguageModeling(paddin
 True)``) turns those into position ids that restart at 0 for each example (and
 flash-attention's ``cu_seq_lens``); transformers (masking_utils) then builds a
 block-diagonal causal mask from the restarting position ids, so no token attends to
-another example. That only holds for models whose attention mask is built from the
-position ids. tests/test_data_packing.py runs every family below packed and unpacked
-and compares the logits:
-
-* exact (differences ~1e-7, float reassociation): Llama, Mistral, Mixtral, GPT-J,
-  GPT-NeoX, Phi, Phi-3, Gemma, Gemma 2, Qwen2;
-* not exact: Falcon and BLOOM build their mask without the position ids (and BLOOM's
-  ALiBi biases come from the attention mask), so a packed example attends to the ones
-  before it. For them, and for any architecture not verified, the data stage falls
-  back to ordinary padded batches and says so in the report.
+another example. That only holds for models whose attention mask is built from the position ids, which
+is a property of the installed transformers release, not of the architecture (5.23's
+Falcon built its mask without them; 5.24's uses them; BLOOM's ALiBi biases come from
+the attention mask). So it is measured, not listed: finetune.models.capabilities runs a
+tiny random-weight copy of the model's architecture packed and unpacked on the
+installed release and compares the logits (cached per release). Where packing is not
+exact, or cannot be measured, the data stage falls back to ordinary padded batches and
+says why in the report.
 
 Bins are filled best-fit-decreasing (the "Fewer Truncations" paper's BFD, as TRL's
 ``pack_dataset(strategy="bfd")``), but over a bounded window of examples at a time, so
@@ -26,32 +24,39 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from collections.abc import Sequence
-
-# model_type -> verified by tests/test_data_packing.py
-PADDING_FREE_EXACT = frozenset({
-    "llama", "mistral", "mixtral", "gptj", "gpt_neox", "phi", "phi3", "gemma", "gemma2", "qwen2",
-})
-PADDING_FREE_LEAKS = {
-    "falcon": "Falcon builds its attention mask without the position ids, so packed examples would attend "
-              "to each other",
-    "bloom": "BLOOM builds its attention mask and ALiBi biases without the position ids, so packed examples "
-             "would attend to each other",
-}
+from typing import Any
 
 
-def decide(requested: bool, model_type: str | None) -> tuple[bool, str]:
-    """(pack?, why) for dataset.packing and the model's architecture."""
+def decide(requested: bool, model_type: str | None, model_config: dict[str, Any] | None = None) -> tuple[bool, str]:
+    """(pack?, why) for dataset.packing and the model's architecture: `model_config` is its config.json
+    (structural flags such as ALiBi matter), else the defaults of `model_type`'s config class."""
     if not requested:
         return False, "dataset.packing is false"
     if model_type is None:
         return False, "the model's architecture is unknown, so padding-free packing cannot be verified; " \
                       "training uses padded batches"
-    if model_type in PADDING_FREE_LEAKS:
-        return False, f"{PADDING_FREE_LEAKS[model_type]}; training uses padded batches instead"
-    if model_type not in PADDING_FREE_EXACT:
-        return False, (f"padding-free packing is not verified for '{model_type}' (verified: "
-                       f"{', '.join(sorted(PADDING_FREE_EXACT))}); training uses padded batches")
-    return True, f"padding-free packing is exact for '{model_type}' (position ids restart per example)"
+    from finetune.models.capabilities import padding_free_packing
+
+    config = dict(model_config) if model_config else _default_config(model_type)
+    if config is None:
+        return False, (f"padding-free packing cannot be verified for '{model_type}' (transformers has no "
+                       "config class for it); training uses padded batches")
+    config.setdefault("model_type", model_type)
+    probe = padding_free_packing(config)
+    if not probe.exact:
+        return False, f"padding-free packing is not exact for '{model_type}' ({probe.detail}); " \
+                      "training uses padded batches instead"
+    return True, f"padding-free packing is exact for '{model_type}' (position ids restart per example; " \
+                 f"{probe.detail})"
+
+
+def _default_config(model_type: str) -> dict[str, Any] | None:
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.for_model(model_type).to_dict()
+    except (ValueError, KeyError):
+        return None
 
 
 class _MaxTree:

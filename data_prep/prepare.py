@@ -606,11 +606,12 @@ def _check(report: DataReport, cfg) -> None:
 
 
 def prepare(dataset_cfg, tokenizer, chat_template: str | None, model_type: str | None = None,
-            progress: bool = True) -> PreparedData:
+            progress: bool = True, model_config: dict | None = None) -> PreparedData:
     """Run the data stage for `dataset_cfg` with `tokenizer` (whose chat_template is set here).
 
-    `model_type` (the model's config.json ``model_type``) decides whether dataset.packing can pack
-    exactly (data_prep.packing); without it, packing falls back to padded batches.
+    `model_type` (the model's config.json ``model_type``; `model_config`, the whole config.json, when
+    known) decides whether dataset.packing can pack exactly (data_prep.packing measures it on the
+    installed transformers); without it, packing falls back to padded batches.
     """
     from finetune.paths import cache_dir
 
@@ -623,7 +624,7 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None, model_type: str |
         template, template_error = templates.Resolved("none", "", "none"), e
     specs = source_specs(dataset_cfg)
     listings = [readers.list_source(s.path, s.format) for s in specs]
-    packed, why = decide(dataset_cfg.packing, model_type)
+    packed, why = decide(dataset_cfg.packing, model_type, model_config)
     fp = fingerprint(dataset_cfg, tokenizer, template, specs, listings, packed)
     final = cache_dir() / "datasets" / fp
 

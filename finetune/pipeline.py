@@ -69,12 +69,12 @@ def _model_vocab_size(cfg: RunConfig) -> int | None:
         return None
 
 
-def _model_type(cfg: RunConfig) -> str | None:
-    """The model's architecture (config.json model_type), offline when the catalog knows it; None if unknown."""
+def _model_config(cfg: RunConfig) -> dict | None:
+    """The model's config.json, offline when the catalog knows it; None if it cannot be read."""
     from finetune.preflight import catalog
 
     try:
-        return catalog.model_config(cfg.model.name_or_path)[0].get("model_type")
+        return catalog.model_config(cfg.model.name_or_path)[0]
     except ConfigError:
         pass
     try:
@@ -83,7 +83,7 @@ def _model_type(cfg: RunConfig) -> str | None:
         from finetune.models.loader import resolve_path
 
         return AutoConfig.from_pretrained(resolve_path(cfg.model), revision=cfg.model.revision,
-                                          trust_remote_code=cfg.model.trust_remote_code).model_type
+                                          trust_remote_code=cfg.model.trust_remote_code).to_dict()
     except Exception:  # no network, no access: packing falls back to padded batches and the report says why
         return None
 
@@ -95,9 +95,10 @@ def run_data_stage(cfg: RunConfig, run_dir: Path):
     from finetune.models.loader import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model, _model_vocab_size(cfg))
-    model_type = _model_type(cfg) if cfg.dataset.packing else None
+    model_config = _model_config(cfg) if cfg.dataset.packing else None
     try:
-        data = prepare(cfg.dataset, tokenizer, cfg.model.chat_template, model_type=model_type)
+        data = prepare(cfg.dataset, tokenizer, cfg.model.chat_template,
+                       model_type=(model_config or {}).get("model_type"), model_config=model_config)
     except RejectedRowsError as e:
         if is_leader():
             e.report.write(run_dir / "data_report.json")  # the rejected rows, with their locations, for the user
