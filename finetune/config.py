@@ -171,8 +171,9 @@ class AdapterConfig:
     alpha: float = 32.0  # scaling is alpha / rank
     dropout: float = 0.05
     # Module names, or presets: all-linear (every linear layer of the decoder blocks, MoE experts
-    # included), attention, mlp.
-    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    # included), attention, mlp. One name as a bare string (adapter.targets=all-linear) or a list
+    # (adapter.targets=[q_proj,v_proj]). Typed Any because OmegaConf has no str-or-list type; checked below.
+    targets: Any = field(default_factory=lambda: ["all-linear"])
     # rsLoRA: scale updates by alpha / sqrt(rank) instead of alpha / rank (stabler at high rank).
     use_rslora: bool = False
     # DoRA: learn a magnitude vector besides the LoRA direction (better at low rank; slower, more memory).
@@ -182,6 +183,11 @@ class AdapterConfig:
         _check(self.rank >= 1, "adapter.rank", f"must be a positive integer, got {self.rank}")
         _check(self.alpha > 0, "adapter.alpha", f"must be positive, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, "adapter.dropout", f"must be in [0, 1), got {self.dropout}")
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        _check(isinstance(self.targets, list | tuple) and all(isinstance(t, str) and t for t in self.targets),
+               "adapter.targets", f"must be a module name or preset, or a list of them, got {self.targets!r}")
+        self.targets = list(self.targets)
         _check(len(self.targets) > 0, "adapter.targets", "must name at least one module (or all-linear)")
 
 

@@ -106,3 +106,28 @@ def test_the_seed_families_each_have_a_recipe():
     assert compose(["+recipe=llama2-70b"]).hardware.num_gpus > 1
     assert compose(["+recipe=falcon-180b"]).stages[0].value == "preflight" and len(
         compose(["+recipe=falcon-180b"]).stages) == 1, "falcon-180b only plans"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("adapter.targets=all-linear", ["all-linear"]),
+    ("adapter.targets=attention", ["attention"]),
+    ("adapter.targets=mlp", ["mlp"]),
+    ("adapter.targets=[q_proj,v_proj]", ["q_proj", "v_proj"]),
+    ("adapter.targets=[all-linear]", ["all-linear"]),
+])
+def test_adapter_targets_take_a_bare_name_or_a_list(override, expected):
+    assert compose(["+recipe=tiny-demo", override]).adapter.targets == expected
+
+
+@pytest.mark.parametrize("override", ["adapter.targets=[]", "adapter.targets=3", "adapter.targets=[q_proj,3]"])
+def test_bad_adapter_targets_name_the_key(override):
+    with pytest.raises(ConfigError, match="adapter.targets"):
+        compose(["+recipe=tiny-demo", override])
+
+
+def test_a_bad_target_names_the_modules_the_model_has():
+    from finetune.preflight import arch, catalog
+
+    spec = arch.from_config(catalog.model_config("tiny:llama")[0])
+    with pytest.raises(ConfigError, match=r"adapter.targets: qkv_proj is not among .*q_proj, k_proj, v_proj"):
+        spec.lora_targets(compose(["+recipe=tiny-demo", "adapter.targets=qkv_proj"]).adapter.targets)
