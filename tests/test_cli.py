@@ -140,3 +140,10 @@ def test_multirun_exits_with_the_worst_jobs_code(run_cli, tmp_path):
     assert proc.returncode == 2
     assert len(list((tmp_path / "outputs" / "llama2-7b-medical").glob("*-sweep/0/plan.json"))) == 1
     assert "adapter.rank" in proc.stderr
+
+
+def test_a_bare_target_preset_on_the_command_line(run_cli, tmp_path):
+    proc = run_cli("+recipe=tiny-demo", "adapter.targets=attention", "stages=[data,preflight]")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(next((tmp_path / "outputs" / "tiny-demo").glob("*/plan.json")).read_text())
+    assert plan["model"]["lora_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
