@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,16 @@ from finetune.models import tiny
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+# Files a tokenizer is read from, by the tokenizer classes of transformers (tokenizer.json first).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tekken.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+# The pip package behind a module that loading a model or tokenizer may import.
+PIP_PACKAGES = {"sentencepiece": "sentencepiece", "google": "protobuf", "tiktoken": "tiktoken",
+                "blobfile": "blobfile", "bitsandbytes": "bitsandbytes", "accelerate": "accelerate",
+                "mistral_common": "mistral-common"}
+# What transformers needs to read a SentencePiece tokenizer.model: (module, pip package).
+SENTENCEPIECE_NEEDS = (("sentencepiece", "sentencepiece"), ("google.protobuf", "protobuf"))
 
 
 def resolve_path(model_cfg) -> str:
@@ -60,14 +72,35 @@ def _hub_kwargs(model_cfg) -> dict[str, Any]:
     return {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
 
 
+def local_model_dir(model_cfg) -> Path | None:
+    """The model's local directory (the tiny model's build or a local path), or None for a hub id.
+
+    A local path that does not exist is a ConfigError, the same one the preflight gives."""
+    from finetune.preflight import catalog
+
+    if tiny.is_tiny(model_cfg.name_or_path):
+        return tiny.ensure_built(model_cfg.name_or_path)
+    return catalog.local_dir(model_cfg.name_or_path)
+
+
 def load_tokenizer(model_cfg, model_vocab_size: int | None = None):
+    """The model's fast tokenizer, with a pad token distinct from EOS and right padding.
+
+    A local directory is checked first, so that what transformers would report as a traceback
+    (or, for some broken files, not at all) is one line naming the file: see :func:`check_tokenizer_files`.
+    """
+    local = local_model_dir(model_cfg)
+    if local is not None:
+        check_tokenizer_files(local)
     from transformers import AutoTokenizer
 
-    path = resolve_path(model_cfg)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(model_cfg))
-    except OSError as e:
-        raise _load_error(model_cfg, e) from e
+        tokenizer = AutoTokenizer.from_pretrained(str(local or model_cfg.name_or_path), **_hub_kwargs(model_cfg))
+    except Exception as e:
+        error = _tokenizer_error(model_cfg, local, e)
+        if error is None:
+            raise
+        raise error from e
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"model.name_or_path: {model_cfg.name_or_path} has no fast tokenizer "
                           "(the loss mask needs character offsets)")
@@ -79,11 +112,153 @@ def load_tokenizer(model_cfg, model_vocab_size: int | None = None):
 def _load_error(model_cfg, e: Exception) -> Exception:
     name = model_cfg.name_or_path
     if Path(name).expanduser().exists():
-        return ConfigError(f"model.name_or_path: cannot load {name}: {str(e).splitlines()[0]}")
+        return ConfigError(f"model.name_or_path: cannot load {name}: {_first_line(e)}")
     return EnvError(
-        f"model.name_or_path: cannot load '{name}' ({str(e).splitlines()[0]}); check the id, the network, "
+        f"model.name_or_path: cannot load '{name}' ({_first_line(e)}); check the id, the network, "
         "and for gated models your access (HF_TOKEN or `huggingface-cli login`)"
     )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _not_installed(needs: tuple[tuple[str, str], ...]) -> list[str]:
+    return [package for module, package in needs if not _importable(module)]
+
+
+def _missing_package(e: BaseException) -> str | None:
+    """The pip package whose absence caused `e` (an ImportError in its chain), if we know it."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, ImportError):
+            module = (x.name or "").split(".")[0]
+            if module in PIP_PACKAGES:
+                return PIP_PACKAGES[module]
+            # transformers' requires_backends: "... requires the protobuf library but it was not found ..."
+            m = re.search(r"requires the (\w+) library", str(x))
+            if m and m.group(1).lower() in PIP_PACKAGES.values():
+                return m.group(1).lower()
+        todo += [x.__cause__, x.__context__]
+    return None
+
+
+def _pip_error(name: str, what: str, packages: str) -> EnvError:
+    return EnvError(f"model.name_or_path: loading the {what} of {name} needs {' and '.join(packages.split())}, "
+                    f"which {'is' if ' ' not in packages else 'are'} not installed: pip install {packages}")
+
+
+def _library_error(name: str, what: str, e: ImportError) -> EnvError:
+    return EnvError(f"model.name_or_path: loading the {what} of {name} needs a library that is missing or too old "
+                    f"({_first_line(e)})")
+
+
+def _is_tiktoken(file: Path) -> bool:
+    """Whether a tokenizer.model is a tiktoken vocabulary (text lines "base64 rank", as Llama 3 ships) rather
+    than a SentencePiece model (binary protobuf)."""
+    with file.open("rb") as f:
+        return re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+\r?\n?", f.readline(256)) is not None
+
+
+def check_tokenizer_files(local: Path) -> None:
+    """What a local directory's tokenizer is read from, checked before transformers reads it.
+
+    * config.json (transformers reads it to choose the tokenizer class): the preflight's own check;
+    * tokenizer_config.json, special_tokens_map.json: JSON objects, and no special token that is an
+      empty string (early LLaMATokenizer conversions wrote ``"unk_token": ""``: transformers 5 then
+      recurses until RecursionError, and ``"eos_token": ""`` silently makes EOS the unknown token);
+    * a SentencePiece tokenizer.model with no tokenizer.json beside it (how Meta's original Llama
+      checkpoints ship): sentencepiece and protobuf are installed (without them transformers falls
+      back to reading the file as tiktoken and fails with "tiktoken is required"), and sentencepiece
+      reads the file (transformers' own parser accepts a truncated file and yields a tokenizer of
+      a few tokens, which would turn every text into <unk>); a tiktoken tokenizer.model (Llama 3's
+      original checkpoints): tiktoken is installed.
+    """
+    from finetune.preflight import catalog
+
+    if (local / "config.json").is_file():
+        catalog.read_local_config(local)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = local / name
+        if not file.is_file():
+            continue
+        data = catalog.read_json_object(file, f"download it again (huggingface-cli download ID {name} "
+                                              f"--local-dir {local}) or fix it")
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            value = data.get(key)
+            if (value.get("content") if isinstance(value, dict) else value) == "":
+                raise ConfigError(f"model.name_or_path: {file} sets {key} to an empty string (old LLaMATokenizer "
+                                  "conversions did); set it to the token itself (Llama's: bos_token \"<s>\", "
+                                  "eos_token \"</s>\", unk_token \"<unk>\") or remove the key")
+    sp_model = local / "tokenizer.model"
+    if not sp_model.is_file() or (local / "tokenizer.json").is_file():
+        return
+    if _is_tiktoken(sp_model):
+        if not _importable("tiktoken"):
+            raise EnvError(f"model.name_or_path: {sp_model} is a tiktoken vocabulary (with no tokenizer.json beside "
+                           "it), and reading it needs tiktoken, which is not installed: pip install tiktoken")
+        return
+    missing = _not_installed(SENTENCEPIECE_NEEDS)
+    if missing:
+        raise EnvError(f"model.name_or_path: {sp_model} is a SentencePiece tokenizer (with no tokenizer.json "
+                       f"beside it), and reading it needs {' and '.join(missing)}, which "
+                       f"{'is' if len(missing) == 1 else 'are'} not installed: pip install {' '.join(missing)}")
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
+    except (RuntimeError, OSError) as e:
+        raise ConfigError(f"model.name_or_path: {sp_model} is not a readable SentencePiece model "
+                          f"({_first_line(e)}); it is truncated or corrupt: download it again "
+                          f"(huggingface-cli download ID tokenizer.model --local-dir {local})") from e
+
+
+def _tokenizer_error(model_cfg, local: Path | None, e: Exception) -> Exception | None:
+    """One-line error for a failed AutoTokenizer.from_pretrained; None to let an unexpected one through."""
+    package = _missing_package(e)
+    sp_model = local / "tokenizer.model" if local is not None else None
+    if package == "tiktoken" and not (sp_model is not None and sp_model.is_file() and _is_tiktoken(sp_model)):
+        # transformers reads a tokenizer.model as tiktoken only after SentencePiece failed (a warning says why),
+        # so "tiktoken is required" for a SentencePiece file means that sentencepiece or protobuf is missing.
+        package = " ".join(_not_installed(SENTENCEPIECE_NEEDS)) or package
+    if package is not None:
+        return _pip_error(model_cfg.name_or_path, "tokenizer", package)
+    if isinstance(e, ImportError):
+        return _library_error(model_cfg.name_or_path, "tokenizer", e)
+    if local is None:
+        return _load_error(model_cfg, e) if isinstance(e, OSError) else None
+    # Anything else that fails while reading the files of a local directory is about those files.
+    if not any((local / n).is_file() for n in TOKENIZER_FILES) and not any(local.glob("*.tiktoken")):
+        return ConfigError(f"model.name_or_path: {local} has no tokenizer files (tokenizer.json, or tokenizer.model "
+                           "for a SentencePiece tokenizer); copy the model's tokenizer files into it "
+                           f"(huggingface-cli download ID --include 'tokenizer*' --local-dir {local})")
+    from finetune.preflight import catalog
+
+    for name in ("tokenizer.json", "added_tokens.json", "chat_template.json"):
+        if (local / name).is_file():
+            try:
+                catalog.read_json_object(local / name, f"download it again (huggingface-cli download ID {name} "
+                                                       f"--local-dir {local})")
+            except ConfigError as broken:
+                return broken
+    source = next((local / n for n in TOKENIZER_FILES if (local / n).is_file()), local)
+    return ConfigError(f"model.name_or_path: cannot load the tokenizer from {source} ({type(e).__name__}: "
+                       f"{_first_line(e)}); download the tokenizer files again (huggingface-cli download ID "
+                       f"--include 'tokenizer*' --local-dir {local})")
 
 
 def quantization_config(choices: dict[str, Any]):
@@ -155,11 +330,15 @@ def check_disk_space(model_cfg, cache_dir: Path | None = None) -> None:
 
 def load_model(model_cfg, choices: dict[str, Any], device: str, attention: str | None = None):
     """The frozen base model, quantized as the plan chose, on `device` ("cuda" or "cpu")."""
+    local = local_model_dir(model_cfg)
+    if local is not None:
+        check_model_files(local, trust_remote_code=bool(model_cfg.trust_remote_code))
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     check_disk_space(model_cfg)
-    path = resolve_path(model_cfg)
+    path = str(local or model_cfg.name_or_path)
     kwargs: dict[str, Any] = dict(_hub_kwargs(model_cfg))
     kwargs["dtype"] = getattr(torch, DTYPES[choices["compute_dtype"]])
     kwargs["quantization_config"] = quantization_config(choices)
@@ -170,12 +349,90 @@ def load_model(model_cfg, choices: dict[str, Any], device: str, attention: str |
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise _load_error(model_cfg, e) from e
+    except (OSError, ImportError, SafetensorError) as e:
+        error = _model_error(model_cfg, local, e)
+        if error is None:
+            raise
+        raise error from e
     model.config.use_cache = False  # no KV cache during training (it only costs memory)
     if device == "cpu":
         _keep_cpu_4bit_layout(model)
     return model
+
+
+def check_model_files(local: Path, trust_remote_code: bool = False) -> None:
+    """A local model directory's config and weights, checked before transformers builds the model.
+
+    Found here, a missing shard or an architecture this transformers does not know is one line
+    before loading starts (a 70B checkpoint takes minutes to quantize), not a traceback after.
+    """
+    from finetune.preflight import catalog
+
+    config = catalog.read_local_config(local)
+    cfg_file = local / "config.json"
+    model_type = config.get("model_type")
+    if not (trust_remote_code and "auto_map" in config):
+        import transformers
+        from transformers import CONFIG_MAPPING
+
+        remote = ("; the model ships its own code: set model.trust_remote_code=true if you trust it"
+                  if "auto_map" in config else "")
+        if not model_type:
+            raise ConfigError(f"model.name_or_path: {cfg_file} has no model_type (llama, mistral, ...), which "
+                              f"transformers needs to choose the architecture; add it{remote}")
+        if model_type not in CONFIG_MAPPING:
+            raise ConfigError(f"model.name_or_path: {cfg_file} has model_type '{model_type}', which transformers "
+                              f"{transformers.__version__} does not know; fix model_type, or upgrade transformers "
+                              f"if the model is newer{remote}")
+    if (local / "model.safetensors").is_file():
+        return
+    index = local / "model.safetensors.index.json"
+    again = f"download the weights again (huggingface-cli download ID --local-dir {local})"
+    if index.is_file():
+        weight_map = catalog.read_json_object(index, again).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConfigError(f"model.name_or_path: {index} has no weight_map naming the shard files; {again}")
+        missing = sorted({str(f) for f in weight_map.values() if not (local / str(f)).is_file()})
+        if missing:
+            listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise ConfigError(f"model.name_or_path: {local} lacks {len(missing)} of the weight shards that {index.name} "
+                              f"names ({listed}); {again}")
+        return
+    pickled = sorted(p.name for p in local.glob("pytorch_model*.bin"))
+    if pickled:
+        raise ConfigError(f"model.name_or_path: {local} holds only pickled weights ({pickled[0]}), which are never "
+                          "loaded (unpickling can run code); download the model's safetensors weights, or convert "
+                          "these to safetensors with a script you trust (load, then model.save_pretrained(DIR))")
+    raise ConfigError(f"model.name_or_path: {local} has no weights (model.safetensors, or model.safetensors.index.json "
+                      f"and its shards); download them (huggingface-cli download ID --local-dir {local}); "
+                      "stages=[data,preflight] need only the config and the tokenizer")
+
+
+def _model_error(model_cfg, local: Path | None, e: Exception) -> Exception | None:
+    """One-line error for a failed AutoModelForCausalLM.from_pretrained (OSError, ImportError, SafetensorError);
+    None to let an unexpected one through."""
+    from safetensors import SafetensorError, safe_open
+
+    package = _missing_package(e)
+    if package is not None:
+        return _pip_error(model_cfg.name_or_path, "model", package)
+    if isinstance(e, ImportError):
+        return _library_error(model_cfg.name_or_path, "model", e)
+    if local is None:
+        return _load_error(model_cfg, e) if isinstance(e, OSError) else None
+    again = f"download it again (huggingface-cli download ID --local-dir {local})"
+    if isinstance(e, SafetensorError):
+        for file in sorted(local.glob("*.safetensors")):
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as bad:
+                return ConfigError(f"model.name_or_path: {file} is not a readable safetensors file "
+                                   f"({_first_line(bad)}); it is truncated or corrupt: {again}")
+    if isinstance(e, FileNotFoundError) and e.filename:
+        return ConfigError(f"model.name_or_path: {e.filename} is missing; {again}")
+    return ConfigError(f"model.name_or_path: cannot load the model in {local} ({type(e).__name__}: "
+                       f"{_first_line(e)})")
 
 
 def _keep_cpu_4bit_layout(model) -> None:

@@ -45,19 +45,72 @@ def resolve_catalog_name(name: str) -> str | None:
     return None
 
 
+def _is_path(name: str) -> bool:
+    """Whether `name` can only be a local path: a hub id is `name` or `owner/name`."""
+    return (name.startswith(("/", "~", "./", "../", ".\\", "..\\")) or name in (".", "..") or "\\" in name
+            or name.count("/") > 1)
+
+
+def local_dir(name_or_path: str) -> Path | None:
+    """The local model directory that `name_or_path` names, or None for a hub id or catalog name.
+
+    A name that can only be a path (absolute, ./, ../, ~, or more than one '/') and is not a
+    directory is a ConfigError here, in every stage alike, rather than a hub lookup that fails.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConfigError(f"model.name_or_path: {name_or_path} is a file, not a model directory; "
+                          "point it at the directory that holds config.json")
+    if _is_path(name_or_path):
+        shown = name_or_path if str(path) == name_or_path and path.is_absolute() else f"{name_or_path} ({path.absolute()})"
+        raise ConfigError(f"model.name_or_path: {shown} does not exist; point it at a model directory "
+                          "(config.json, the tokenizer files and the weights) or at a hub id")
+    return None
+
+
+def read_local_config(path: Path) -> dict[str, Any]:
+    """The config.json of local model directory `path`; a ConfigError naming the file if it is missing or broken."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"model.name_or_path: {path} has no config.json; download the model's config.json "
+                          f"into it (huggingface-cli download ID config.json --local-dir {path})")
+    return read_json_object(cfg_file, f"download it again (huggingface-cli download ID config.json --local-dir {path}) "
+                                      "or fix it")
+
+
+def read_json_object(file: Path, fix: str) -> dict[str, Any]:
+    """A model directory's JSON file (config.json, tokenizer_config.json, ...), which must hold an object;
+    else a ConfigError naming the file, what is wrong with it, and `fix` (what to do)."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"model.name_or_path: {file} is not a JSON text file (byte {e.start} is not UTF-8); "
+                          f"{fix}") from e
+    except OSError as e:
+        raise ConfigError(f"model.name_or_path: cannot read {file} ({e.strerror or e})") from e
+    if not text.strip():
+        raise ConfigError(f"model.name_or_path: {file} is empty; {fix}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        # Cut short (an interrupted download): the error is at the end, or in a string that never closes.
+        ends_early = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+        what = "is truncated: its JSON ends early" if ends_early else "is not valid JSON"
+        raise ConfigError(f"model.name_or_path: {file} {what} ({e.msg}, line {e.lineno}); {fix}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"model.name_or_path: {file} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
+
+
 def model_config(name_or_path: str) -> tuple[dict[str, Any], str]:
     """(config dict, where it came from) for a tiny model, a local directory, or a catalog hub id."""
     if tiny.is_tiny(name_or_path):
         return tiny.spec(name_or_path), "built-in tiny model"
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ConfigError(f"model.name_or_path: {path} has no config.json")
-        try:
-            return json.loads(cfg_file.read_text()), str(cfg_file)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"model.name_or_path: {cfg_file} is not valid JSON ({e.msg}, line {e.lineno})") from e
+    path = local_dir(name_or_path)
+    if path is not None:
+        return read_local_config(path), str(path / "config.json")
     key = resolve_catalog_name(name_or_path)
     if key is not None:
         return dict(models()[key]), "catalog"
