@@ -86,7 +86,8 @@ def describe_config_error(ex: BaseException) -> str:
             key = m.group(1) if m else key
             return (f"unknown recipe key '{key}': check its spelling "
                     f"(`finetune +recipe=NAME --cfg job` lists every key)")
-        if re.search(r"Missing mandatory value: name$", str(cause).splitlines()[0]):
+        if key == "name" and re.search(r"Missing mandatory value: name$|Incompatible value 'None'",
+                                        str(cause).splitlines()[0]):
             return f"no recipe given: run finetune +recipe=NAME (recipes: {recipes})"
         if isinstance(cause, ValidationError):
             return f"{key}: {str(cause).splitlines()[0]}"

@@ -147,3 +147,20 @@ def test_a_bare_target_preset_on_the_command_line(run_cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(next((tmp_path / "outputs" / "tiny-demo").glob("*/plan.json")).read_text())
     assert plan["model"]["lora_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def test_a_recipe_in_the_users_own_directory(run_cli, tmp_path):
+    """README: `finetune --config-dir ~/my-recipes +recipe=mine` finds my-recipes/recipe/mine.yaml, which may
+    use the shipped groups; a recipe without `name:` is named by its file; data paths are the working dir's."""
+    (tmp_path / "my-recipes" / "recipe").mkdir(parents=True)
+    (tmp_path / "my-recipes" / "recipe" / "mine.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - override /model: tiny-llama\n  - override /hardware: cpu\n  - _self_\n"
+        "dataset:\n  path: rows.jsonl\n  format: alpaca\n  eval_fraction: 0.2\n")
+    (tmp_path / "rows.jsonl").write_text("".join(
+        json.dumps({"instruction": f"What is {i} plus {i}?", "input": "", "output": str(2 * i)}) + "\n"
+        for i in range(40)))
+    proc = run_cli("--config-dir", "my-recipes", "+recipe=mine", "stages=[data,preflight]")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(next((tmp_path / "outputs" / "mine").glob("*/data_report.json")).read_text())
+    assert report["rows_read"] == 40 and report["train_rows"] + report["eval_rows"] == 40
