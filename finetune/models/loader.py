@@ -14,6 +14,8 @@ from finetune.models import tiny
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# plan.json's choices.attention -> transformers' attn_implementation
+ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash2": "flash_attention_2", "flash_attention_2": "flash_attention_2"}
 
 # Files a tokenizer is read from, by the tokenizer classes of transformers (tokenizer.json first).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tekken.json", "vocab.json", "vocab.txt", "merges.txt",
@@ -329,7 +331,9 @@ def check_disk_space(model_cfg, cache_dir: Path | None = None) -> None:
 
 
 def load_model(model_cfg, choices: dict[str, Any], device: str, attention: str | None = None):
-    """The frozen base model, quantized as the plan chose, on `device` ("cuda" or "cpu")."""
+    """The frozen base model, quantized as the plan chose, on `device` ("cuda" or "cpu"), with the plan's
+    attention implementation unless `attention` names another (a model reloaded for evaluation, merge or
+    chat computes as it trained: transformers' default can differ, e.g. SDPA for GPT-J since 5.24)."""
     local = local_model_dir(model_cfg)
     if local is not None:
         check_model_files(local, trust_remote_code=bool(model_cfg.trust_remote_code))
@@ -343,6 +347,7 @@ def load_model(model_cfg, choices: dict[str, Any], device: str, attention: str |
     kwargs["dtype"] = getattr(torch, DTYPES[choices["compute_dtype"]])
     kwargs["quantization_config"] = quantization_config(choices)
     kwargs["use_safetensors"] = True  # never unpickle weights
+    attention = attention or ATTENTION.get(choices.get("attention", ""))
     if attention:
         kwargs["attn_implementation"] = attention
     if device == "cuda":

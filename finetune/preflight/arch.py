@@ -336,7 +336,9 @@ def _bloom(config: dict[str, Any]) -> ArchSpec:
 
 def _gptj(config: dict[str, Any]) -> ArchSpec:
     """GPT-J: one LayerNorm feeding attention and MLP in parallel, partial rotary (rotary_dim),
-    lm_head with bias; transformers 5.23 has eager and flash paths only (no SDPA)."""
+    lm_head with bias. Trained with eager attention: transformers 5.23 had eager and flash paths only; 5.24
+    added SDPA, which this memory model does not count yet, so the plan keeps eager (and every reload of the
+    model for evaluation, merge or chat uses the plan's attention, finetune/models/loader.py)."""
     h = _get(config, "n_embd", "hidden_size")
     heads = _get(config, "n_head", "num_attention_heads")
     inner = config.get("n_inner") or 4 * h

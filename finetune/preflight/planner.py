@@ -544,9 +544,9 @@ def _architecture_notes(spec: ArchSpec, c: dict[str, Any], seq_len: int, extra: 
         notes.append(f"{spec.architecture}: the {spec.experts} experts per layer are 3-D parameters that "
                      "bitsandbytes does not quantize (bf16) and LoRA all-linear does not target")
     if spec.attention == "eager":
-        notes.append(f"{spec.architecture} has no SDPA path in transformers {versions.VERIFIED['transformers']}: "
-                     f"eager attention keeps "
-                     f"{spec.heads} x {seq_len} x {seq_len} probabilities per layer and sequence")
+        notes.append(f"{spec.architecture} trains with eager attention (transformers' only path for it, or the "
+                     f"one the memory model was verified on): it keeps {spec.heads} x {seq_len} x {seq_len} "
+                     "probabilities per layer and sequence")
     if c["quantization"] != "none" and spec.norm == "layer" and any(lin.quantizable for lin in spec.linears):
         notes.append("LayerNorm returns fp32 under autocast and bitsandbytes returns its input's dtype: the "
                      "quantized layers' outputs and the residual stream are fp32")

@@ -39,9 +39,6 @@ OPTIMIZERS = {
     "paged_adamw_8bit": "paged_adamw_8bit",
     "paged_adamw_32bit": "paged_adamw_32bit",
 }
-ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash2": "flash_attention_2", "flash_attention_2": "flash_attention_2"}
-
-
 @dataclass
 class TrainResult:
     adapter_dir: str
@@ -283,7 +280,7 @@ class _Attempt:
             StopOnSignalCallback,
         )
 
-        model = load_model(cfg.model, choices, device, attention=ATTENTION.get(choices.get("attention", "sdpa")))
+        model = load_model(cfg.model, choices, device)
         train_ds = data.to_dataset("train")  # memory-mapped Arrow from the data stage (packed rows when data.packed)
         eval_ds = data.to_dataset("eval") if len(data.eval) else None
         args = sft_config(cfg, choices, run_dir / resume_mod.CHECKPOINTS, device, has_eval=eval_ds is not None,
