@@ -131,3 +131,21 @@ def test_rule_linear_subclasses_decides_falcon_quantization(monkeypatch):
     assert not any(lin.quantizable for lin in arch.from_config(falcon).linears)
     monkeypatch.setattr(versions, "QUANTIZES_LINEAR_SUBCLASSES_SINCE", "5.24")
     assert all(lin.quantizable for lin in arch.from_config(falcon).linears)
+
+
+def test_rule_eager_attention_families_and_reloads_use_the_plans_attention():
+    """BLOOM plans eager attention because transformers has no SDPA path for it; GPT-J because the memory
+    model counts its eager path (transformers 5.24 added SDPA). A reload passes the plan's choice, so it
+    computes as training did whatever transformers' default is."""
+    import transformers
+
+    from finetune.models.loader import ATTENTION
+    from finetune.preflight import arch, catalog
+
+    bloom = arch.from_config(catalog.model_config("bigscience/bloom-7b1")[0])
+    assert bloom.attention == "eager"
+    assert not transformers.BloomPreTrainedModel._supports_sdpa, (
+        f"rule drifted: transformers {versions.installed('transformers')} has an SDPA path for BLOOM "
+        f"(none through {versions.VERIFIED['transformers']}); the memory model could plan it")
+    assert arch.from_config(catalog.model_config("EleutherAI/gpt-j-6b")[0]).attention == "eager"
+    assert ATTENTION["eager"] == "eager" and ATTENTION["flash2"] == "flash_attention_2"
