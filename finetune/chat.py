@@ -7,6 +7,9 @@
 The base model is loaded the way the run trained it (its plan's quantization) and the
 adapter computes in the precision it was trained in; prompts are rendered with the chat
 template saved with the adapter, so the model sees the format it learned.
+
+Code from the model's repository runs only with ``--trust-remote-code`` on this command line,
+never because the run directory's config.yaml asks for it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from finetune.errors import FinetuneError
 
 
 class Chat:
-    def __init__(self, adapter: str, system: str | None = None, max_new_tokens: int = 256):
+    def __init__(self, adapter: str, system: str | None = None, max_new_tokens: int = 256,
+                 trust_remote_code: bool = False):
         import torch
         from transformers import AutoTokenizer
 
@@ -27,9 +31,9 @@ class Chat:
         from finetune.models.loader import load_with_adapter
         from finetune.models.merge import find_run
 
-        run = find_run(adapter)
+        run = find_run(adapter, trust_remote_code=trust_remote_code)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir, trust_remote_code=trust_remote_code)
         if not self.tokenizer.chat_template:
             raise FinetuneError(f"{run.adapter_dir}: the adapter has no chat template saved with it")
         self.model = load_with_adapter(run.model_cfg, run.choices, run.adapter_dir, self.device)
@@ -77,12 +81,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", help="answer this one prompt and exit")
     parser.add_argument("--system", help="a system prompt")
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let code from the base model's repository run (needed when the run's recipe set "
+                             "model.trust_remote_code; never taken from the run directory)")
     args = parser.parse_args(argv)
     from finetune.quiet import quiet_libraries
 
     quiet_libraries()
     try:
-        chat = Chat(args.adapter, system=args.system, max_new_tokens=args.max_new_tokens)
+        chat = Chat(args.adapter, system=args.system, max_new_tokens=args.max_new_tokens,
+                    trust_remote_code=args.trust_remote_code)
     except FinetuneError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(e.exit_code)

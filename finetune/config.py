@@ -413,10 +413,65 @@ def compose(overrides: list[str]) -> RunConfig:
     return to_run_config(cfg)
 
 
+def _schema_class(hint: Any) -> type | None:
+    """The dataclass a field's type hint names (SourceConfig for list[SourceConfig] too), or None."""
+    from dataclasses import is_dataclass
+    from typing import get_args
+
+    if is_dataclass(hint):
+        return hint  # type: ignore[return-value]
+    for arg in get_args(hint):
+        found = _schema_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def unknown_keys(node: Any, schema: type = None, prefix: str = "") -> list[str]:  # type: ignore[assignment]
+    """Dotted keys of a composed config that the schema has no field for.
+
+    Hydra's ``+key=`` / ``++key=`` overrides add keys with struct mode off, and
+    ``OmegaConf.to_object`` sets such extra keys as plain attributes on the dataclasses
+    instead of refusing them: without this check ``+adapter.rnak=8`` would be silently ignored.
+    """
+    from typing import get_type_hints
+
+    from omegaconf import ListConfig
+
+    schema = schema or RunConfig
+    if not isinstance(node, DictConfig) or node._is_none() or node._is_missing() or node._is_interpolation():
+        return []
+    hints = get_type_hints(schema)
+    out: list[str] = []
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            out.append(name)
+            continue
+        sub = _schema_class(hints[key])
+        if sub is None:
+            continue  # a plain value, or `Any` (adapter.targets): nothing below it to check
+        child = node._get_node(key)
+        if isinstance(child, ListConfig) and not (child._is_none() or child._is_missing()
+                                                   or child._is_interpolation()):
+            for i in range(len(child)):
+                out += unknown_keys(child._get_node(i), sub, f"{name}.{i}.")
+        else:
+            out += unknown_keys(child, sub, f"{name}.")
+    return out
+
+
 def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Resolve interpolations, build the dataclasses (running their cross-field checks)."""
+    """Check every key against the schema, resolve interpolations, build the dataclasses (running
+    their cross-field checks)."""
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+    unknown = unknown_keys(cfg)
+    if unknown:
+        keys = ", ".join(f"'{k}'" for k in unknown)
+        raise ConfigError(f"unknown recipe key{'s' if len(unknown) > 1 else ''} {keys}: check "
+                          f"{'their' if len(unknown) > 1 else 'its'} spelling "
+                          "(`finetune +recipe=NAME --cfg job` lists every key)")
     try:
         obj = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:
@@ -454,8 +509,11 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def to_plain_dict(cfg: RunConfig) -> dict[str, Any]:
-    """The resolved recipe as plain YAML-able data (enums as their values)."""
+    """The resolved recipe as plain YAML-able data (enums as their values), for the run directory's
+    config.yaml: credentials in values (a tracking URI's password, ?token=...) masked."""
     from dataclasses import asdict
+
+    from finetune.redaction import mask_data
 
     def plain(value: Any) -> Any:
         if isinstance(value, Enum):
@@ -466,4 +524,4 @@ def to_plain_dict(cfg: RunConfig) -> dict[str, Any]:
             return [plain(v) for v in value]
         return value
 
-    return plain(asdict(cfg))
+    return mask_data(plain(asdict(cfg)))

@@ -182,3 +182,31 @@ def test_no_secret_reaches_mlflow(tmp_path, monkeypatch):
             assert secret.encode() not in path.read_bytes(), path
     assert redact({"model.hf_token": secret, "eval.max_new_tokens": 5}) == {"model.hf_token": "<redacted>",
                                                                            "eval.max_new_tokens": 5}
+
+
+def test_a_password_in_the_tracking_uri_is_written_nowhere(run_cli, mlflow_server, tmp_path):
+    """The run logs to the server with the real URI; every file it writes (the run directory with Hydra's
+    .hydra/, run.json, the log), its console, and what the server stores show only http://alice:***@..."""
+    from mlflow.tracking import MlflowClient
+
+    password = "Pw4TestOnly-x7Qz9"
+    uri = mlflow_server.replace("http://", f"http://alice:{password}@")
+    masked = mlflow_server.replace("http://", "http://alice:***@")
+    proc = run_cli("+recipe=tiny-demo", "stages=[data,preflight,train]", "train.max_steps=2",
+                   "tracking.register_model=false", "tracking.system_metrics=false", f"tracking.uri={uri}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert password not in proc.stdout + proc.stderr
+    assert masked in proc.stdout
+
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]  # outputs/ (.hydra included) and the server's store
+    assert any(p.parent.name == ".hydra" for p in written) and any(p.name == "mlflow.db" for p in written)
+    assert [p for p in written if password.encode() in p.read_bytes()] == []
+    run_dir = next((tmp_path / "outputs" / "tiny-demo").glob("*/run.json")).parent
+    assert json.loads((run_dir / "run.json").read_text())["tracking_uri"] == masked
+    assert f"uri: {masked}" in (run_dir / "config.yaml").read_text()
+    assert f"tracking.uri={masked}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+
+    client = MlflowClient(mlflow_server)  # the run reached the server, its params masked
+    [run] = client.search_runs([client.get_experiment_by_name("finetune").experiment_id])
+    assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics
+    assert run.data.params["tracking.uri"] == masked and run.data.params["adapter.rank"] == "16"

@@ -120,3 +120,70 @@ def test_chat_on_a_directory_without_an_adapter_is_a_clear_error(tmp_path):
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "adapter_config.json" in proc.stderr
+
+
+def _merge_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "finetune.models.merge", *map(str, args)], capture_output=True,
+                          text=True, timeout=300, **kwargs)
+
+
+def _one_error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_merge_cli_never_replaces_a_folder_it_did_not_write(run, tmp_path):
+    import resource
+
+    _, result = run
+    adapter = result["train"].adapter_dir
+    models = tmp_path / "models"  # say, the user's whole models folder
+    (models / "llama").mkdir(parents=True)
+    (models / "llama" / "weights.bin").write_text("precious")
+    proc = _merge_cli(adapter, "--out", models)
+    assert proc.returncode == 2
+    assert "--force" in _one_error_line(proc) and "merge.json" in proc.stderr
+    assert (models / "llama" / "weights.bin").read_text() == "precious"
+
+    proc = _merge_cli(adapter, "--out", models, "--force")  # asked for: replaced
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (models / "llama").exists() and (models / "merge.json").is_file()
+    before = {p.name: p.read_bytes() for p in models.iterdir()}
+
+    # An earlier merge output is ours to replace; a merge that fails while writing (here: a file size
+    # limit, as a full disk would) leaves it as it was, and no half-written sibling behind.
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    proc = _merge_cli(adapter, "--out", models, preexec_fn=small_files)
+    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in models.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_merge_and_chat_never_take_trust_remote_code_from_the_run_directory(run, tmp_path):
+    import shutil
+
+    import yaml
+
+    from finetune.models.merge import find_run
+
+    _, result = run
+    theirs = tmp_path / "someone-elses-run"
+    shutil.copytree(result["run_dir"], theirs, ignore=shutil.ignore_patterns("checkpoints"))
+    config = yaml.safe_load((theirs / "config.yaml").read_text())
+    config["model"]["trust_remote_code"] = True
+    (theirs / "config.yaml").write_text(yaml.safe_dump(config))
+
+    out = tmp_path / "merged"
+    for proc in (_merge_cli(theirs / "adapter", "--out", out),
+                 subprocess.run([sys.executable, "-m", "finetune.chat", str(theirs / "adapter"), "--prompt", "hi"],
+                                capture_output=True, text=True, timeout=300)):
+        assert proc.returncode == 2
+        line = _one_error_line(proc)
+        assert "trust_remote_code" in line and "--trust-remote-code" in line
+    assert not out.exists()
+    assert find_run(theirs / "adapter", trust_remote_code=True).model_cfg.trust_remote_code is True
+    # The run's own recipe said false: still off without the flag (and nothing in it can turn it on).
+    assert find_run(result["run_dir"]).model_cfg.trust_remote_code is False

@@ -14,6 +14,13 @@ Two bases to merge into:
 It says which it used, on the console and in ``merge.json`` beside the weights. The result
 is safetensors plus the tokenizer with the chat template of training, loadable with
 ``AutoModelForCausalLM.from_pretrained`` (no peft, no bitsandbytes).
+
+Nothing is destroyed by surprise: ``--out DIR`` is written only when DIR is missing, empty, or
+an earlier merge output (it holds our ``merge.json``); any other DIR is refused unless
+``--force``. The model is written into a hidden sibling of DIR and renamed into place at the
+end, so a failed merge leaves DIR as it was. Code from the model's repository never runs
+unless ``--trust-remote-code`` is given on this command line: a run directory's config.yaml
+(which may be someone else's) cannot switch it on.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 import logging
 import shutil
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +52,12 @@ class TrainedRun:
     choices: dict[str, Any]
 
 
-def find_run(path: str | Path) -> TrainedRun:
-    """The run behind an adapter directory (or a run directory holding adapter/)."""
+def find_run(path: str | Path, trust_remote_code: bool = False) -> TrainedRun:
+    """The run behind an adapter directory (or a run directory holding adapter/).
+
+    `trust_remote_code` is the caller's own command-line flag, never the run's: a run whose recipe
+    set model.trust_remote_code is refused without it (running its code is the user's decision).
+    """
     from finetune.config import ModelConfig
 
     p = Path(path).expanduser().resolve()
@@ -57,8 +69,66 @@ def find_run(path: str | Path) -> TrainedRun:
     if not config_path.is_file() or not plan_path.is_file():
         raise ConfigError(f"{run_dir}: not a finetune run directory (config.yaml and plan.json are missing)")
     recipe = yaml.safe_load(config_path.read_text())
-    model_cfg = ModelConfig(**recipe["model"])
+    model = dict(recipe["model"])
+    if model.get("trust_remote_code") and not trust_remote_code:
+        raise ConfigError(f"{config_path}: the run's recipe sets model.trust_remote_code, which runs code from the "
+                          f"repository of {model.get('name_or_path')}; pass --trust-remote-code if you trust it "
+                          "(it is never taken from a run directory)")
+    model["trust_remote_code"] = bool(trust_remote_code)
+    model_cfg = ModelConfig(**model)
     return TrainedRun(adapter, run_dir, model_cfg, json.loads(plan_path.read_text())["choices"])
+
+
+MERGE_RECORD = "merge.json"
+
+
+def is_merge_output(path: Path) -> bool:
+    """A directory an earlier merge wrote: it holds our merge.json record."""
+    try:
+        record = json.loads((path / MERGE_RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"adapter", "base", "run_dir"} <= set(record)
+
+
+def check_out(out: Path, run: TrainedRun, force: bool = False) -> None:
+    """Refuse an --out that would destroy something we did not write (unless `force`)."""
+    where = out.expanduser().absolute()
+    resolved = where.resolve()
+    if resolved == run.adapter_dir or resolved in run.adapter_dir.parents:
+        raise ConfigError(f"--out {out}: that directory holds the adapter being merged; pick another one")
+    if not where.exists() and not where.is_symlink():
+        return
+    if force:
+        return
+    if where.is_symlink() or not where.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory; pick another path, or pass --force to "
+                          "replace it")
+    if any(where.iterdir()) and not is_merge_output(where):
+        raise ConfigError(f"--out {out}: the directory is not empty and is not an earlier finetune-merge output "
+                          f"(no {MERGE_RECORD}); pick another directory, or pass --force to replace all it holds")
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Put the finished `tmp` where `out` is; the old `out` (if any) is moved aside first and removed last."""
+    if not out.exists() and not out.is_symlink():
+        tmp.rename(out)
+        return
+    old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    _remove(old)
 
 
 def _is_prequantized(base_dir: str) -> bool:
@@ -66,16 +136,23 @@ def _is_prequantized(base_dir: str) -> bool:
     return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
 
 
-def merge(adapter: str | Path, out: str | Path, from_quantized: bool = False) -> dict[str, Any]:
-    """Merge and save; returns the merge.json record."""
+def merge(adapter: str | Path, out: str | Path, from_quantized: bool = False, force: bool = False,
+          trust_remote_code: bool = False) -> dict[str, Any]:
+    """Merge and save; returns the merge.json record.
+
+    `out` must be missing, empty or an earlier merge output unless `force` (then whatever it holds
+    is replaced); it is replaced only once the new model is completely written beside it.
+    """
+    run = find_run(adapter, trust_remote_code=trust_remote_code)
+    out = Path(out).expanduser().absolute()
+    check_out(out, run, force)  # before anything is loaded: a refusal costs nothing
+
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.models.loader import base_model_dir, load_model
 
-    run = find_run(adapter)
-    out = Path(out)
     base_dir = base_model_dir(run.model_cfg)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[run.choices["compute_dtype"]]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,16 +172,23 @@ def merge(adapter: str | Path, out: str | Path, from_quantized: bool = False) ->
     model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     merged = model.merge_and_unload()
     merged = merged.to(dtype)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(run.adapter_dir).save_pretrained(tmp)  # with the chat template of training
-    record = {"adapter": str(run.adapter_dir), "base": which, "base_model": run.model_cfg.name_or_path,
-              "dtype": str(dtype).removeprefix("torch."), "run_dir": str(run.run_dir)}
-    (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh hidden sibling (same filesystem, so the final rename is atomic); removed on any failure.
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        # With the chat template of training.
+        AutoTokenizer.from_pretrained(run.adapter_dir, trust_remote_code=run.model_cfg.trust_remote_code
+                                      ).save_pretrained(tmp)
+        record = {"adapter": str(run.adapter_dir), "base": which, "base_model": run.model_cfg.name_or_path,
+                  "dtype": str(dtype).removeprefix("torch."), "run_dir": str(run.run_dir)}
+        (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        check_out(out, run, force)  # again: the directory may have changed while the model was written
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return record
 
 
@@ -114,14 +198,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="where to write the merged model (default: <run dir>/merged)")
     parser.add_argument("--from-quantized", action="store_true",
                         help="merge into the dequantized 4-bit base the adapter was trained on")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out even if it is a directory holding something else than an earlier merge")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let code from the base model's repository run (needed when the run's recipe set "
+                             "model.trust_remote_code; never taken from the run directory)")
     args = parser.parse_args(argv)
     from finetune.quiet import quiet_libraries
 
     quiet_libraries()
     try:
-        run = find_run(args.adapter)
+        run = find_run(args.adapter, trust_remote_code=args.trust_remote_code)
         out = Path(args.out) if args.out else run.run_dir / "merged"
-        record = merge(args.adapter, out, from_quantized=args.from_quantized)
+        record = merge(args.adapter, out, from_quantized=args.from_quantized, force=args.force,
+                       trust_remote_code=args.trust_remote_code)
     except FinetuneError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(e.exit_code)
