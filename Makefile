@@ -20,7 +20,7 @@ GPUS   ?= 2
 ADAPTER ?= $(shell ls -td outputs/*/*/adapter outputs/*/*/*/adapter 2>/dev/null | head -1)
 RUN_DIR = outputs/$(RECIPE)/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help install lock test-latest demo test preflight train train-multi merge chat ui lint bench bench-gpu clean
+.PHONY: help install lock test-latest demo test preflight train train-multi merge chat ui lint bench bench-gpu clean clean-cache
 
 help:
 	@echo "make install                 create $(VENV) (if missing) and install finetune with its dev tools, exactly as $(LOCK) pins them"
@@ -38,6 +38,7 @@ help:
 	@echo "make bench                   every benchmark script in tests/benchmarks/ (results in tests/benchmarks/results/)"
 	@echo "make bench-gpu               on a CUDA machine: measured peak memory and speed against the preflight"
 	@echo "make clean                   remove outputs/, mlflow.db, mlruns/ (not the venv)"
+	@echo "make clean-cache             remove the prepared datasets in $(CACHE_DIR)/datasets (not the tiny models)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -123,4 +124,12 @@ bench-gpu: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_gpu_memory.py $(ARGS)
 
 clean:
-	rm -rf outputs mlflow.db mlruns
+	rm -rf outputs mlflow.db mlflow.db.lock mlruns
+
+# The prepared-dataset stores (and builds a killed run left behind), where finetune/paths.py keeps
+# them: $FINETUNE_CACHE, else $XDG_CACHE_HOME/finetune, else ~/.cache/finetune. The tiny models and
+# sample data stay. The next run prepares its dataset again.
+CACHE_DIR := $(or $(FINETUNE_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/finetune)
+
+clean-cache:
+	rm -rf "$(CACHE_DIR)/datasets"

@@ -17,13 +17,20 @@ input_ids, doubling the store); TRL's collator and ExampleSplit then take the la
         lengths.npy     every kept example's length in tokens (the histogram)
         report.json     the DataReport
         meta.json       template, masking, packing; written last, so its presence marks a complete store
+
+A store is built in ``<fingerprint>.tmp-<pid>/`` and renamed into place (a replaced one goes
+through ``<fingerprint>.old-<pid>/``). A process killed meanwhile leaves that directory behind:
+:func:`remove_orphans` removes it on a later run. ``make clean-cache`` removes every store.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -34,6 +41,8 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep.packing import best_fit_decreasing
+
+log = logging.getLogger(__name__)
 
 IDS = pa.list_(pa.int32())
 EXAMPLES = pa.schema([("input_ids", IDS), ("labels", IDS), ("location", pa.string())])
@@ -282,7 +291,56 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((path / "meta.json").read_text())
 
 
+_BUILDING = re.compile(r"\.(?:tmp|old)-(\d+)$")
+ORPHAN_AFTER_S = 24 * 3600  # a build directory untouched this long is an orphan, whatever its pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _last_change(path: Path) -> float:
+    latest = path.stat().st_mtime
+    for entry in os.scandir(path):  # a store is flat: the file being written shows a live build
+        try:
+            latest = max(latest, entry.stat(follow_symlinks=False).st_mtime)
+        except OSError:
+            pass
+    return latest
+
+
+def remove_orphans(root: Path) -> list[Path]:
+    """Remove the build directories (``*.tmp-<pid>``, ``*.old-<pid>``) in `root` that no build will
+    finish: their process is gone (killed during data preparation), or nothing in them changed for
+    a day (the pid may belong to another process by now). Returns what was removed."""
+    if not root.is_dir():
+        return []
+    removed = []
+    for child in root.iterdir():
+        m = _BUILDING.search(child.name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            if not child.is_dir() or (_alive(int(m.group(1))) and time.time() - _last_change(child) < ORPHAN_AFTER_S):
+                continue
+        except OSError:  # gone meanwhile (its process finished or another run removed it)
+            continue
+        shutil.rmtree(child, ignore_errors=True)
+        removed.append(child)
+    if removed:
+        log.info("data: removed %d unfinished dataset build(s) left by killed processes: %s", len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed
+
+
 def new_build_dir(final: Path) -> Path:
+    remove_orphans(final.parent)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

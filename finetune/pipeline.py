@@ -8,9 +8,12 @@ opens no MLflow run and imports neither torch nor mlflow.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import yaml
 from rich.console import Console
 
 from finetune.config import RunConfig, Stage, flatten, to_plain_dict
-from finetune.distributed import is_leader
+from finetune.distributed import is_leader, world
 from finetune.errors import ConfigError, FinetuneError
 from finetune.quiet import quiet_libraries
 
@@ -95,6 +98,7 @@ def run_data_stage(cfg: RunConfig, run_dir: Path):
     from finetune.models.loader import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model, _model_vocab_size(cfg))
+    _remove_orphaned_builds()
     model_config = _model_config(cfg) if cfg.dataset.packing else None
     try:
         data = prepare(cfg.dataset, tokenizer, cfg.model.chat_template,
@@ -123,13 +127,81 @@ def run_data_stage(cfg: RunConfig, run_dir: Path):
     return data, tokenizer
 
 
+def _remove_orphaned_builds() -> None:
+    """Half-built dataset stores of processes killed while preparing data (store.remove_orphans)."""
+    from data_prep.store import remove_orphans
+    from finetune.paths import cache_dir
+
+    remove_orphans(cache_dir() / "datasets")
+
+
+def _move_hydra_output(old: Path, new: Path) -> None:
+    """This invocation's Hydra record (.hydra/) and log follow it from `old` to `new`."""
+    if (old / ".hydra").is_dir():
+        shutil.copytree(old / ".hydra", new / ".hydra", dirs_exist_ok=True)
+    root = logging.getLogger()
+    here = {old.resolve(), old.absolute()}  # a FileHandler keeps its file's absolute (unresolved) path
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent in here:
+            moved = logging.FileHandler(new.resolve() / Path(handler.baseFilename).name, encoding=handler.encoding)
+            moved.setFormatter(handler.formatter)
+            moved.setLevel(handler.level)
+            for f in handler.filters:
+                moved.addFilter(f)
+            root.removeHandler(handler)
+            handler.close()
+            root.addHandler(moved)
+
+
+def _claim_run_dir(run_dir: Path, held: contextlib.ExitStack) -> Path:
+    """The run directory this run owns, locked for as long as the run lasts (rank 0 only).
+
+    Normally `run_dir` itself. If another live run works there (two runs started within the same
+    second get the same timestamped directory from Hydra; or one explicit hydra.run.dir given
+    twice), this run moves to the first new `<dir>-2`, `<dir>-3`, ... beside it. Under torchrun
+    the ranks were all given that directory, so there it is an error instead."""
+    from finetune.train.resume import claim, describe_holder, lock_record
+
+    lock = claim(run_dir)
+    if lock is None:
+        other = describe_holder(lock_record(run_dir))
+        if world()[1] > 1:
+            raise ConfigError(f"hydra.run.dir: {run_dir} is the directory of another run still in progress "
+                              f"({other}); give this launch a new one (make train-multi names one per launch)")
+        for n in itertools.count(2):
+            moved = run_dir.with_name(f"{run_dir.name}-{n}")
+            try:
+                moved.mkdir(parents=True)  # exclusive: of two runs racing for it, one gets it
+            except FileExistsError:
+                continue
+            lock = claim(moved)
+            if lock is not None:
+                break
+        _move_hydra_output(run_dir, moved)
+        log.warning("run directory %s belongs to another run still in progress (%s): this run uses %s",
+                    run_dir, other, moved)
+        run_dir = moved
+    held.enter_context(lock)
+    return run_dir
+
+
 def run_pipeline(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the recipe's stages in `run_dir`; returns what each stage produced (for callers and tests).
 
     A training run that continues an interrupted one (train.resume) trains on in that run's
     directory and MLflow run; `run_dir` then holds this invocation's log and a resume.json
     pointing there.
+
+    One run per run directory: rank 0 holds a lock on `run_dir` (and on the resumed run's
+    directory) until the run ends; a `run_dir` held by another live run is swapped for a new
+    one beside it (results["run_dir"] says which).
     """
+    with contextlib.ExitStack() as held:  # the run directories' locks, released last
+        return _run_stages(cfg, run_dir, sweep, held)
+
+
+def _run_stages(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None,
+                held: contextlib.ExitStack) -> dict[str, Any]:
     from finetune.preflight import Plan, run_preflight, write_plan
     from finetune.preflight.show import show_plan
 
@@ -145,6 +217,8 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None = N
 
         require(cfg)  # lm-eval tasks asked for: the harness must be there before hours of training
     run_dir.mkdir(parents=True, exist_ok=True)
+    if leader:
+        run_dir = _claim_run_dir(run_dir, held)
     recipe = to_plain_dict(cfg)
     if leader:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -161,7 +235,9 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None = N
 
         # A sweep's jobs are different recipes side by side: they start fresh (auto-resume is for single runs).
         mode = "never" if (sweep is not None and cfg.train.resume == "auto") else cfg.train.resume
-        resume_point = resolve(mode, run_dir.parent, run_dir, recipe, data.report.fingerprint)
+        resume_point = resolve(mode, run_dir.parent, run_dir, recipe, data.report.fingerprint, take_lock=leader)
+        if resume_point is not None and resume_point.lock is not None:
+            held.enter_context(resume_point.lock)
     work_dir = resume_point.run_dir if resume_point is not None else run_dir
     results["work_dir"] = work_dir
 
@@ -197,6 +273,11 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None = N
                if leader else NullTracker())
     with tracker:
         results["run_id"] = tracker.run_id
+        if leader:
+            from finetune.train.resume import dead_runs
+
+            # Runs of this recipe whose process died (kill -9, a crash) without ending their MLflow run.
+            tracker.end_dead_runs(dead_runs(run_dir.parent, exclude=[run_dir, work_dir]), found_by=run_dir)
         if resume_point is None:
             _log_run_start(tracker, cfg, plan, data, work_dir, sweep)
         else:

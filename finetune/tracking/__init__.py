@@ -4,7 +4,13 @@ One run per training invocation (a Hydra multirun: one parent run for the sweep,
 child per job, so the UI's compare view lines the jobs up). The run always ends:
 FINISHED on success, FAILED with the error (as a tag and an ``error.txt`` artifact) on
 a crash, KILLED on an interrupt; never left RUNNING. Its id is written to ``run.json``
-in the run directory, so that later stages and a resumed run find it.
+in the run directory, so that later stages and a resumed run find it. A process killed
+outright (kill -9, a crash of the machine) cannot end its run: the next run of the same
+recipe does (:meth:`Tracker.end_dead_runs`, KILLED, ended when its directory last changed).
+A resumed run is RUNNING again and loses the ``error`` tag of the attempt it continues.
+
+Several runs may start at once against a new SQLite store: creating (or upgrading) its
+tables is done under a lock file beside it (``mlflow.db.lock``), one process at a time.
 
 A remote tracking server that does not answer fails the run before any work starts
 (exit 5), unless the recipe says ``tracking.fallback_local: true``: then the run is
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import EnvError
+from finetune.redaction import mask
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,8 @@ LOCAL_URI = "sqlite:///mlflow.db"
 # System metrics (CPU/GPU memory, utilization) every 5 s: MLflow's 10 s default misses short runs.
 SYSTEM_METRICS_SECONDS = 5
 PARENT_FILE = "mlflow_parent_run.json"
+# Tags that say how a run's last attempt ended: a resumed run drops them.
+_ENDED_TAGS = ("error", "ended_by")
 
 
 def absolute_uri(uri: str) -> str:
@@ -57,7 +66,13 @@ def is_secret(key: str) -> bool:
 
 
 def redact(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("<redacted>" if is_secret(k) else v) for k, v in params.items()}
+    """Params / tags as logged: a key named like a credential loses its value; any other string value
+    has the credentials it carries masked (http://user:***@host, ?token=***, an environment secret's
+    value: finetune/redaction.py)."""
+    def value(v: Any) -> Any:
+        return v if v is None or isinstance(v, int | float) else mask(str(v))
+
+    return {k: ("<redacted>" if is_secret(k) else value(v)) for k, v in params.items()}
 
 
 def check_reachable(uri: str, fallback_local: bool) -> str:
@@ -80,6 +95,24 @@ def check_reachable(uri: str, fallback_local: bool) -> str:
                     absolute_uri(LOCAL_URI))
         log.warning("!" * 78)
         return LOCAL_URI
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Held while this process first opens a SQLite store: MLflow creates and migrates a new store's
+    tables on first open, and two processes doing that at once fail ("table runs already exists",
+    "duplicate column name"). Other stores (a server, a database server) need nothing here."""
+    prefix = "sqlite:///"
+    db = Path(uri[len(prefix):]) if uri.startswith(prefix) and ":memory:" not in uri else None
+    if db is None or not db.parent.is_dir():  # a missing folder: MLflow's own error says so
+        yield
+        return
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -152,7 +185,8 @@ class Tracker:
         if self.cfg.system_metrics:
             mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_SECONDS)
         try:
-            exp = mlflow.set_experiment(self.experiment)
+            with _store_lock(self.uri):  # the first use of the store in this process creates its tables
+                exp = mlflow.set_experiment(self.experiment)
             if self.run_id is not None:
                 run = mlflow.start_run(run_id=self.run_id, log_system_metrics=self.cfg.system_metrics)
             else:
@@ -168,13 +202,46 @@ class Tracker:
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
         self._client = MlflowClient(self.uri)
         self.run_id = run.info.run_id
+        if self.resumed:  # RUNNING again (start_run did that): what ended the last attempt no longer holds
+            for key in _ENDED_TAGS:
+                if key in run.data.tags:
+                    self._client.delete_tag(self.run_id, key)
         (self.run_dir / "run.json").write_text(json.dumps({
             "run_id": self.run_id, "experiment_id": exp.experiment_id, "experiment": self.experiment,
-            "tracking_uri": self.uri, "parent_run_id": self.parent_run_id,
+            "tracking_uri": mask(self.uri), "parent_run_id": self.parent_run_id,
         }, indent=2) + "\n")
-        log.info("MLflow run %s in experiment '%s' (%s)%s", self.run_id, self.experiment, self.uri,
+        log.info("MLflow run %s in experiment '%s' (%s)%s", self.run_id, self.experiment, mask(self.uri),
                  " continued" if self.resumed else "")
         return self
+
+    def end_dead_runs(self, runs: list[tuple[Path, dict[str, Any]]], found_by: Path) -> list[str]:
+        """End the MLflow runs of dead run directories (finetune.train.resume.dead_runs: no process
+        holds them) that are still RUNNING in this store: KILLED, ended when the directory last
+        changed (about when the process died), tagged ``ended_by``. Returns their ids."""
+        from finetune.train.resume import last_change
+
+        ours = {self.uri, mask(self.uri)}
+        ended = []
+        for run_dir, record in runs:
+            run_id = record.get("run_id")
+            if not run_id or run_id == self.run_id or record.get("tracking_uri") not in ours:
+                continue
+            try:
+                info = self._client.get_run(run_id).info
+                if info.status != "RUNNING":
+                    continue
+                end_ms = max(int(last_change(run_dir) * 1000), info.start_time or 0)
+                self._client.set_tag(run_id, "ended_by", f"{found_by.resolve()}: no process was running it "
+                                     "any more (kill -9, a crash or a power cut)")
+                self._client.set_terminated(run_id, status="KILLED", end_time=end_ms)
+            except Exception as e:  # a deleted run, a store that changed: never fail this run over it
+                log.warning("could not end the MLflow run %s of %s (%s: %s)", run_id, run_dir, type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "")
+                continue
+            log.warning("MLflow run %s (%s) was still RUNNING but its process is gone (kill -9 or a crash): "
+                        "marked KILLED", run_id, run_dir)
+            ended.append(run_id)
+        return ended
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._mlflow is None:
@@ -255,8 +322,8 @@ class Tracker:
         else:
             from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 
-            src = HuggingFaceDatasetSource(path=source)
-        dataset = MetaDataset(source=src, name=source, digest=fingerprint)
+            src = HuggingFaceDatasetSource(path=mask(source))
+        dataset = MetaDataset(source=src, name=mask(source), digest=fingerprint)
         self._mlflow.log_input(dataset, context="training", tags={"rows": str(rows)})
 
     def log_adapter_model(self, model, tokenizer, base_model_path: str, registered_name: str | None,
