@@ -198,6 +198,45 @@ def test_out_of_memory_continues_with_a_smaller_plan(workdir, oom_when):
     assert replan["next"] == final
 
 
+def test_out_of_memory_frees_the_old_model_before_the_next_plan_loads(workdir, oom_when, monkeypatch):
+    """After an out-of-memory error nothing keeps the failed plan's model alive (not the exception's
+    traceback, not the Trainer, its callbacks or its Accelerator): on a GPU, loading the next plan's
+    base beside it would run out of memory again. Checked where it matters, at the next load.
+    Also: each attempt builds its training arguments (the process group) before it loads the model."""
+    import weakref
+
+    import finetune.models.loader as loader
+    import finetune.train as train_mod
+
+    models: list[weakref.ref] = []
+    alive_at_load: list[int] = []
+    order: list[str] = []
+    real_load, real_args = loader.load_model, train_mod.sft_config
+
+    def load_model(*args, **kwargs):
+        # No gc.collect() here: the train stage must already have freed the old model.
+        alive_at_load.append(sum(ref() is not None for ref in models))
+        order.append("load")
+        model = real_load(*args, **kwargs)
+        models.append(weakref.ref(model))
+        return model
+
+    def sft_config(*args, **kwargs):
+        order.append("args")
+        return real_args(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "load_model", load_model)
+    monkeypatch.setattr(train_mod, "sft_config", sft_config)
+    oom_when(lambda trainer, inputs: trainer.state.global_step >= 2 and inputs["input_ids"].shape[0] > 4)
+    cfg = compose(["+recipe=tiny-demo", "train.max_steps=4", "train.save_steps=2", "stages=[data,preflight,train]"])
+    train = run_pipeline(cfg, workdir / "tiny-demo" / "run")["train"]
+    assert train.steps == 4 and train.oom_replans
+    assert len(models) == len(train.oom_replans) + 1
+    assert alive_at_load == [0] * len(models), "a failed plan's model was still alive when the next one loaded"
+    assert order == ["args", "load"] * len(models)
+    assert all(e["error"].startswith("CUDA out of memory") for e in train.oom_replans), "the message is kept"
+
+
 def test_out_of_memory_with_no_smaller_plan_exits_4(workdir, oom_when):
     oom_when(lambda trainer, inputs: True)
     cfg = compose(BASE + ["preflight.pin.micro_batch_size=1", "preflight.pin.gradient_checkpointing=true"])

@@ -16,7 +16,6 @@ last checkpoint with a smaller plan.
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import logging
@@ -62,7 +61,9 @@ class TrainResult:
 
 
 def check_world(cfg) -> None:
-    """The plan splits the effective batch over hardware.num_gpus processes: the launch must match."""
+    """Before any work and before an MLflow run exists: a GPU plan has a GPU (pick_device: exit 5 without
+    one), and the launch matches hardware.num_gpus (the plan splits the effective batch over them)."""
+    pick_device(cfg)
     _, world_size = world()
     if world_size != cfg.hardware.num_gpus:
         raise ConfigError(f"hardware.num_gpus={cfg.hardware.num_gpus} but the launcher started {world_size} "
@@ -81,6 +82,33 @@ def pick_device(cfg) -> str:
         f"(torch {torch.__version__}, cuda {torch.version.cuda}); run on a GPU machine, or set hardware=cpu "
         "(sensible only for the tiny models)"
     )
+
+
+def checkpoint_bytes(cfg, plan: dict[str, Any]) -> int:
+    """What the checkpoints of a run take on disk at most: each holds the adapter and the optimizer state
+    (the plan's per-GPU bytes; sharded over the GPUs under FSDP, whole on rank 0 under DDP), and the trainer
+    writes a new one before it deletes the oldest of train.keep_checkpoints; plus the final adapter and
+    64 MiB for trainer state, tokenizer and the run's own files."""
+    b = plan["breakdown_bytes"]
+    gpus = plan["choices"].get("num_gpus", 1) if plan["choices"].get("distributed") == "fsdp" else 1
+    adapter = b["lora_params"] * gpus
+    one = adapter + b["optimizer_state"] * gpus
+    return one * (cfg.train.keep_checkpoints + 1) + adapter + (64 << 20)
+
+
+def check_checkpoint_space(cfg, plan: dict[str, Any], run_dir: Path) -> None:
+    """Before training: room on the run directory's disk for its checkpoints (exit 5 naming the path and
+    the bytes the plan needs), rather than a failed save hours in."""
+    needed = checkpoint_bytes(cfg, plan)
+    probe = Path(run_dir)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise EnvError(f"{run_dir}: the run's checkpoints need about {needed / 2**20:,.0f} MiB "
+                       f"(train.keep_checkpoints={cfg.train.keep_checkpoints} of adapter + optimizer state) and "
+                       f"only {free / 2**20:,.0f} MiB are free there; free some space, lower "
+                       "train.keep_checkpoints, or point hydra.run.dir at a bigger disk")
 
 
 def lora_config(cfg, model_config: dict[str, Any]):
@@ -164,19 +192,44 @@ def liger_available(device: str) -> bool:
 def _fsdp_args(choices: dict[str, Any]) -> dict[str, Any]:
     """FSDP with QLoRA, when the plan shards the frozen weights (a model too big for one card).
 
-    Full sharding, wrapping each decoder layer (transformers' _no_split_modules), loading the
-    weights on rank 0 only and broadcasting (cpu_ram_efficient_loading), and the original flat
-    parameters (use_orig_params false), as QLoRA with FSDP needs; the 4-bit weights are stored
-    in the compute dtype (models/loader.py) so that FSDP can flatten them with the rest.
+    FSDP2 (transformers 5's default; its FSDP1 is deprecated), fully sharded (reshard after
+    forward), each decoder layer wrapped (transformers' _no_split_modules), and
+    cpu_ram_efficient_loading; the 4-bit weights are stored in the compute dtype
+    (models/loader.py) so that FSDP can shard them with the rest, and the model is loaded with no
+    device_map under the FSDP loading environment (finetune.distributed.placement).
+
+    What the stack really does (transformers 5.24, accelerate 1.16): every rank still reads the
+    checkpoint and quantizes the whole model on its own GPU before FSDP shards it. transformers'
+    loader has no rank-0-only path for a quantized model (modeling_utils: is_fsdp_enabled() only
+    changes how non-zero ranks initialize missing keys), and accelerate's fsdp2_prepare_model
+    skips cpu_ram_efficient_loading for a model with Params4bit ("bypassing the move to meta will
+    still cause the VRAM spike"); the setting takes effect for unquantized FSDP plans.
     Not yet verified on GPUs: accelerate enables FSDP only on accelerators, so the CPU tests
     run DDP (see README).
     """
     if choices.get("distributed") != "fsdp":
         return {}
     return {
-        "fsdp": "full_shard auto_wrap",
-        "fsdp_config": {"cpu_ram_efficient_loading": True, "use_orig_params": False, "sync_module_states": True},
+        "fsdp": True,
+        "fsdp_config": {"version": 2, "reshard_after_forward": True, "cpu_ram_efficient_loading": True},
     }
+
+
+def rank_placement(choices: dict[str, Any], device: str, args):
+    """Where this rank's base model goes (finetune.distributed.placement), from the process that the
+    training arguments `args` set up: building them starts accelerate's PartialState, which starts
+    the process group and sets this rank's CUDA device. Loading the model before that would put
+    every rank's model on GPU 0."""
+    import torch
+
+    from finetune.distributed import placement
+
+    distributed = choices.get("distributed", "none")
+    if distributed != "none" and not torch.distributed.is_initialized():
+        raise RuntimeError("the training arguments must be built (which starts the process group) before the "
+                           f"model of a {distributed} plan is placed")
+    on_gpu = device == "cuda"
+    return placement(distributed, device, args.local_process_index, torch.cuda.device_count() if on_gpu else 1)
 
 
 def _peak_memory(device: str) -> dict[str, Any]:
@@ -280,13 +333,17 @@ class _Attempt:
             StopOnSignalCallback,
         )
 
-        model = load_model(cfg.model, choices, device)
         train_ds = data.to_dataset("train")  # memory-mapped Arrow from the data stage (packed rows when data.packed)
         eval_ds = data.to_dataset("eval") if len(data.eval) else None
+        # The training arguments before the model: building them starts the process group and sets this
+        # rank's device, which decide where this rank's model goes (rank_placement).
         args = sft_config(cfg, choices, run_dir / resume_mod.CHECKPOINTS, device, has_eval=eval_ds is not None,
                           packed=data.packed)
+        self.placement = rank_placement(choices, device, args)
+        model = load_model(cfg.model, choices, device, placement=self.placement)
         self.metrics = MetricsCallback(tracker)
-        callbacks = [self.metrics, RichProgressCallback(), CheckpointMarkerCallback(), StopOnSignalCallback(stop)]
+        self.progress = RichProgressCallback()
+        callbacks = [self.metrics, self.progress, CheckpointMarkerCallback(), StopOnSignalCallback(stop)]
         if args.load_best_model_at_end and cfg.train.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
         self.trainer = _trainer_class()(
@@ -320,17 +377,32 @@ class _Attempt:
         resume_mod.mark_complete(target)
         return target
 
+    def release(self) -> None:
+        """Drop every reference this attempt holds to its model, optimizer and scheduler, so that they
+        can be freed before the next plan's model is loaded (the caller drops the attempt itself).
 
-def _release(attempt: _Attempt | None, device: str) -> None:
-    if attempt is not None:
-        attempt.trainer.model = None
-        attempt.trainer.model_wrapped = None
-        attempt.trainer.optimizer = None
-    gc.collect()
-    if device == "cuda":
-        import torch
+        The Trainer keeps them in itself (model, model_wrapped: the DDP/FSDP wrapper, optimizer,
+        lr_scheduler), in its callback handler, and in its Accelerator (_models, _optimizers,
+        _schedulers, _dataloaders: cleared by Accelerator.free_memory, which accelerate documents for
+        "between two trainings with different models/optimizers")."""
+        trainer = self.trainer
+        if trainer is None:
+            return
+        self.trainer = None
+        self.progress.close()  # on_train_end never came: stop the live progress bar
+        trainer.accelerator.free_memory()
+        for holder in (trainer, trainer.callback_handler):
+            for name in ("model", "model_wrapped", "deepspeed", "optimizer", "lr_scheduler"):
+                if hasattr(holder, name):
+                    setattr(holder, name, None)
 
-        torch.cuda.empty_cache()
+
+def _free_device_memory() -> None:
+    """gc, then give the CUDA caching allocator's free blocks back (accelerate's release_memory:
+    gc.collect and clear_device_cache, torch.cuda.empty_cache where CUDA is the backend)."""
+    from accelerate.utils import release_memory
+
+    release_memory()
 
 
 def _record_replan_in_plan(run_dir: Path, choices: dict[str, Any], step: int) -> None:
@@ -362,6 +434,8 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
     plan_dict = plan if isinstance(plan, dict) else plan.to_dict()
     choices = dict(plan_dict["choices"])
     check_world(cfg)
+    if rank == 0:
+        check_checkpoint_space(cfg, plan_dict, run_dir)
     checkpoint = str(resume_point.checkpoint) if resume_point is not None else None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -376,7 +450,6 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
                  ", checkpointing" if choices["gradient_checkpointing"] else "", device,
                  f", from {checkpoint}" if checkpoint else "")
         attempt = _Attempt(cfg, choices, data, tokenizer, run_dir, device, tracker, stop)
-        oom: BaseException | None = None
         try:
             with stop:  # a signal now stops after the current step, with a checkpoint
                 output = attempt.trainer.train(resume_from_checkpoint=checkpoint)
@@ -384,18 +457,23 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not _is_oom(exc):
                 raise
-            oom = exc
+            # Only the message is kept: the exception's traceback holds the frames of the failed step,
+            # and with them the model, the batch and its activations.
+            error = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
         finally:
             attempt.metrics.flush()  # whatever happened, MLflow gets the steps that were done
-        # Out of memory: handled outside the except block, so the traceback's frames (and the
-        # tensors they hold) are gone before memory is freed.
+        # Out of memory, handled outside the except block (the exception is gone by now).
         step = attempt.trainer.state.global_step
         saved = attempt.save_after_oom()
         new = next_plan(plan_dict, choices, tried)
-        event = {"step": step, "error": str(oom).splitlines()[0][:500], "failed": choices, "next": new,
+        event = {"step": step, "error": error, "failed": choices, "next": new,
                  "checkpoint": str(saved) if saved else None}
         replans.append(event)
-        _release(attempt, device)
+        # Free this plan's model, optimizer state and activations before the next plan's base loads
+        # (on a GPU, loading it beside them would run out of memory again).
+        attempt.release()
+        attempt = None
+        _free_device_memory()
         if tracker is not None:
             tracker.record_replan(len(replans), event)
         if new is None:

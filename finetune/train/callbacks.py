@@ -119,6 +119,12 @@ class RichProgressCallback(TrainerCallback):
             self.progress.stop()
             self.progress = None
 
+    def close(self) -> None:
+        """Stop the bar of a training that ended without on_train_end (an out-of-memory error)."""
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
 
 class StopOnSignalCallback(TrainerCallback):
     """After a step, if a signal arrived: save a checkpoint and stop training."""
