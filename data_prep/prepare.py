@@ -628,8 +628,10 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None, model_type: str |
     fp = fingerprint(dataset_cfg, tokenizer, template, specs, listings, packed)
     final = cache_dir() / "datasets" / fp
 
+    fixes = list(getattr(tokenizer, "finetune_fixes", []))
     if dataset_cfg.cache and store.is_complete(final):
         data = _load(final)
+        data.report.tokenizer_fixes = fixes
         data.report.cache_hit = True
         data.report.seconds = round(time.perf_counter() - started, 3)
         log.info("data: reusing the prepared dataset %s (nothing changed since it was made)", final)
@@ -649,6 +651,7 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None, model_type: str |
         report.packing.enabled = packed
         report.packing.reason = why
         report.packing.architecture = model_type
+        report.tokenizer_fixes = fixes
         report.fingerprint = fp
         report.seconds = round(time.perf_counter() - started, 3)
         np.save(tmp / "lengths.npy", np.frombuffer(build.lengths, dtype=np.int32) if len(build.lengths)

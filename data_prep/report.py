@@ -79,6 +79,8 @@ class DataReport:
     sources: list[SourceStats] = field(default_factory=list)
     documents: int = 0  # text corpora: documents kept
     files_skipped: list[dict[str, str]] = field(default_factory=list)  # files in a directory that are not data
+    # special tokens of the model's tokenizer that loading fixed (finetune.models.loader.fix_special_tokens)
+    tokenizer_fixes: list[str] = field(default_factory=list)
     fingerprint: str = ""
     cache_hit: bool = False
     seconds: float = 0.0  # time to prepare (or to load from the cache)

@@ -21,6 +21,7 @@ needs more: `finetune --help` and a preflight dry run never import torch or mlfl
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import traceback
@@ -32,7 +33,7 @@ import hydra
 from omegaconf import DictConfig
 
 from finetune.config import register_configs
-from finetune.errors import ConfigError, FinetuneError
+from finetune.errors import ConfigError, EnvError, FinetuneError
 from finetune.paths import recipes_dir
 
 # Exit codes of the jobs run by this process (one per job; several in a multirun).
@@ -46,7 +47,9 @@ def _full_error() -> bool:
 
 
 def print_error(message: str) -> None:
-    sys.stderr.write(f"error: {message}\n")
+    from finetune.redaction import mask
+
+    sys.stderr.write(f"error: {mask(message)}\n")
     sys.stderr.flush()
 
 
@@ -103,9 +106,41 @@ def classify(ex: BaseException) -> tuple[int, str]:
 
     if isinstance(ex, FinetuneError):
         return ex.exit_code, str(ex)
+    disk = _disk_error(ex)
+    if disk is not None:
+        return EnvError.exit_code, disk
     if isinstance(ex, (HydraException, OmegaConfBaseException)):
         return ConfigError.exit_code, describe_config_error(ex)
     return 1, f"{type(ex).__name__}: {ex}"
+
+
+# errno values that mean "this machine's disk", not a bug: read-only, no permission, full, over quota
+_READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _disk_error(ex: BaseException) -> str | None:
+    """One line for a write that the disk refused (anywhere in `ex`'s chain: Hydra wraps the error of
+    creating its run directory), naming the path and what to do; None for any other error."""
+    import shutil
+
+    seen: set[int] = set()
+    cause: BaseException | None = ex
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in _READ_ONLY | _FULL:
+            path = Path(cause.filename or os.getcwd())
+            if cause.errno in _READ_ONLY:
+                return (f"cannot write {path}: {cause.strerror}; run from a directory you can write to, or "
+                        "point the run elsewhere (hydra.run.dir=DIR, FINETUNE_CACHE=DIR for the cache)")
+            probe = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+            free = shutil.disk_usage(probe).free
+            return (f"the disk holding {path} is full ({free / 1e9:.1f} GB free): {cause.strerror}; free some "
+                    "space there (a run needs room for its checkpoints and, the first time, the prepared "
+                    "dataset and the downloaded model), or point the run at a bigger disk (hydra.run.dir=DIR, "
+                    "FINETUNE_CACHE=DIR, HF_HOME=DIR)")
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def report(ex: Exception) -> int:
@@ -149,6 +184,7 @@ def _run_job(cfg: DictConfig) -> int:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = str(hydra_cfg.mode) == "RunMode.MULTIRUN"
+    _mask_hydra_files(hydra_cfg, run_dir, multirun)
     sweep = _sweep_info(hydra_cfg) if multirun else None
     if sweep is not None:
         _SWEEPS.add(sweep["dir"])
@@ -167,6 +203,23 @@ def _run_job(cfg: DictConfig) -> int:
         return report(ex)
     finally:
         _release_memory()
+
+
+def _mask_hydra_files(hydra_cfg: Any, run_dir: Path, multirun: bool) -> None:
+    """Hydra saves the composed config and the command line (.hydra/config.yaml, hydra.yaml,
+    overrides.yaml; a sweep's multirun.yaml) before the job starts, with every value as given: a
+    tracking URI's password included. Rewrite them masked, first thing in the job (the run itself
+    keeps the real values). Rewritten rather than not written (`hydra.output_subdir=null`), so that
+    Hydra's record of the run stays where its users look for it."""
+    from finetune.redaction import mask_file
+
+    if hydra_cfg.output_subdir is not None:
+        saved = run_dir / str(hydra_cfg.output_subdir)
+        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            if (saved / name).is_file():
+                mask_file(saved / name)
+    if multirun and (Path(str(hydra_cfg.sweep.dir)) / "multirun.yaml").is_file():
+        mask_file(Path(str(hydra_cfg.sweep.dir)) / "multirun.yaml")
 
 
 def _release_memory() -> None:
@@ -220,8 +273,10 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from finetune.redaction import install as mask_secrets_in_output
     from finetune.signals import install_process_handlers
 
+    mask_secrets_in_output()  # log records and stdout / stderr: credentials by value (finetune/redaction.py)
     install_process_handlers()
     register_configs()
     _EXIT_CODES.clear()

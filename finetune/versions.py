@@ -126,6 +126,7 @@ def quantizes_linear_subclasses() -> bool:
 # and these come with the CUDA build at the exact versions torch itself requires.
 _PLATFORM = ("torch", "triton", "nvidia-", "cuda-")
 _SELF = "finetune-recipes"
+_OURS = {"nvidia-ml-py"}  # our own dependency (GPU system metrics), despite its prefix
 
 
 def _norm(name: str) -> str:
@@ -138,7 +139,7 @@ def _environment() -> dict[str, str]:
     out = {}
     for dist in metadata.distributions():
         name = _norm(dist.metadata["Name"] or "")
-        if name and name != _SELF and not name.startswith(_PLATFORM):
+        if name and name != _SELF and (name in _OURS or not name.startswith(_PLATFORM)):
             out[name] = dist.version
     return out
 

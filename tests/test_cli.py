@@ -164,3 +164,81 @@ def test_a_recipe_in_the_users_own_directory(run_cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(next((tmp_path / "outputs" / "mine").glob("*/data_report.json")).read_text())
     assert report["rows_read"] == 40 and report["train_rows"] + report["eval_rows"] == 40
+
+
+@pytest.mark.parametrize("override, key", [
+    ("+adapter.rnak=8", "adapter.rnak"),
+    ("++adapter.rnak=8", "adapter.rnak"),
+    ("++preflight.pin.quantizaton=nf4", "preflight.pin.quantizaton"),
+    ("+lerning_rate=1e-3", "lerning_rate"),
+])
+def test_an_added_key_the_schema_lacks_exits_2_like_a_typo(run_cli, override, key):
+    """`+key=` / `++key=` add keys with Hydra's struct mode off (its own hint suggests `++`): they must
+    fail the same way a plain misspelled key does, not be dropped silently."""
+    proc = run_cli("+recipe=tiny-demo", override, "stages=[preflight]")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line = _one_error_line(proc)
+    assert f"'{key}'" in line and "spelling" in line
+
+
+def test_force_adding_a_key_that_exists_still_works(run_cli, tmp_path):
+    import yaml
+
+    proc = run_cli("+recipe=tiny-demo", "++adapter.rank=8", "++hydra.job.name=mine", "stages=[preflight]")
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load(next((tmp_path / "outputs" / "tiny-demo").glob("*/config.yaml")).read_text())
+    assert config["adapter"]["rank"] == 8
+
+
+def test_an_output_directory_that_cannot_be_written_is_exit_5(run_cli):
+    proc = run_cli("+recipe=tiny-demo", "stages=[preflight]", "hydra.run.dir=/sys/finetune-test/run")
+    assert proc.returncode == 5
+    line = _one_error_line(proc)
+    assert "cannot write /sys/finetune-test" in line and "hydra.run.dir" in line
+
+
+def test_a_full_disk_is_exit_5_naming_the_path_and_the_free_space(tmp_path):
+    """A write that fails with ENOSPC deep inside a library (wrapped by it) is one line, exit 5."""
+    from finetune.cli import classify
+
+    with pytest.raises(OSError) as full:
+        with open("/dev/full", "w") as f:  # every write fails as on a full disk (ENOSPC)
+            f.write("checkpoint")
+            f.flush()
+    full.value.filename = str(tmp_path / "checkpoint-30" / "adapter_model.safetensors")
+    try:
+        raise RuntimeError("the trainer could not save its checkpoint") from full.value
+    except RuntimeError as wrapped:
+        code, line = classify(wrapped)
+    assert code == 5 and f"the disk holding {tmp_path}" in line and "GB free" in line and "\n" not in line
+
+
+def test_a_gpu_plan_on_a_machine_without_one_stops_before_any_work(run_cli, tmp_path):
+    """hardware=rtx4090 on this CPU machine: exit 5 before the data stage runs or an MLflow run exists."""
+    proc = run_cli("+recipe=tiny-demo", "hardware=rtx4090")
+    assert proc.returncode == 5
+    assert "plans for a CUDA GPU" in _one_error_line(proc)
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not list((tmp_path / "outputs").glob("*/*/data_report.json"))
+
+
+def test_too_little_disk_for_the_checkpoints_is_caught_before_training(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from finetune.config import compose
+    from finetune.errors import EnvError
+    from finetune.preflight import run_preflight
+    from finetune.train import check_checkpoint_space, checkpoint_bytes
+
+    cfg = compose(["+recipe=llama2-7b-medical", "stages=[preflight]"])
+    plan = run_preflight(cfg).to_dict()
+    needed = checkpoint_bytes(cfg, plan)
+    b = plan["breakdown_bytes"]
+    assert needed > (cfg.train.keep_checkpoints + 1) * (b["lora_params"] + b["optimizer_state"])
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * needed, 9 * needed, needed - 1))
+    with pytest.raises(EnvError, match=rf"{tmp_path}.*checkpoints need about .* MiB.*train.keep_checkpoints"):
+        check_checkpoint_space(cfg, plan, tmp_path / "run")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * needed, 0, needed))
+    check_checkpoint_space(cfg, plan, tmp_path / "run")

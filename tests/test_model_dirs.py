@@ -458,3 +458,66 @@ def test_missing_bitsandbytes_at_training_load_is_exit_5(weights_dir, capsys, mo
         loader.load_model(ModelConfig(name_or_path=str(weights_dir)), {**CHOICES, "quantization": "nf4"}, "cpu")
     code, line = _reported(info.value, capsys)
     assert code == 5 and "bitsandbytes" in line and "pip install" in line
+
+
+# ---- special tokens: fixed where unambiguous, else one line ----------------------------------------
+
+ALL_EOS = {"tokenizer_class": "LLaMATokenizer", "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>",
+           "model_max_length": 10**30}
+
+
+def _all_eos_dir(llama_dir: Path, dst: Path) -> Path:
+    """The original LLaMA conversion: a class name transformers no longer has, and </s> for every special token."""
+    d = _copy(llama_dir, dst)
+    (d / "tokenizer_config.json").write_text(json.dumps(ALL_EOS))
+    (d / "special_tokens_map.json").write_text(json.dumps({k: ALL_EOS[k] for k in ("bos_token", "eos_token",
+                                                                                  "unk_token")}))
+    return d
+
+
+def test_a_tokenizer_listing_eos_for_every_special_token_is_fixed_and_reported(llama_dir, sp, tmp_path):
+    """Chat examples start with the real BOS (not </s>), text documents get BOS and EOS, and the data report
+    says what was fixed."""
+    from finetune.pipeline import run_pipeline
+
+    d = _all_eos_dir(llama_dir, tmp_path / "all-eos")
+    tok = loader.load_tokenizer(ModelConfig(name_or_path=str(d), chat_template="llama-2"),
+                                model_vocab_size=TINY_CONFIG["vocab_size"])
+    assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (sp.bos_id(), sp.eos_id(), sp.unk_id())
+    assert tok.pad_token_id not in (tok.bos_token_id, tok.eos_token_id)
+    assert tok("a").input_ids[0] == sp.bos_id()
+    assert len(tok.finetune_fixes) == 3 and str(d / "tokenizer_config.json") in tok.finetune_fixes[0]
+
+    data, _ = _write_chats(tmp_path / "chats.jsonl")
+    cfg = compose(["+recipe=tiny-demo", f"model.name_or_path={d}", "stages=[data]", "dataset.format=messages",
+                   f"dataset.path={data}", "dataset.max_seq_len=1024"])
+    result = run_pipeline(cfg, tmp_path / "run")
+    assert all(e.input_ids[0] == sp.bos_id() and e.input_ids[-1] == sp.eos_id() for e in result["data"].train)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["tokenizer_fixes"] == tok.finetune_fixes
+
+    docs = tmp_path / "notes.txt"
+    docs.write_text(_sample_texts()[0])
+    cfg = compose(["+recipe=tiny-demo", f"model.name_or_path={d}", "stages=[data]", "dataset.format=text",
+                   f"dataset.path={docs}", "dataset.eval_fraction=0"])
+    text = run_pipeline(cfg, tmp_path / "run-text")["data"]
+    ids = [t for e in text.train for t in e.input_ids]
+    assert ids[0] == sp.bos_id() and ids[-1] == sp.eos_id()
+
+
+def test_a_sound_tokenizer_is_left_alone():
+    tok = loader.load_tokenizer(ModelConfig(name_or_path="tiny:llama"), model_vocab_size=2048)
+    assert tok.finetune_fixes == []
+
+
+@pytest.mark.parametrize("config_update, special, needle", [
+    ({"bos_token_id": 5000}, {}, "bos_token"),  # BOS = EOS, and config.json's BOS id is not in the vocabulary
+    ({}, {"bos_token": "<s>", "pad_token": "<s>"}, "pad token"),  # pad = BOS: masked out of the loss
+])
+def test_special_tokens_that_cannot_be_fixed_are_one_line(config_update, special, needle, llama_dir, tmp_path,
+                                                          capsys):
+    d = _all_eos_dir(llama_dir, tmp_path / "bad")
+    (d / "config.json").write_text(json.dumps({**TINY_CONFIG, **config_update}))
+    (d / "tokenizer_config.json").write_text(json.dumps({**ALL_EOS, **special}))
+    code, line = _run_stages(d, "[data]", tmp_path / "run", capsys)
+    assert code == 2 and needle in line and "tokenizer_config.json" in line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -106,9 +107,116 @@ def load_tokenizer(model_cfg, model_vocab_size: int | None = None):
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"model.name_or_path: {model_cfg.name_or_path} has no fast tokenizer "
                           "(the loss mask needs character offsets)")
+    config = _model_config_or_none(model_cfg, local)
+    fixes = fix_special_tokens(tokenizer, config, str(local or model_cfg.name_or_path))
     ensure_pad_token(tokenizer, model_vocab_size)
+    check_pad_token(tokenizer, str(local or model_cfg.name_or_path))
+    for line in fixes:
+        log.warning("tokenizer: %s", line)
+    tokenizer.finetune_fixes = fixes  # the data report records them (data_prep.prepare)
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def _model_config_or_none(model_cfg, local: Path | None) -> dict[str, Any] | None:
+    """The model's config.json (local directory, tiny model or catalog), or None when only the hub has it."""
+    from finetune.preflight import catalog
+
+    try:
+        return catalog.model_config(str(local) if local is not None and not tiny.is_tiny(model_cfg.name_or_path)
+                                    else model_cfg.name_or_path)[0]
+    except ConfigError:
+        return None
+
+
+def _single_id(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _special_files(where: str) -> str:
+    return f"{where}/tokenizer_config.json (and special_tokens_map.json)"
+
+
+def fix_special_tokens(tokenizer, config: dict[str, Any] | None, where: str) -> list[str]:
+    """Check the special tokens the chat templates and the text format rely on; fix what is unambiguous.
+
+    Returns one line per fix (logged, and recorded in the data report); raises ConfigError naming the file
+    to fix where the right token cannot be told. The case this exists for: early conversions of Meta's
+    Llama (tokenizer_class LLaMATokenizer) list ``</s>`` as BOS, EOS and UNK, and transformers' generic
+    tokenizer for a bare tokenizer.model adds no BOS; every chat example would then start with ``</s>``
+    and text documents would get no BOS at all, silently.
+
+    * BOS equal to EOS although config.json gives them distinct ids: BOS becomes the token at config.json's
+      ``bos_token_id`` (a model that uses no BOS, such as Qwen, has no bos_token and is left alone);
+    * UNK equal to EOS or BOS while the tokenizer's own model has a distinct unknown piece: UNK becomes it;
+    * a BOS distinct from EOS that config.json declares but the tokenizer does not add to a text: the
+      tokenizer adds it (documents of ``dataset.format: text`` start with BOS, as the model was trained).
+    """
+    fixes: list[str] = []
+    config = config or {}
+    cfg_bos, cfg_eos = _single_id(config.get("bos_token_id")), _single_id(config.get("eos_token_id"))
+    size = len(tokenizer)
+
+    def token_at(i: int | None) -> str | None:
+        return tokenizer.convert_ids_to_tokens(i) if i is not None and 0 <= i < size else None
+
+    eos = tokenizer.eos_token_id
+    if tokenizer.bos_token_id is not None and tokenizer.bos_token_id == eos and cfg_bos is not None \
+            and cfg_eos is not None and cfg_bos != cfg_eos:
+        right = token_at(cfg_bos)
+        if right is None or right == tokenizer.eos_token:
+            raise ConfigError(f"model.name_or_path: {_special_files(where)} names {tokenizer.bos_token!r} as both "
+                              f"BOS and EOS, but config.json gives BOS id {cfg_bos}, which the tokenizer does not "
+                              "have; set bos_token to the model's BOS token there")
+        fixes.append(f"bos_token was {tokenizer.bos_token!r}, the same as eos_token, in {_special_files(where)}; "
+                     f"using {right!r} (config.json bos_token_id {cfg_bos})")
+        tokenizer.bos_token = right
+
+    model_unk = getattr(getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None), "unk_token", None)
+    if tokenizer.unk_token is not None and tokenizer.unk_token in (tokenizer.eos_token, tokenizer.bos_token) \
+            and isinstance(model_unk, str) and model_unk not in (tokenizer.unk_token, "") \
+            and tokenizer.convert_tokens_to_ids(model_unk) is not None:
+        fixes.append(f"unk_token was {tokenizer.unk_token!r}, a token the model is trained on, in "
+                     f"{_special_files(where)}; using the tokenizer model's own unknown piece {model_unk!r}")
+        tokenizer.unk_token = model_unk
+
+    bos = tokenizer.bos_token_id
+    if bos is not None and bos != tokenizer.eos_token_id and bos == cfg_bos:
+        ids = tokenizer("a").input_ids
+        if not ids or ids[0] != bos:
+            _add_bos(tokenizer)
+            if tokenizer("a").input_ids[:1] != [bos]:
+                raise ConfigError(f"model.name_or_path: the tokenizer of {where} does not add its BOS "
+                                  f"{tokenizer.bos_token!r} to a text, and it could not be made to; set "
+                                  "add_bos_token: true in its tokenizer_config.json")
+            fixes.append(f"the tokenizer added no BOS to a text although config.json declares BOS "
+                         f"{tokenizer.bos_token!r} (id {bos}); it now adds it, so text documents start with BOS")
+    return fixes
+
+
+def _add_bos(tokenizer) -> None:
+    """Make a fast tokenizer put BOS before every text (what Llama's own tokenizer does)."""
+    from tokenizers import processors
+
+    bos = tokenizer.bos_token
+    # Llama's own template: "<s> $A" for one text, "<s> $A <s> $B" for a pair
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)])
+    if hasattr(tokenizer, "add_bos_token"):
+        try:
+            tokenizer.add_bos_token = True
+        except (AttributeError, ValueError):
+            pass
+
+
+def check_pad_token(tokenizer, where: str) -> None:
+    """The pad token is masked out of the loss: it must not be a token the model learns (EOS, BOS)."""
+    pad = tokenizer.pad_token_id
+    if pad is not None and pad in (tokenizer.eos_token_id, tokenizer.bos_token_id):
+        which = "EOS" if pad == tokenizer.eos_token_id else "BOS"
+        raise ConfigError(f"model.name_or_path: the pad token of {where} is {tokenizer.pad_token!r}, the same as "
+                          f"{which}, which training would then mask out of the loss; set pad_token in "
+                          f"{_special_files(where)} to a token the model never learns (or remove it)")
 
 
 def _load_error(model_cfg, e: Exception) -> Exception:
@@ -330,10 +438,14 @@ def check_disk_space(model_cfg, cache_dir: Path | None = None) -> None:
         )
 
 
-def load_model(model_cfg, choices: dict[str, Any], device: str, attention: str | None = None):
+def load_model(model_cfg, choices: dict[str, Any], device: str, attention: str | None = None, placement=None):
     """The frozen base model, quantized as the plan chose, on `device` ("cuda" or "cpu"), with the plan's
     attention implementation unless `attention` names another (a model reloaded for evaluation, merge or
-    chat computes as it trained: transformers' default can differ, e.g. SDPA for GPT-J since 5.24)."""
+    chat computes as it trained: transformers' default can differ, e.g. SDPA for GPT-J since 5.24).
+
+    `placement` (finetune.distributed.Placement) says where this rank's model goes; the train stage
+    passes the one its training arguments' process group gives (finetune.train.rank_placement). By
+    default the model is this process's alone, on its current CUDA device."""
     local = local_model_dir(model_cfg)
     if local is not None:
         check_model_files(local, trust_remote_code=bool(model_cfg.trust_remote_code))
@@ -350,8 +462,15 @@ def load_model(model_cfg, choices: dict[str, Any], device: str, attention: str |
     attention = attention or ATTENTION.get(choices.get("attention", ""))
     if attention:
         kwargs["attn_implementation"] = attention
-    if device == "cuda":
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if placement is None:
+        from finetune.distributed import placement as placement_for
+
+        on_gpu = device == "cuda"
+        placement = placement_for("none", device, torch.cuda.current_device() if on_gpu else 0,
+                                  torch.cuda.device_count() if on_gpu else 1)
+    os.environ.update(placement.env)
+    if placement.device_map is not None:
+        kwargs["device_map"] = placement.device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ImportError, SafetensorError) as e:
