@@ -32,7 +32,8 @@ MIN_SECRET_LENGTH = 8
 
 _SECRET_ENV_NAME = re.compile(r"^HF_TOKEN$|_TOKEN$|_KEY$|_SECRET$|PASSWORD|PASSWD", re.IGNORECASE)
 # scheme://user:PASSWORD@host: the password (the user name stays, it says whose credentials).
-_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*:)(?P<secret>[^@/?#\s]+)(?=@)")
+# Also as Hydra prints overrides, with its colons escaped (http\://user\:PASSWORD@host).
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*\\?://[^:/?#@\s\\]*\\?:)(?P<secret>[^@/?#\s]+)(?=@)")
 # name=VALUE where the name's last word says credential, as a URL's query parameter (?token=...,
 # &access_token=..., X-Amz-Signature=..., sig=...) or on its own (api_key=..., hf_token=...); not
 # eval.max_new_tokens=... (the word must end the name).

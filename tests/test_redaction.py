@@ -46,3 +46,8 @@ def test_the_run_writes_and_logs_masked_values_but_keeps_the_real_ones(monkeypat
     assert written["adapter"]["rank"] == 16
     assert redact({"tracking.uri": cfg.tracking.uri, "tracking.experiment": "tok-9876543210", "adapter.rank": 16}) \
         == {"tracking.uri": "http://bob:***@127.0.0.1:5000", "tracking.experiment": "***", "adapter.rank": 16}
+
+
+def test_hydras_escaped_overrides_are_masked():
+    """Hydra prints a multirun's overrides with escaped colons: `tracking.uri=http\\://bob\\:PW@host\\:5000`."""
+    assert mask(r"tracking.uri=http\://bob\:Pw4TestOnly@127.0.0.1\:5000") == r"tracking.uri=http\://bob\:***@127.0.0.1\:5000"

@@ -126,6 +126,10 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+# sweep parent record file -> the real tracking URI (the file holds it masked)
+_PARENT_URIS: dict[str, str] = {}
+
+
 def sweep_parent(uri: str, experiment: str, sweep: dict[str, Any], name: str) -> str:
     """The parent run of a Hydra multirun (created by its first job, found by the others)."""
     import mlflow
@@ -141,7 +145,10 @@ def sweep_parent(uri: str, experiment: str, sweep: dict[str, Any], name: str) ->
         run = client.create_run(exp.experiment_id, run_name=f"{name}/sweep-{Path(sweep['dir']).name}",
                                 tags={"recipe": name, "sweep_dir": str(Path(sweep["dir"]).resolve()),
                                       "sweep": "true"})
-        record.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}, indent=2) + "\n")
+        # The file says where the parent is, credentials masked; the real URI stays in this process for
+        # end_sweep_parent (Hydra's basic launcher runs every job, and then ends the sweep, here).
+        _PARENT_URIS[str(record.resolve())] = uri
+        record.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": mask(uri)}, indent=2) + "\n")
         return run.info.run_id
 
 
@@ -153,7 +160,8 @@ def end_sweep_parent(sweep_dir: Path, ok: bool) -> None:
     from mlflow.tracking import MlflowClient
 
     info = json.loads(record.read_text())
-    MlflowClient(info["tracking_uri"]).set_terminated(info["run_id"], status="FINISHED" if ok else "FAILED")
+    uri = _PARENT_URIS.get(str(record.resolve()), info["tracking_uri"])
+    MlflowClient(uri).set_terminated(info["run_id"], status="FINISHED" if ok else "FAILED")
 
 
 class Tracker:
