@@ -438,10 +438,10 @@ def check_disk_space(model_cfg, cache_dir: Path | None = None) -> None:
         )
 
 
-def load_model(model_cfg, choices: dict[str, Any], device: str, attention: str | None = None, placement=None):
+def load_model(model_cfg, choices: dict[str, Any], device: str, placement=None):
     """The frozen base model, quantized as the plan chose, on `device` ("cuda" or "cpu"), with the plan's
-    attention implementation unless `attention` names another (a model reloaded for evaluation, merge or
-    chat computes as it trained: transformers' default can differ, e.g. SDPA for GPT-J since 5.24).
+    attention implementation (a model reloaded for evaluation, merge or chat computes as it trained:
+    transformers' default can differ, e.g. SDPA for GPT-J since 5.24).
 
     `placement` (finetune.distributed.Placement) says where this rank's model goes; the train stage
     passes the one its training arguments' process group gives (finetune.train.rank_placement). By
@@ -459,7 +459,7 @@ def load_model(model_cfg, choices: dict[str, Any], device: str, attention: str |
     kwargs["dtype"] = getattr(torch, DTYPES[choices["compute_dtype"]])
     kwargs["quantization_config"] = quantization_config(choices)
     kwargs["use_safetensors"] = True  # never unpickle weights
-    attention = attention or ATTENTION.get(choices.get("attention", ""))
+    attention = ATTENTION.get(choices.get("attention", ""))
     if attention:
         kwargs["attn_implementation"] = attention
     if placement is None:
