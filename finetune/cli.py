@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 from finetune.config import register_configs
 from finetune.errors import ConfigError, EnvError, FinetuneError
-from finetune.paths import recipes_dir
+from finetune.paths import free_bytes, recipes_dir
 
 # Exit codes of the jobs run by this process (one per job; several in a multirun).
 _EXIT_CODES: list[int] = []
@@ -122,8 +122,6 @@ _FULL = {errno.ENOSPC, errno.EDQUOT}
 def _disk_error(ex: BaseException) -> str | None:
     """One line for a write that the disk refused (anywhere in `ex`'s chain: Hydra wraps the error of
     creating its run directory), naming the path and what to do; None for any other error."""
-    import shutil
-
     seen: set[int] = set()
     cause: BaseException | None = ex
     while cause is not None and id(cause) not in seen:
@@ -133,8 +131,7 @@ def _disk_error(ex: BaseException) -> str | None:
             if cause.errno in _READ_ONLY:
                 return (f"cannot write {path}: {cause.strerror}; run from a directory you can write to, or "
                         "point the run elsewhere (hydra.run.dir=DIR, FINETUNE_CACHE=DIR for the cache)")
-            probe = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
-            free = shutil.disk_usage(probe).free
+            free = free_bytes(path)
             return (f"the disk holding {path} is full ({free / 1e9:.1f} GB free): {cause.strerror}; free some "
                     "space there (a run needs room for its checkpoints and, the first time, the prepared "
                     "dataset and the downloaded model), or point the run at a bigger disk (hydra.run.dir=DIR, "

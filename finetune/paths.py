@@ -15,6 +15,16 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "finetune"
 
 
+def free_bytes(path: Path | str) -> int:
+    """Free bytes on the disk that holds `path`, or would hold it once created (its nearest existing parent)."""
+    import shutil
+
+    probe = Path(path).expanduser()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
 def recipes_dir() -> Path:
     """The shipped recipe tree: inside the installed package (a wheel maps the top-level
     recipes/ to finetune/recipes), or the repository's recipes/ in an editable install."""

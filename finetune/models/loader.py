@@ -412,8 +412,6 @@ def check_disk_space(model_cfg, cache_dir: Path | None = None) -> None:
     Checked only for hub ids that are not cached yet and whose size the catalog knows; a
     download that fills the disk halfway wastes an hour and can break other programs.
     """
-    import shutil as _shutil
-
     from huggingface_hub import constants, try_to_load_from_cache
 
     name = model_cfg.name_or_path
@@ -425,11 +423,10 @@ def check_disk_space(model_cfg, cache_dir: Path | None = None) -> None:
     for index in ("model.safetensors.index.json", "model.safetensors"):
         if isinstance(try_to_load_from_cache(name, index, revision=model_cfg.revision), str):
             return  # already downloaded
+    from finetune.paths import free_bytes
+
     root = Path(cache_dir or constants.HF_HUB_CACHE)
-    probe = root
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = _shutil.disk_usage(probe).free
+    free = free_bytes(root)
     needed = int(size * 1.05) + (1 << 30)  # the checkpoint, 5% for the tokenizer and shard slack, 1 GiB spare
     if free < needed:
         raise EnvError(

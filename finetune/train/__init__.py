@@ -99,11 +99,10 @@ def checkpoint_bytes(cfg, plan: dict[str, Any]) -> int:
 def check_checkpoint_space(cfg, plan: dict[str, Any], run_dir: Path) -> None:
     """Before training: room on the run directory's disk for its checkpoints (exit 5 naming the path and
     the bytes the plan needs), rather than a failed save hours in."""
+    from finetune.paths import free_bytes
+
     needed = checkpoint_bytes(cfg, plan)
-    probe = Path(run_dir)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = free_bytes(run_dir)
     if free < needed:
         raise EnvError(f"{run_dir}: the run's checkpoints need about {needed / 2**20:,.0f} MiB "
                        f"(train.keep_checkpoints={cfg.train.keep_checkpoints} of adapter + optimizer state) and "
