@@ -125,10 +125,12 @@ def test_unknown_lora_target_names_the_modules():
     assert "adapter.targets" in str(info.value) and "q_proj" in str(info.value)
 
 
-def test_unknown_architecture_names_the_key(tmp_path):
+def test_architecture_transformers_cannot_build_is_one_line_naming_the_way_out(tmp_path):
     with pytest.raises(ConfigError) as info:
-        arch.from_config({"model_type": "rwkv", "hidden_size": 64})
-    assert str(info.value).startswith("model.name_or_path") and "rwkv" in str(info.value)
+        arch.from_config({"model_type": "mystery_lm", "hidden_size": 64})
+    message = str(info.value)
+    assert message.startswith("model.name_or_path") and "mystery_lm" in message and "\n" not in message
+    assert "preflight.pin" in message and "hardware.vram_gib" in message
 
 
 # -- the memory model -------------------------------------------------------------------------------

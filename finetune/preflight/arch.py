@@ -28,8 +28,9 @@ ATTN_IN = "attn_in"  # the normed input of attention (q/k/v, fused qkv)
 ATTN_OUT = "attn_out"  # the attention output (o_proj, dense)
 MLP_IN = "mlp_in"  # the normed input of the MLP (gate/up, fc_in)
 MLP_MID = "mlp_mid"  # the MLP's inner activation (down_proj, fc_out)
+OTHER = "other"  # neither attention nor MLP (a state-space mixer's projections): traced families only
 # adapter.targets presets -> the groups of linear layers they select (as finetune/models/targets.py)
-PRESETS = {"all-linear": (ATTN_IN, ATTN_OUT, MLP_IN, MLP_MID), "attention": (ATTN_IN, ATTN_OUT),
+PRESETS = {"all-linear": (ATTN_IN, ATTN_OUT, MLP_IN, MLP_MID, OTHER), "attention": (ATTN_IN, ATTN_OUT),
            "mlp": (MLP_IN, MLP_MID)}
 
 
@@ -85,7 +86,13 @@ class ArchSpec:
     experts_per_token: int = 0
     lm_head_bias: bool = False
     extra_params: int = 0  # outside the blocks: BLOOM's embedding LayerNorm
+    resid_dropouts: int = 0  # dropouts on the residual branches per block (Phi: resid_pdrop > 0 gives two)
     extra: dict[str, Any] = field(default_factory=dict)
+    # traced families (finetune/preflight/trace.py): the experts' 3-D parameters as counted on the meta device
+    # (name under the block, the two dimensions LoRA's factors span), and the measured activation profile
+    expert_param_count: int | None = None
+    expert_shapes: tuple[tuple[str, int, int], ...] = ()
+    traced: Any = field(default=None, compare=False, repr=False)
 
     # -- parameter counts -------------------------------------------------------------------
     @property
@@ -101,6 +108,8 @@ class ArchSpec:
     @property
     def expert_params(self) -> int:
         """MoE expert weights and router: 3-D parameters that load_in_4bit leaves in bf16."""
+        if self.expert_param_count is not None:
+            return self.expert_param_count
         if not self.experts:
             return 0
         per_expert = 3 * self.hidden * self.intermediate  # gate_up_proj (2 x) and down_proj
@@ -159,6 +168,8 @@ class ArchSpec:
         return [lin for i, lin in enumerate(self.linears) if i in picked]
 
     def expert_parameter_names(self) -> tuple[str, ...]:
+        if self.expert_shapes:
+            return tuple(name for name, *_ in self.expert_shapes)
         return ("mlp.experts.gate_up_proj", "mlp.experts.down_proj") if self.experts else ()
 
     def lora_param_targets(self, targets: list[str], rank: int) -> list[tuple[str, int, int, int]]:
@@ -179,6 +190,7 @@ class ArchSpec:
                 wanted.add(target)
         e, h, i = self.experts, self.hidden, self.intermediate
         shapes = {"mlp.experts.gate_up_proj": (h, 2 * i), "mlp.experts.down_proj": (i, h)}
+        shapes.update({name: (a, b) for name, a, b in self.expert_shapes})
         return [(name, rank * e, *shapes[name]) for name in self.expert_parameter_names() if name in wanted]
 
     def lora_params(self, targets: list[str], rank: int) -> int:
@@ -195,8 +207,11 @@ class ArchSpec:
         """
         if self.kv_heads == self.heads or self.kv_expanded:
             return self.heads
-        if attention in ("flash2", "math") or (attention == "sdpa" and not masked):
-            return self.kv_heads  # flash takes grouped heads; the math kernel broadcasts them
+        if attention == "flash2" or (attention == "sdpa" and not masked):
+            return self.kv_heads  # flash and SDPA with enable_gqa take grouped heads
+        # the math kernel broadcasts k and v in its matmuls, and torch.matmul materializes a broadcast batch
+        # dimension (expand + reshape copies): the expanded k and v are what its bmm keeps (found by tracing
+        # Falcon-7B, finetune/preflight/trace.py)
         return self.heads
 
 
@@ -408,6 +423,7 @@ def _phi(config: dict[str, Any]) -> ArchSpec:
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         linears=linears, norm="layer", norms_per_layer=1, shared_norm=True, parallel=True,
         gated_mlp=False, act_saved=4, lm_head_bias=True,
+        resid_dropouts=2 if float(config.get("resid_pdrop") or 0.0) > 0 else 0,
         extra_params=(2 * 2 * hd * _get(config, "num_hidden_layers")) if qk_ln else 0,
     )
 
@@ -455,14 +471,26 @@ FAMILIES = {
 }
 
 
+_TRACED: dict[str, ArchSpec] = {}
+
+
 def from_config(config: dict[str, Any]) -> ArchSpec:
+    """The architecture of `config` (a config.json dict): hand-written rules for the families above (no torch),
+    else derived from transformers' own model and traced (finetune/preflight/trace.py; imports torch)."""
     model_type = config.get("model_type")
+    if not model_type:
+        raise ConfigError("model config: config.json has no model_type")
     if model_type not in FAMILIES:
-        raise ConfigError(
-            f"model.name_or_path: the preflight does not know the architecture '{model_type}' yet "
-            f"(known: {', '.join(sorted(FAMILIES))})"
-        )
-    spec = FAMILIES[model_type](config)
+        import json
+
+        key = json.dumps(config, sort_keys=True, default=str)
+        if key not in _TRACED:
+            from finetune.preflight import trace
+
+            _TRACED[key] = trace.derive(config)
+        spec = _TRACED[key]
+    else:
+        spec = FAMILIES[model_type](config)
     if spec.layers < 1 or spec.hidden < 1 or spec.heads < 1 or spec.vocab < 1:
         raise ConfigError(f"model config: implausible dimensions in config.json ({spec.layers} layers, hidden "
                           f"{spec.hidden}, {spec.heads} heads, vocabulary {spec.vocab})")

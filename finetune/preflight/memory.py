@@ -330,8 +330,11 @@ def layer_bytes_per_token(spec: ArchSpec, ctx: _Ctx, seq_len: int, r_in: int) ->
     """(kept for backward, transient peak above it in backward, residual bytes out) per token, one layer,
     and bytes per layer that do not scale with tokens (kept, and again transient in backward).
 
-    `r_in` is the residual stream's dtype bytes at the layer input.
+    `r_in` is the residual stream's dtype bytes at the layer input. A traced architecture answers from its
+    measured profile (finetune/preflight/trace.py) instead of these rules.
     """
+    if spec.traced is not None:
+        return spec.traced.layer(spec, ctx, seq_len, r_in)
     per_layer = 0
     h, b = spec.hidden, ctx.b
     hq = spec.heads * spec.head_dim
@@ -425,6 +428,9 @@ def layer_bytes_per_token(spec: ArchSpec, ctx: _Ctx, seq_len: int, r_in: int) ->
         mlp_transient = 3 * inter * m if spec.gated_mlp else 2 * inter * m
     # every adapter's rank-wide lora_A output, kept by lora_B
     kept += len(ctx.targets) * ctx.rank * (2 if ctx.autocast else ctx.lora_bytes)
+    # residual dropout (Phi-2's resid_pdrop) on the attention and the MLP output: a bool mask each (CUDA's
+    # fused dropout; found by tracing the family, finetune/preflight/trace.py)
+    kept += spec.resid_dropouts * h
     r_out = max(r_in, attn_res, mlp_res)
     transient = r_out * h + max(mlp_transient, attn_transient)
     return kept, transient, r_out, per_layer
