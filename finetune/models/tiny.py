@@ -105,6 +105,52 @@ SPECS: dict[str, dict[str, Any]] = {
         "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 1024, "tie_word_embeddings": False,
     },
+    # Families without hand-written preflight rules (finetune/preflight/trace.py plans them).
+    "gemma2": {  # four norms per block, soft-capped attention and logits, sliding and global layers
+        **_COMMON, "model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 512,
+        "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 1024, "tie_word_embeddings": True,
+    },
+    "gemma3_text": {  # q/k norms, local and global rotary bases
+        **_COMMON, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 512,
+        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 1024, "tie_word_embeddings": True,
+    },
+    "qwen3": {  # q/k RMSNorm per head, no q/k/v biases
+        **_COMMON, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 1024, "tie_word_embeddings": False,
+    },
+    "qwen3_moe": {  # fused 3-D experts under a top-k router
+        **_COMMON, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 192, "moe_intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": 4,
+        "num_experts_per_tok": 2, "decoder_sparse_step": 1, "norm_topk_prob": True,
+        "max_position_embeddings": 1024, "tie_word_embeddings": False,
+    },
+    "olmo2": {  # norms after attention and MLP, q/k norms over the full width
+        **_COMMON, "model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "max_position_embeddings": 1024, "tie_word_embeddings": False,
+    },
+    "gpt2": {  # Conv1D layers, fused c_attn, learned positions (nanoGPT / llm.c checkpoints)
+        **_COMMON, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 1024, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    },
+    "mamba": {  # state-space mixer, no attention (x_proj's output, time_step_rank + 2 x state_size, is 64)
+        **_COMMON, "model_type": "mamba", "architectures": ["MambaForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "state_size": 16,
+        "time_step_rank": 32, "conv_kernel": 4, "expand": 2, "tie_word_embeddings": True,
+    },
+    "rwkv": {  # time mixing and channel mixing, no attention
+        **_COMMON, "model_type": "rwkv", "architectures": ["RwkvForCausalLM"],
+        "hidden_size": 64, "attention_hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+        "context_length": 1024, "tie_word_embeddings": False,
+    },
 }
 
 # Pretraining steps per model: the demo's llama gets the most; the others, which only the tests

@@ -527,6 +527,11 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
     if drift:
         explanation.insert(0, drift)
     predicted = chosen.est.predicted()
+    # where the architecture's inventory came from: arch.py's rules, or traced (finetune/preflight/trace.py);
+    # read after planning, since the trace runs on first use
+    model["architecture_source"] = "hand-written" if spec.traced is None else "traced"
+    if spec.traced is not None:
+        model["trace"] = spec.traced.summary()
     details = {"tokens_per_s": tps, "relative_speed": chosen.thr.relative, "phase": chosen.est.phase,
                "reserved_slack": predicted["peak_reserved_bytes"] - predicted["peak_allocated_bytes"],
                "paged": chosen.est.paged, "eval_total": eval_total, "wall": wall}
@@ -542,7 +547,11 @@ def _architecture_notes(spec: ArchSpec, c: dict[str, Any], seq_len: int, extra: 
                      "'quantization'")
     if spec.experts:
         notes.append(f"{spec.architecture}: the {spec.experts} experts per layer are 3-D parameters that "
-                     "bitsandbytes does not quantize (bf16) and LoRA all-linear does not target")
+                     "bitsandbytes does not quantize (bf16); LoRA reaches them as peft target_parameters")
+    if spec.traced is not None:
+        notes.append(f"{spec.architecture} ({spec.model_type}) has no hand-written rules here: its layers and "
+                     f"parameters were read from transformers' own model and its activations traced on "
+                     f"scaled-down copies ({spec.traced.describe()})")
     if spec.attention == "eager":
         notes.append(f"{spec.architecture} trains with eager attention (transformers' only path for it, or the "
                      f"one the memory model was verified on): it keeps {spec.heads} x {seq_len} x {seq_len} "

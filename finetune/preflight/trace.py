@@ -46,6 +46,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
+from dataclasses import fields as fields_of
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +106,28 @@ def _rotary_ok(config: dict[str, Any], hd: int) -> bool:
     return rot > 0 and rot % 2 == 0
 
 
+def _exact(config: dict[str, Any], scale: float) -> bool:
+    """Every width stays an integer at `scale`, and the hidden size a multiple of the heads where head_dim is
+    its own field (the config classes check it)."""
+    for k in _WIDTHS:
+        v = config.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0 and abs(v * scale - round(v * scale)) > 1e-9:
+            return False
+    heads, hidden = _first(config, _HEADS), _first(config, _HIDDEN)
+    return not (config.get("head_dim") and heads and hidden and round(hidden * scale) % int(heads))
+
+
 def scales(config: dict[str, Any]) -> tuple[float, float]:
-    """The two width scales (fractions of the real widths) the copy is measured at."""
+    """The two width scales (fractions of the real widths) the copy is measured at: head_dim 8 and 16 where
+    that keeps every width whole (else 16 and 32, ...), rotary fractions whole and even."""
     hd = head_dim(config)
     if hd:
-        for small in (8, 16, 32):
-            if small * 2 <= hd and _rotary_ok(config, small) and _rotary_ok(config, 2 * small):
-                return small / hd, 2 * small / hd
+        usable = [small for small in (8, 16, 32, 64) if small * 2 <= hd and _rotary_ok(config, small)
+                  and _rotary_ok(config, 2 * small)]
+        exact = [small for small in usable if _exact(config, small / hd) and _exact(config, 2 * small / hd)]
+        if exact or usable:
+            small = (exact or usable)[0]
+            return small / hd, 2 * small / hd
         return 0.5, 1.0
     hidden = int(_first(config, _HIDDEN) or 0)
     if hidden < 4:
@@ -162,7 +178,7 @@ def scaled(config: dict[str, Any], scale: float, windowed: bool = False) -> dict
 def _hf_config(d: dict[str, Any]):
     from transformers import AutoConfig
 
-    fields = dict(d)
+    fields = {k: v for k, v in d.items() if not k.startswith("_")}  # the catalog's own notes (_text_tower_of)
     model_type = fields.pop("model_type")
     return AutoConfig.for_model(model_type, **fields)
 
@@ -194,7 +210,30 @@ def _group(path: str, name: str, in_f: int, out_f: int, hidden: int, first_in_at
 
 def derive(config: dict[str, Any]):
     """An ArchSpec for `config` (a config.json dict) derived from transformers' own model of it, with a
-    traced activation profile. ConfigError (one line) when transformers cannot build it as a causal LM."""
+    traced activation profile. ConfigError (one line) when transformers cannot build it as a causal LM.
+
+    The structure is cached with the traces: a second plan of the same model imports no torch."""
+    from finetune.preflight import arch
+
+    key = _structure_key(config)
+    hit = _cached(key)
+    if hit is not None:
+        try:
+            fields = dict(hit)
+            fields["linears"] = tuple(arch.Linear(**lin) for lin in fields["linears"])
+            fields["expert_shapes"] = tuple(tuple(x) for x in fields["expert_shapes"])
+            return arch.ArchSpec(**fields, traced=Profile(config, 0.0, structure_cached=True))
+        except (KeyError, TypeError):
+            pass  # an entry from another layout of the cache: derive it again
+    spec = _derive(config)
+    record = {f.name: getattr(spec, f.name) for f in fields_of(spec) if f.name != "traced"}
+    record["linears"] = [lin.__dict__ for lin in spec.linears]
+    record["expert_shapes"] = [list(x) for x in spec.expert_shapes]
+    _store(key, record)
+    return spec
+
+
+def _derive(config: dict[str, Any]):
     from finetune.preflight import arch
 
     model_type = config.get("model_type")
@@ -244,7 +283,8 @@ def derive(config: dict[str, Any]):
     if not linears:
         raise ConfigError(f"model.name_or_path: {type(model).__name__} has no linear layers in its blocks for "
                           "LoRA to adapt (peft adapts nn.Linear and Conv1D modules)")
-    experts = [(p_name, p) for p_name, p in blocks[0].named_parameters() if p.dim() == 3]
+    # fused MoE experts: 3-D parameters under an experts module (a convolution's 3-D weight is not one)
+    experts = [(p_name, p) for p_name, p in blocks[0].named_parameters() if p.dim() == 3 and "expert" in p_name]
     expert_shapes = tuple((n, int(p.shape[1]), int(p.shape[2])) for n, p in experts)
     n_experts = int(experts[0][1].shape[0]) if experts else 0
     expert_count = n_layers * sum(p.numel() for _, p in experts)
@@ -283,13 +323,15 @@ def derive(config: dict[str, Any]):
 
 def _default_attention(config: dict[str, Any]) -> str:
     """The attention transformers picks for this family when none is asked for (sdpa where the family
-    supports it, else eager)."""
+    supports it, else eager; none for a model without attention)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     small = _hf_config(scaled(config, scales(config)[0]))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(small)
+    if not _first(config, _HEADS):
+        return "none"  # no attention at all (Mamba's state-space mixer, RWKV's time mixing)
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     return "sdpa" if impl == "sdpa" else "eager"
 
@@ -308,7 +350,7 @@ class Setting:
     targets: tuple[str, ...]  # peft target_modules
     parameters: tuple[str, ...]  # peft target_parameters (MoE experts)
     rank: int
-    attention: str  # sdpa | eager
+    attention: str  # sdpa | eager | none (no attention)
     # the sequence is longer than the model's sliding window: transformers then always builds a mask (and
     # SDPA keeps it); shorter, a causal batch without padding runs unmasked
     windowed: bool = False
@@ -336,6 +378,7 @@ class Profile:
 
     config: dict[str, Any]
     structure_seconds: float = 0.0
+    structure_cached: bool = False
     seconds: float = 0.0  # time spent measuring in this process
     cached: int = 0  # settings read from the disk cache
     measured: int = 0  # settings measured in this process
@@ -343,13 +386,22 @@ class Profile:
     _fits: dict[tuple[str, bool], Fit] = field(default_factory=dict)
 
     def describe(self) -> str:
-        how = []
+        bits = []
         if self.measured:
-            how.append(f"{self.measured} setting(s) measured in {self.seconds + self.structure_seconds:.1f} s")
-        if self.cached:
-            how.append(f"{self.cached} from the trace cache")
-        fit = f"; fit within {self.worst_fit:.1%}" if self.measured or self.cached else ""
-        return ", ".join(how) + fit if how else f"structure read in {self.structure_seconds:.1f} s"
+            bits.append(f"{self.measured} setting(s) measured in {self.seconds + self.structure_seconds:.1f} s")
+        if self.cached or self.structure_cached:
+            what = f"{self.cached} setting(s)" + (" and the structure" if self.structure_cached else "")
+            bits.append(f"{what} from the trace cache")
+        if self.measured or self.cached:
+            bits.append(f"fit within {self.worst_fit:.1%}")
+        return "; ".join(bits) or f"structure read in {self.structure_seconds:.1f} s"
+
+    def summary(self) -> dict[str, Any]:
+        """For plan.json: how the inventory was obtained and what it cost."""
+        return {"model_type": self.config.get("model_type"), "seconds": round(self.seconds + self.structure_seconds,
+                                                                               2),
+                "settings_measured": self.measured, "settings_cached": self.cached,
+                "fit_error": round(self.worst_fit, 6), "trace_version": TRACE_VERSION}
 
     def layer(self, spec, ctx, seq_len: int, r_in: int) -> tuple[int, int, int, int]:
         """(kept bytes per token, transient bytes per token, output element bytes, bytes per block), as
@@ -379,7 +431,7 @@ class Profile:
     def setting_for(self, spec, ctx, seq_len: int) -> Setting:
         names = tuple(sorted({spec.linears[i].name for i in ctx.targets}))
         params = tuple(n for n, *_ in spec.expert_shapes) if ctx.expert_lora else ()
-        attention = "eager" if ctx.attention == "eager" else "sdpa"
+        attention = ctx.attention if ctx.attention in ("eager", "none") else "sdpa"
         window = self.config.get("sliding_window")
         windowed = (isinstance(window, int) and not isinstance(window, bool) and 0 < window < seq_len
                     and self.config.get("use_sliding_window", True) is not False)
@@ -604,7 +656,9 @@ def _load(small: dict[str, Any], setting: Setting, workdir: Path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": setting.attention}
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if setting.attention != "none":
+        kwargs["attn_implementation"] = setting.attention
     if setting.quantized:
         model.save_pretrained(workdir)
         del model
@@ -614,7 +668,8 @@ def _load(small: dict[str, Any], setting: Setting, workdir: Path):
         model = AutoModelForCausalLM.from_pretrained(workdir, **kwargs)
     else:
         model = model.to(dtype)
-        model.set_attn_implementation(setting.attention)
+        if setting.attention != "none":
+            model.set_attn_implementation(setting.attention)
     if setting.upcast:  # peft's prepare_model_for_kbit_training: every unquantized parameter in fp32
         for p in model.parameters():
             if p.dtype in (torch.float16, torch.bfloat16):
@@ -712,12 +767,20 @@ def _cache_file() -> Path:
     return cache_dir() / "traces.json"
 
 
+def _stack() -> str:
+    return ",".join(f"{n}={versions.installed(n)}" for n in ("transformers", "torch", "peft", "bitsandbytes"))
+
+
+def _structure_key(config: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return "|".join(["structure", str(TRACE_VERSION), str(config.get("model_type")), digest, _stack()])
+
+
 def _cache_key(config: dict[str, Any], setting: Setting) -> str:
     small, large = scales(config)
     structure = json.dumps([scaled(config, small), scaled(config, large)], sort_keys=True, default=str)
-    stack = ",".join(f"{n}={versions.installed(n)}" for n in ("transformers", "torch", "peft", "bitsandbytes"))
     return "|".join([str(TRACE_VERSION), str(config.get("model_type")),
-                     hashlib.sha256(structure.encode()).hexdigest()[:16], stack, setting.key()])
+                     hashlib.sha256(structure.encode()).hexdigest()[:16], _stack(), setting.key()])
 
 
 def _cached(key: str) -> dict | None:
