@@ -86,8 +86,9 @@ def test_traced_inventory_agrees_with_the_hand_written_rules(hub_id):
 
 @pytest.mark.parametrize("hub_id", CURRENT)
 def test_every_current_model_plans_offline(hub_id):
+    moe = ["adapter.dropout=0"] if "A3B" in hub_id else []  # peft's LoRA on 3-D experts refuses dropout
     cfg = compose(["+recipe=llama2-7b-medical", f"model.name_or_path={hub_id}", "hardware=h100-80gb",
-                   "preflight.pin.quantization=nf4", "stages=[preflight]"])
+                   "preflight.pin.quantization=nf4", "stages=[preflight]", *moe])
     plan = run_preflight(cfg).to_dict()
     breakdown = plan["breakdown_bytes"]
     assert sum(v for k, v in breakdown.items() if k != "cuda_context") == plan["predicted"]["peak_allocated_bytes"]
@@ -123,10 +124,19 @@ def test_presets_resolve_to_each_familys_own_modules_and_attention_free_models_r
 
     gpt2 = resolve(_config("openai-community/gpt2"), ["attention"])
     assert set(gpt2.modules) == {"c_attn", "c_proj"}
+    # peft 0.21 refuses LoRA on a Mamba mixer's out_proj (and conv1d): all-linear leaves it out, naming it says why
     mamba = resolve(_config("state-spaces/mamba-130m-hf"), ["all-linear"])
-    assert set(mamba.modules) == {"in_proj", "x_proj", "dt_proj", "out_proj"}
+    assert set(mamba.modules) == {"in_proj", "x_proj", "dt_proj"}
+    with pytest.raises(ConfigError, match="adapter.targets: out_proj cannot carry LoRA.*peft"):
+        resolve(_config("state-spaces/mamba-130m-hf"), ["out_proj"])
     with pytest.raises(ConfigError, match="adapter.targets.*selects no layer"):
         resolve(_config("state-spaces/mamba-130m-hf"), ["attention"])
+    # Mamba's mixer reads dt_proj.weight directly: the 4-bit plan keeps that layer in the compute dtype
+    spec = arch.from_config(_config("state-spaces/mamba-130m-hf"))
+    assert [lin.name for lin in spec.linears if not lin.quantizable] == ["dt_proj"]
+    cfg = compose(["+recipe=llama2-7b-medical", "model.name_or_path=state-spaces/mamba-130m-hf",
+                   "preflight.pin.quantization=nf4", "stages=[preflight]"])
+    assert run_preflight(cfg).choices["keep_unquantized"] == ["dt_proj", "lm_head"]
 
 
 def test_a_second_plan_reads_the_trace_from_the_cache(tmp_path, monkeypatch):

@@ -377,8 +377,11 @@ def quantization_config(choices: dict[str, Any]):
     from transformers import BitsAndBytesConfig
 
     compute = getattr(torch, DTYPES[choices["compute_dtype"]])
+    # layers the plan keeps in the compute dtype (a family whose code reads their .weight directly)
+    skip = list(choices.get("keep_unquantized") or []) or None
     if choices["quantization"] == "nf4":
         return BitsAndBytesConfig(
+            llm_int8_skip_modules=skip,
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=bool(choices["double_quant"]),
@@ -388,7 +391,7 @@ def quantization_config(choices: dict[str, Any]):
             bnb_4bit_quant_storage=compute if choices.get("distributed") == "fsdp" else torch.uint8,
         )
     if choices["quantization"] == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return None
 
 

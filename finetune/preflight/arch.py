@@ -45,6 +45,9 @@ class Linear:
     # replaces only modules whose type *is* nn.Linear (or Conv1D), so a subclass such as FalconLinear stays
     # in bf16 (finetune/versions.py decides it from the installed release).
     quantizable: bool = True
+    # False where peft refuses LoRA on the module (peft 0.21: out_proj and conv1d of Mamba-style models);
+    # the presets skip it, naming it is a ConfigError with peft's reason (traced families only)
+    adaptable: bool = True
 
     @property
     def weight_params(self) -> int:
@@ -146,6 +149,9 @@ class ArchSpec:
     def linear_names(self) -> list[str]:
         return list(dict.fromkeys(lin.name for lin in self.linears))
 
+    def adaptable_names(self) -> list[str]:
+        return list(dict.fromkeys(lin.name for lin in self.linears if lin.adaptable))
+
     def lora_targets(self, targets: list[str]) -> list[Linear]:
         """The linear layers `adapter.targets` selects, as peft matches them: by module name (every
         layer of that name), or the presets all-linear (every linear of the blocks, never lm_head),
@@ -155,8 +161,13 @@ class ArchSpec:
         for target in targets:
             if target in PRESETS:
                 groups = PRESETS[target]
-                picked |= {i for i, lin in enumerate(self.linears) if lin.reads in groups}
+                picked |= {i for i, lin in enumerate(self.linears) if lin.reads in groups and lin.adaptable}
             elif target in names:
+                refused = [lin for lin in self.linears if lin.name == target and not lin.adaptable]
+                if refused:
+                    reason = self.extra.get("not_adaptable", {}).get(target, "peft refuses LoRA on it")
+                    raise ConfigError(f"adapter.targets: {target} cannot carry LoRA on {self.architecture} "
+                                      f"({reason}); adaptable: {', '.join(self.adaptable_names())}")
                 picked |= {i for i, lin in enumerate(self.linears) if lin.name == target}
             elif target in self.expert_parameter_names():
                 continue  # LoRA on a parameter: see lora_param_targets

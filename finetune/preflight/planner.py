@@ -164,6 +164,13 @@ def candidates(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, *, pins: 
         return [value.value if hasattr(value, "value") else value]
 
     quants = pinned("quantization", ["none", "nf4", "int8"] if cuda else ["none", "nf4"])
+    if spec.extra.get("quantization_error"):
+        if pin is not None and pin.quantization is not None and pin.quantization.value != "none":
+            raise ConfigError(f"preflight.pin.quantization={pin.quantization.value}: {spec.architecture} does not "
+                              f"train with bitsandbytes' quantized layers on this stack "
+                              f"({spec.extra['quantization_error']}); pin quantization=none")
+        quants = ["none"]
+    keep = spec.extra.get("keep_unquantized")
     ckpts = pinned("gradient_checkpointing", [False, True])
     limit = cfg.preflight.max_micro_batch_size
     mbs = pinned("micro_batch_size", [d for d in range(1, min(per_gpu, limit) + 1) if per_gpu % d == 0])
@@ -193,6 +200,10 @@ def candidates(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, *, pins: 
                 "distributed": dist if n > 1 else "none",
                 "num_gpus": n,
             })
+            if keep and quant != "none":
+                # bitsandbytes' llm_int8_skip_modules for the load (finetune/preflight/trace.py found the family
+                # reads these layers' weights directly); the output embedding is named with them
+                out[-1]["keep_unquantized"] = [*keep, spec.extra.get("output_module", "lm_head")]
     return out
 
 

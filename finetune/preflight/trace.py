@@ -38,6 +38,7 @@ hand-written family against the hand-written one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -132,7 +133,7 @@ def scales(config: dict[str, Any]) -> tuple[float, float]:
     hidden = int(_first(config, _HIDDEN) or 0)
     if hidden < 4:
         raise ConfigError("model config: no hidden size in config.json")
-    return min(1.0, 64 / hidden), min(1.0, 128 / hidden)
+    return 64 / hidden, 128 / hidden
 
 
 def scaled(config: dict[str, Any], scale: float, windowed: bool = False) -> dict[str, Any]:
@@ -283,7 +284,17 @@ def _derive(config: dict[str, Any]):
     if not linears:
         raise ConfigError(f"model.name_or_path: {type(model).__name__} has no linear layers in its blocks for "
                           "LoRA to adapt (peft adapts nn.Linear and Conv1D modules)")
+    refused = _peft_refuses(config, sorted({lin.name for lin in linears}))
+    if refused:
+        linears = [replace(lin, adaptable=lin.name not in refused) for lin in linears]
+        if not any(lin.adaptable for lin in linears):
+            raise ConfigError(f"model.name_or_path: peft {versions.installed('peft')} cannot put LoRA on any layer "
+                              f"of {type(model).__name__} ({'; '.join(refused.values())})")
     # fused MoE experts: 3-D parameters under an experts module (a convolution's 3-D weight is not one)
+    output_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), "lm_head")
+    keep, quant_error = _quantization_probe(config, linears, output_name)
+    if keep or quant_error:
+        linears = [replace(lin, quantizable=False) if (lin.name in keep or quant_error) else lin for lin in linears]
     experts = [(p_name, p) for p_name, p in blocks[0].named_parameters() if p.dim() == 3 and "expert" in p_name]
     expert_shapes = tuple((n, int(p.shape[1]), int(p.shape[2])) for n, p in experts)
     n_experts = int(experts[0][1].shape[0]) if experts else 0
@@ -315,10 +326,101 @@ def _derive(config: dict[str, Any]):
         lm_head_bias=head > vocab * hidden,
         extra_params=total - linear_count - expert_count - emb - head,
         expert_param_count=expert_count, expert_shapes=expert_shapes,
+        extra={k: v for k, v in (("not_adaptable", refused), ("keep_unquantized", sorted(keep)),
+                                 ("quantization_error", quant_error), ("output_module", output_name)) if v},
         traced=Profile(config, time.perf_counter() - started),
     )
     # the final norm arch.ArchSpec counts itself (norm_params) is among the parameters counted above
     return replace(spec, extra_params=spec.extra_params - spec.norm_params)
+
+
+def _peft_refuses(config: dict[str, Any], names: list[str]) -> dict[str, str]:
+    """The linear layers peft will not put LoRA on, with its reason, asked of peft itself on a tiny copy."""
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    small = _hf_config(scaled(config, scales(config)[0]))
+    refused: dict[str, str] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(small)
+            try:
+                get_peft_model(model, LoraConfig(r=4, target_modules=[name]))
+            except ValueError as e:
+                refused[name] = f"peft: {str(e).splitlines()[0][:200]}"
+    return refused
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The copies load in milliseconds: no progress bars, no library warnings about their toy shapes."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    loggers = [logging.getLogger(n) for n in ("transformers", "bitsandbytes", "peft")]
+    levels = [q.level for q in loggers]
+    bars = hf_logging.is_progress_bar_enabled()
+    for q in loggers:
+        q.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for q, level in zip(loggers, levels, strict=True):
+            q.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _quantization_probe(config: dict[str, Any], linears, output_name: str) -> tuple[set[str], str]:
+    """Whether the family trains with bitsandbytes' 4-bit layers: a tiny copy is loaded in 4-bit and runs
+    forward and backward with LoRA. Some model code reads a layer's .weight directly (transformers 5.24's
+    Mamba mixer: ``self.dt_proj.weight @ ...``), which a packed 4-bit weight cannot serve; then each layer is
+    kept unquantized in turn until one is enough. Returns (layers to keep in the compute dtype, the error
+    when no single one is)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    small = scaled(config, scales(config)[0])
+    names = sorted({lin.name for lin in linears if lin.quantizable})
+    adaptable = sorted({lin.name for lin in linears if lin.adaptable})
+    if not names:
+        return set(), ""
+
+    def trains(skip: list[str], path: Path) -> str:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=(
+                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                   llm_int8_skip_modules=[*skip, output_name] if skip else None)))
+            model = get_peft_model(model, LoraConfig(r=4, target_modules=adaptable))
+            model.train()  # as training runs it (bitsandbytes repacks 4-bit weights for CPU inference only)
+            tokens = torch.randint(3, VOCAB, (1, 16))
+            model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+            return ""
+        except Exception as e:  # noqa: BLE001 - any failure of the 4-bit path is the answer
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+    with _quiet(), tempfile.TemporaryDirectory(prefix="finetune-probe-") as tmp:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(_hf_config(small), dtype=torch.float32).save_pretrained(tmp)
+        error = trains([], Path(tmp))
+        if not error:
+            return set(), ""
+        for name in names:
+            if not trains([name], Path(tmp)):
+                log.info("%s: 4-bit %s fails (%s); kept in the compute dtype", config.get("model_type"), name, error)
+                return {name}, ""
+        return set(), error
 
 
 def _default_attention(config: dict[str, Any]) -> str:
@@ -334,6 +436,13 @@ def _default_attention(config: dict[str, Any]) -> str:
         return "none"  # no attention at all (Mamba's state-space mixer, RWKV's time mixing)
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     return "sdpa" if impl == "sdpa" else "eager"
+
+
+def keep_unquantized(spec) -> list[str]:
+    """Modules a 4-bit or 8-bit load must leave in the compute dtype (bitsandbytes' llm_int8_skip_modules,
+    which then replaces transformers' default list, so the output embedding is named too); [] when none."""
+    keep = list(spec.extra.get("keep_unquantized", ()))
+    return [*keep, spec.extra.get("output_module", "lm_head")] if keep else []
 
 
 # -- the activation profile -------------------------------------------------------------------
@@ -354,6 +463,8 @@ class Setting:
     # the sequence is longer than the model's sliding window: transformers then always builds a mask (and
     # SDPA keeps it); shorter, a causal batch without padding runs unmasked
     windowed: bool = False
+    # layers the 4-bit load keeps in the compute dtype (with the output embedding), see _quantization_probe
+    keep_unquantized: tuple[str, ...] = ()
 
     def key(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -438,7 +549,7 @@ class Profile:
         return Setting(quantized=bool(ctx.quantized), autocast=bool(ctx.autocast),
                        dtype_bytes=int(ctx.b), dropout=bool(ctx.dropout), upcast=bool(ctx.upcast),
                        targets=names, parameters=params, rank=int(ctx.rank), attention=attention,
-                       windowed=windowed)
+                       windowed=windowed, keep_unquantized=tuple(keep_unquantized(spec)))
 
     def fit(self, setting: Setting, masked: bool, first: bool = False) -> Fit:
         memo = (setting.key(), ("masked" if masked else "unmasked") + ("_first" if first else ""))
@@ -664,7 +775,7 @@ def _load(small: dict[str, Any], setting: Setting, workdir: Path):
         del model
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=True)
+            bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(setting.keep_unquantized) or None)
         model = AutoModelForCausalLM.from_pretrained(workdir, **kwargs)
     else:
         model = model.to(dtype)
@@ -688,24 +799,13 @@ def _load(small: dict[str, Any], setting: Setting, workdir: Path):
 
 def measure(config: dict[str, Any], setting: Setting) -> dict[str, Fit]:
     """Run the scaled-down copies under `setting` and fit the per-block terms (unpadded and padded)."""
-    import contextlib
-    import warnings
-
     import torch
-    from transformers.utils import logging as hf_logging
 
     rows: dict[str, list[tuple[float, int, int, int]]] = {k: [] for k in KINDS}
     out_bytes = 0
     small_scale, large_scale = scales(config)
-    quiet = [logging.getLogger(n) for n in ("transformers", "bitsandbytes", "peft")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.ERROR)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the copies load in milliseconds; their bars would only be noise
     try:
-        with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="finetune-trace-") as tmp:
-            warnings.simplefilter("ignore")
+        with _quiet(), tempfile.TemporaryDirectory(prefix="finetune-trace-") as tmp:
             for scale, seqs in ((small_scale, SEQS), (large_scale, SEQS)):
                 small = scaled(config, scale, setting.windowed)
                 workdir = Path(tmp) / f"w{scale:.6f}"
@@ -733,11 +833,6 @@ def measure(config: dict[str, Any], setting: Setting) -> dict[str, Fit]:
             f"model.name_or_path: '{config.get('model_type')}' could not be traced on transformers "
             f"{versions.installed('transformers')} / peft {versions.installed('peft')} ({type(e).__name__}: "
             f"{first}): pin the plan with preflight.pin.* and hardware.vram_gib") from e
-    finally:
-        for q, level in zip(quiet, levels):
-            q.setLevel(level)
-        if bars:
-            hf_logging.enable_progress_bar()
     return {kind: _fit(points, out_bytes or setting.dtype_bytes) for kind, points in rows.items()}
 
 
@@ -756,7 +851,8 @@ def _fit(points: list[tuple[float, int, int, int]], out_bytes: int) -> Fit:
     ys = [float(k) for *_, k in points]
     coef = _lstsq(rows, ys)
     a, b, c, d, e = coef
-    worst = max(abs(sum(x * y for x, y in zip(r, coef)) - k) / max(ys) for r, k in zip(rows, ys))
+    worst = max(abs(sum(x * y for x, y in zip(r, coef, strict=True)) - k) / max(ys)
+                for r, k in zip(rows, ys, strict=True))
     return Fit(per_token_scale=a, per_token_seq=b, per_token_const=c, per_layer=d + e,
                residual_out_bytes=int(out_bytes), fit_error=float(worst))
 
