@@ -173,3 +173,54 @@ def test_a_hand_written_familys_dry_run_imports_no_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) is False
+
+
+def test_an_architecture_it_cannot_model_runs_only_fully_pinned_and_unpredicted(tmp_path, run_cli):
+    model = tmp_path / "custom-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "mystery_lm", "architectures": ["MysteryForCausalLM"], "hidden_size": 64,
+        "auto_map": {"AutoModelForCausalLM": "modeling_mystery.MysteryForCausalLM"}}))
+    base = ["+recipe=tiny-demo", f"model.name_or_path={model}", "stages=[preflight]"]
+    unpinned = run_cli(*base)
+    assert unpinned.returncode == 2
+    line = unpinned.stderr.strip().splitlines()[-1]
+    assert "mystery_lm" in line and "preflight.pin.gradient_checkpointing" in line and "Traceback" not in unpinned.stderr
+
+    pinned = run_cli(*base, "preflight.pin.gradient_checkpointing=true", "preflight.pin.micro_batch_size=1")
+    assert pinned.returncode == 0, pinned.stderr
+    assert "not predicted" in pinned.stdout
+    plan = json.loads(next((tmp_path / "outputs").rglob("plan.json")).read_text())
+    assert plan["predicted"] == {} and plan["model"]["architecture_source"] == "unknown"
+    assert plan["choices"]["quantization"] == "nf4" and plan["choices"]["micro_batch_size"] == 1
+    assert plan["explanation"][0].startswith("NOT PREDICTED")
+
+
+def test_a_remote_code_model_trains_unpredicted_when_fully_pinned(tmp_path, tiny_model_dir, monkeypatch):
+    """Custom modeling code (model.trust_remote_code=true): transformers cannot build it from the config alone,
+    so the preflight has no picture of it; pinned, the run trains with exactly the pinned choices."""
+    import shutil
+
+    from finetune.pipeline import run_pipeline
+
+    model = tmp_path / "remote-model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="mystery_lm", architectures=["MysteryForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_mystery.MysteryConfig",
+                            "AutoModelForCausalLM": "modeling_mystery.MysteryForCausalLM"})
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "configuration_mystery.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass MysteryConfig(LlamaConfig):\n    model_type = 'mystery_lm'\n")
+    (model / "modeling_mystery.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_mystery import MysteryConfig\n\n\n"
+        "class MysteryForCausalLM(LlamaForCausalLM):\n    config_class = MysteryConfig\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["+recipe=tiny-demo", f"model.name_or_path={model}", "model.trust_remote_code=true",
+                   "preflight.pin.gradient_checkpointing=false", "preflight.pin.micro_batch_size=2",
+                   "train.max_steps=4", "train.save_steps=4", "stages=[data,preflight,train]",
+                   "tracking.register_model=false", "tracking.system_metrics=false"])
+    result = run_pipeline(cfg, tmp_path / "outputs" / "run")
+    assert result["plan"].predicted == {}
+    assert (tmp_path / "outputs" / "run" / "adapter" / "adapter_config.json").is_file()
+    assert len(result["train"].loss_history) == 4

@@ -438,6 +438,23 @@ def check_disk_space(model_cfg, cache_dir: Path | None = None) -> None:
         )
 
 
+# Config fields a quantized load must change, by model_type. RWKV rescales its weights in place every
+# `rescale_every` blocks in inference (an fp16 overflow guard; the final LayerNorm makes it output-neutral): on
+# 4-bit layers under peft that re-quantizes a wrapped module and fails (transformers 5.24, peft 0.21:
+# "attribute 'weight' already exists"), so evaluation and chat of a QLoRA RWKV would crash. bf16 needs no guard.
+QUANTIZED_CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {"rwkv": {"rescale_every": 0}}
+
+
+def _quantized_overrides(model_cfg) -> dict[str, Any]:
+    from finetune.preflight import catalog
+
+    try:
+        model_type = catalog.model_config(model_cfg.name_or_path)[0].get("model_type")
+    except ConfigError:
+        return {}
+    return dict(QUANTIZED_CONFIG_OVERRIDES.get(model_type, {}))
+
+
 def load_model(model_cfg, choices: dict[str, Any], device: str, placement=None):
     """The frozen base model, quantized as the plan chose, on `device` ("cuda" or "cpu"), with the plan's
     attention implementation (a model reloaded for evaluation, merge or chat computes as it trained:
@@ -462,6 +479,8 @@ def load_model(model_cfg, choices: dict[str, Any], device: str, placement=None):
     attention = ATTENTION.get(choices.get("attention", ""))
     if attention:
         kwargs["attn_implementation"] = attention
+    if choices["quantization"] != "none":
+        kwargs.update(_quantized_overrides(model_cfg))
     if placement is None:
         from finetune.distributed import placement as placement_for
 

@@ -38,8 +38,20 @@ def resolve(config: dict[str, Any], targets: list[str]) -> Targets:
     one table, so the adapter that trains is the one the plan counted. ConfigError names what is unknown.
     """
     from finetune.preflight import arch
+    from finetune.preflight.trace import Untraceable
 
-    spec = arch.from_config(config)
+    try:
+        spec = arch.from_config(config)
+    except Untraceable as untraceable:
+        # no picture of its layers (custom code, run unpredicted): peft's own all-linear, or the names given
+        if list(targets) == ["all-linear"]:
+            return Targets(modules=("all-linear",))
+        presets = [t for t in targets if t in arch.PRESETS]
+        if presets:
+            raise ConfigError(f"adapter.targets: {presets[0]} needs the architecture's layers, which the preflight "
+                              f"cannot read for '{config.get('model_type')}'; use all-linear or name the modules"
+                              ) from untraceable
+        return Targets(modules=tuple(targets))
     modules = tuple(dict.fromkeys(lin.name for lin in spec.lora_targets(list(targets))))
     parameters = tuple(name for name, *_ in spec.lora_param_targets(list(targets), 1))
     if not modules and not parameters:

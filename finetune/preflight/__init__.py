@@ -1,4 +1,5 @@
-"""Preflight: will this run fit, and how? Pure arithmetic on the model config; never imports torch.
+"""Preflight: will this run fit, and how? Pure arithmetic on the model config; imports no torch for the
+families arch.py describes (others are traced once, finetune/preflight/trace.py).
 
     plan = run_preflight(cfg, data_report)   # finetune.preflight.planner.Plan
     write_plan(plan, run_dir)                # run_dir/plan.json (contract: ../shared/DESIGN.md)
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune.preflight import arch, catalog
-from finetune.preflight.planner import Plan, make_plan
+from finetune.preflight.planner import Plan, make_plan, unpredicted_plan
+from finetune.preflight.trace import Untraceable
 
 __all__ = ["Plan", "run_preflight", "write_plan"]
 
@@ -24,7 +26,6 @@ __all__ = ["Plan", "run_preflight", "write_plan"]
 def run_preflight(cfg, data_report: Any | None = None) -> Plan:
     """Plan recipe `cfg`. With the data stage's report, plan for the longest example actually kept."""
     config, _source = catalog.model_config(cfg.model.name_or_path)
-    spec = arch.from_config(config)
     tokens = getattr(data_report, "tokens", None) if data_report is not None else None
     packing = getattr(data_report, "packing", None) if data_report is not None else None
     if packing is not None and packing.enabled and packing.row_tokens_max > 0:
@@ -39,7 +40,11 @@ def run_preflight(cfg, data_report: Any | None = None) -> Plan:
     if isinstance(max_pos, int) and seq_len > max_pos:
         notes.append(f"sequence length {seq_len} exceeds the model's max_position_embeddings ({max_pos}): "
                      "quality degrades past what it was trained on")
-    return make_plan(cfg, spec, seq_len, source, data_report=data_report, extra_notes=notes)
+    try:
+        spec = arch.from_config(config)
+        return make_plan(cfg, spec, seq_len, source, data_report=data_report, extra_notes=notes)
+    except Untraceable as e:  # no memory model for it: runs only as fully pinned, unpredicted
+        return unpredicted_plan(cfg, str(config.get("model_type")), seq_len, source, str(e))
 
 
 def write_plan(plan: Plan, run_dir: Path) -> Path:

@@ -550,6 +550,55 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
                 budget_bytes=budget, fits=True, alternatives=alternatives, explanation=explanation, details=details)
 
 
+def unpredicted_plan(cfg, model_type: str, seq_len: int, seq_len_source: str, reason: str) -> Plan:
+    """The plan for an architecture the preflight cannot model (finetune/preflight/trace.py could not build or
+    train a copy): only when the recipe pins every choice, which then runs as pinned, with no prediction.
+    Otherwise the reason, and what to pin, in one line (ConfigError, exit 2)."""
+    pin = cfg.preflight.pin
+    needed = ("quantization", "gradient_checkpointing", "micro_batch_size")
+    missing = [f"preflight.pin.{k}" for k in needed if getattr(pin, k) is None]
+    if missing:
+        raise ConfigError(f"{reason}; to run it without a memory plan, pin {', '.join(missing)} (and check "
+                          f"hardware.vram_gib={cfg.hardware.vram_gib:g}): the run then uses exactly those choices")
+    _check_pins(cfg)
+    quant = pin.quantization.value
+    per_gpu = _per_gpu_batch(cfg)
+    mb = int(pin.micro_batch_size)
+    if per_gpu % mb:
+        raise ConfigError(f"preflight.pin.micro_batch_size={mb} does not divide the per-GPU share ({per_gpu}) of "
+                          f"train.effective_batch_size={cfg.train.effective_batch_size}")
+    cuda = cfg.hardware.device.value == "cuda"
+    n = cfg.hardware.num_gpus
+    c = {
+        "quantization": quant,
+        "double_quant": (True if pin.double_quant is None else bool(pin.double_quant)) if quant == "nf4" else False,
+        "compute_dtype": compute_dtype(cfg),
+        "gradient_checkpointing": bool(pin.gradient_checkpointing),
+        "micro_batch_size": mb,
+        "gradient_accumulation_steps": max(1, math.ceil(per_gpu / mb)),
+        "max_seq_len": int(seq_len),
+        "seq_len_source": seq_len_source,
+        "packing": bool(getattr(cfg.dataset, "packing", False)),
+        "optimizer": pin.optimizer.value if pin.optimizer is not None else ("paged_adamw_8bit" if cuda else "adamw"),
+        "attention": "",  # transformers' default for the family
+        "distributed": pin.distributed.value if (pin.distributed is not None and n > 1) else ("ddp" if n > 1 else
+                                                                                              "none"),
+        "num_gpus": n,
+    }
+    model = {"name": cfg.model.name_or_path, "architecture": model_type, "params_total": None,
+             "params_trainable": None, "lora_targets": list(cfg.adapter.targets), "architecture_source": "unknown"}
+    explanation = [
+        f"NOT PREDICTED: {reason}",
+        f"running as pinned: {describe(c)}, {cfg.hardware.vram_gib:g} GiB ({cfg.hardware.name}) assumed enough; "
+        "an out-of-memory error has no smaller plan to fall back to",
+    ]
+    drift = versions.drift_line()
+    if drift:
+        explanation.insert(0, drift)
+    return Plan(model=model, choices=c, predicted={}, breakdown_bytes={}, budget_bytes=_budget(
+        cfg.hardware.vram_gib, cfg.preflight.margin), fits=True, alternatives=[], explanation=explanation)
+
+
 def _architecture_notes(spec: ArchSpec, c: dict[str, Any], seq_len: int, extra: list[str] | None) -> list[str]:
     notes = list(extra or [])
     if c["quantization"] != "none" and not any(lin.quantizable for lin in spec.linears):

@@ -27,7 +27,9 @@ def _gib(n: int) -> str:
 
 
 def count(n: int) -> str:
-    """6738415616 -> 6.74B; 39976960 -> 40.0M; 354624 -> 355K."""
+    """6738415616 -> 6.74B; 39976960 -> 40.0M; 354624 -> 355K; None (not known) -> ?."""
+    if n is None:
+        return "?"
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
             return f"{n / size:.3g}{unit}" if unit != "B" else f"{n / size:.2f}B"
@@ -53,6 +55,12 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
     head.add_row("sequence length", f"{c['max_seq_len']} (from the {c['seq_len_source']})")
     head.add_row("optimizer", c["optimizer"])
     p = plan.predicted
+    if not p:  # an architecture the preflight cannot model, run as pinned
+        head.add_row("predicted", "[yellow]not predicted[/yellow] (the run uses the pinned choices as they are)")
+        console.print(head)
+        for line in plan.explanation:
+            console.print(f"  - {line}")
+        return
     verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
     head.add_row("predicted", f"{_gib(p['device_total_bytes'])} GiB on the device of a {_gib(plan.budget_bytes)} "
                               f"GiB budget: {verdict} (peak allocated {_gib(p['peak_allocated_bytes'])}, "

@@ -57,6 +57,11 @@ from finetune.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
+
+class Untraceable(ConfigError):
+    """transformers cannot build the architecture (custom code, no causal-LM class) or its copy does not train:
+    the preflight cannot plan it, and a fully pinned recipe may still run it unplanned."""
+
 TRACE_VERSION = 1
 VOCAB = 256
 LAYERS = 2
@@ -249,19 +254,17 @@ def _derive(config: dict[str, Any]):
     try:
         hf = _hf_config(config)
     except (KeyError, ValueError) as e:
-        raise ConfigError(
+        raise Untraceable(
             f"model.name_or_path: the preflight does not know the architecture '{model_type}' and transformers "
-            f"{versions.installed('transformers')} cannot build it (custom code is never run): pin the plan with "
-            "preflight.pin.* and hardware.vram_gib, or use a supported model") from e
+            f"{versions.installed('transformers')} cannot build it (custom code is never run)") from e
     n_layers = int(_first(config, _LAYERS) or getattr(hf, "num_hidden_layers", 0) or 0)
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf)
     except (ValueError, KeyError) as e:
-        raise ConfigError(
+        raise Untraceable(
             f"model.name_or_path: transformers {versions.installed('transformers')} has no causal-LM model for "
-            f"'{model_type}' ({str(e).splitlines()[0][:120]}): pin the plan with preflight.pin.* and "
-            "hardware.vram_gib") from e
+            f"'{model_type}' ({str(e).splitlines()[0][:120]})") from e
     blocks = _blocks(model, n_layers)
     hidden = int(_first(config, _HIDDEN) or getattr(hf, "hidden_size", 0))
     subclasses = versions.quantizes_linear_subclasses()
@@ -829,10 +832,10 @@ def measure(config: dict[str, Any], setting: Setting) -> dict[str, Fit]:
         raise
     except Exception as e:  # noqa: BLE001 - whatever stops the copy from training, said in one line
         first = str(e).splitlines()[0][:160] if str(e) else ""
-        raise ConfigError(
+        raise Untraceable(
             f"model.name_or_path: '{config.get('model_type')}' could not be traced on transformers "
             f"{versions.installed('transformers')} / peft {versions.installed('peft')} ({type(e).__name__}: "
-            f"{first}): pin the plan with preflight.pin.* and hardware.vram_gib") from e
+            f"{first})") from e
     return {kind: _fit(points, out_bytes or setting.dtype_bytes) for kind, points in rows.items()}
 
 

@@ -91,8 +91,8 @@ def checkpoint_bytes(cfg, plan: dict[str, Any]) -> int:
     64 MiB for trainer state, tokenizer and the run's own files."""
     b = plan["breakdown_bytes"]
     gpus = plan["choices"].get("num_gpus", 1) if plan["choices"].get("distributed") == "fsdp" else 1
-    adapter = b["lora_params"] * gpus
-    one = adapter + b["optimizer_state"] * gpus
+    adapter = b.get("lora_params", 0) * gpus  # an unpredicted plan (unknown architecture) has no breakdown
+    one = adapter + b.get("optimizer_state", 0) * gpus
     return one * (cfg.train.keep_checkpoints + 1) + adapter + (64 << 20)
 
 
@@ -120,7 +120,8 @@ def lora_config(cfg, model_config: dict[str, Any]):
         r=cfg.adapter.rank,
         lora_alpha=cfg.adapter.alpha,
         lora_dropout=cfg.adapter.dropout,
-        target_modules=list(targets.modules),
+        # peft's own all-linear for an architecture the preflight cannot describe (targets.resolve)
+        target_modules="all-linear" if targets.modules == ("all-linear",) else list(targets.modules),
         target_parameters=list(targets.parameters) or None,
         use_rslora=cfg.adapter.use_rslora,
         use_dora=cfg.adapter.use_dora,
