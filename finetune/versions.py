@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from importlib import metadata
+from pathlib import Path
 
 # The releases the memory model and the rules below were verified against (major.minor);
 # requirements.lock pins patch releases of exactly these. Raise them together with the lock
@@ -137,7 +139,10 @@ def _environment() -> dict[str, str]:
     """{normalized name: version} of every distribution installed in this environment, but ours and the
     platform's (torch and what its CUDA build brings)."""
     out = {}
-    for dist in metadata.distributions():
+    # only what is installed in site-packages: importing setuptools puts its _vendor directory (with the
+    # .dist-info of its vendored copies of jaraco.*, more-itertools, importlib-metadata, ...) on sys.path
+    paths = [p for p in sys.path if "_vendor" not in Path(p).parts]
+    for dist in metadata.distributions(path=paths):
         name = _norm(dist.metadata["Name"] or "")
         if name and name != _SELF and (name in _OURS or not name.startswith(_PLATFORM)):
             out[name] = dist.version

@@ -87,11 +87,18 @@ def test_flatten_gives_stable_dotted_names():
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_every_recipe_plans_offline(name):
-    """Each shipped recipe's model is in the catalog, and its plan fits its own card (no network)."""
-    from finetune.preflight import run_preflight
+def test_every_recipe_plans_offline(name, tmp_path):
+    """Each shipped recipe's model is in the catalog, and its plan fits its own card (no network). gpt2-local
+    names a local checkpoint directory: a GPT-2 config.json stands in for the user's."""
+    import json
 
-    plan = run_preflight(compose([f"+recipe={name}"]))
+    from finetune.preflight import catalog, run_preflight
+
+    overrides = []
+    if name == "gpt2-local":
+        (tmp_path / "config.json").write_text(json.dumps(catalog.model_config("openai-community/gpt2")[0]))
+        overrides = [f"model.name_or_path={tmp_path}"]
+    plan = run_preflight(compose([f"+recipe={name}", *overrides]))
     assert plan.fits
     assert plan.predicted["device_total_bytes"] <= plan.budget_bytes
     c = plan.choices

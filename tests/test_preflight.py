@@ -125,12 +125,13 @@ def test_unknown_lora_target_names_the_modules():
     assert "adapter.targets" in str(info.value) and "q_proj" in str(info.value)
 
 
-def test_architecture_transformers_cannot_build_is_one_line_naming_the_way_out(tmp_path):
+def test_architecture_transformers_cannot_build_is_one_line(tmp_path):
+    # (with every choice pinned it still runs, unpredicted: tests/test_preflight_trace.py)
     with pytest.raises(ConfigError) as info:
         arch.from_config({"model_type": "mystery_lm", "hidden_size": 64})
     message = str(info.value)
     assert message.startswith("model.name_or_path") and "mystery_lm" in message and "\n" not in message
-    assert "preflight.pin" in message and "hardware.vram_gib" in message
+    assert "transformers" in message and "cannot build it" in message
 
 
 # -- the memory model -------------------------------------------------------------------------------

@@ -230,7 +230,8 @@ def kernels_note(attention: str) -> str:
     """Which fast kernels training will use on CUDA, as installed where the plan is made."""
     import importlib.util
 
-    names = {"flash2": "FlashAttention 2", "sdpa": "PyTorch SDPA", "eager": "eager attention (the family needs it)"}
+    names = {"flash2": "FlashAttention 2", "sdpa": "PyTorch SDPA", "eager": "eager attention (the family needs it)",
+             "none": "no attention (a state-space or recurrent model)", "": "the family's default attention"}
     liger = importlib.util.find_spec("liger_kernel") is not None
     return (f"kernels: {names.get(attention, attention)}"
             + ("" if attention != "sdpa" else " (pip install flash-attn for FlashAttention 2)")

@@ -8,7 +8,10 @@ Structure and parameters (exact)
   (the ``nn.ModuleList`` of ``num_hidden_layers`` blocks), each block's ``nn.Linear`` /
   ``Conv1D`` modules with their shapes and biases (what bitsandbytes quantizes and LoRA
   targets), MoE experts stored as 3-D parameters, embeddings, a tied or separate lm_head,
-  and everything else (norms, convolutions, state-space parameters) counted as it is.
+  and everything else (norms, convolutions, state-space parameters) counted as it is. peft
+  is asked which layers it refuses (Mamba's out_proj), and a tiny 4-bit copy trains once: a
+  family whose code reads a layer's ``.weight`` directly (Mamba's dt_proj) gets that layer
+  kept unquantized in the plan (``choices.keep_unquantized``), or no quantized plans at all.
 
 Activations (measured, then fitted)
   What autograd keeps depends on the family's code (extra norms, q/k norms, soft-capping,
@@ -19,16 +22,26 @@ Activations (measured, then fitted)
   instead of 128) is loaded as training loads it (bitsandbytes 4-bit, peft LoRA, TRL's cast
   of the adapters, the trainer's bf16 autocast emulated on the CPU), runs forward and
   backward on a few batches, and autograd's saved-tensor hooks record what the second block
-  keeps. Per block, the kept bytes are exactly ``tokens * (a * w + b * seq + c) + d * w^2``
-  for width scale ``w`` (widths, MoE experts hit), sequence length (eager scores, the SDPA
-  mask), constants (per-head log-sum-exp, rank-wide LoRA outputs) and a per-block term (a
-  folded expert stack). Five measurements (two widths, several lengths) fit the four terms
-  by least squares; the fit's residual is kept as a check; ``w = 1`` gives the real model.
+  keeps (the first block on its own: it reads the embeddings, whose dtype the later blocks'
+  input may not have). Per block, the kept bytes are exactly
+  ``tokens * (a * w + b * seq + c) + d * w^2 + e * w`` for width scale ``w`` (widths, MoE
+  experts hit), sequence length (eager scores, the SDPA mask), constants (per-head
+  log-sum-exp, rank-wide LoRA outputs) and per-block terms (a folded expert stack; autocast's
+  copies of norm weights). Six measurements (two widths, three lengths), padded and unpadded,
+  fit the terms by least squares; the fit's residual is kept as a check; ``w = 1`` gives the
+  real model. What backward allocates above that is memory.py's rule on the real widths.
+
+  The trace runs on the CPU but computes as a GPU would: CUDA's autocast lists are applied by
+  a torch-function mode (the CPU's own autocast keeps LayerNorm and softmax in bf16), dropout
+  keeps a bool mask as CUDA's fused kernel does, and SDPA keeps what CUDA's flash /
+  memory-efficient kernels keep, in their (batch, seq, heads, dim) layout.
 
 Results are cached per (configuration structure, settings, transformers / torch / peft /
 bitsandbytes versions) under the user cache (``traces.json``): the first plan of a new
-architecture takes a few seconds, the next one is instant. A family arch.py knows never comes
-here, so its dry run still imports no torch.
+architecture takes a few seconds, the next one about a second without importing torch (the
+structure is cached too). A family arch.py knows never comes here, so its dry run imports no torch.
+An architecture that cannot be built or trained here raises :class:`Untraceable`: the recipe may
+still run it with every choice pinned and no prediction (planner.unpredicted_plan).
 
 The CPU cannot run CUDA's attention kernels: flash attention 2 is measured as SDPA without a
 mask (both keep q, k, v, the output and a log-sum-exp), and 8-bit as 4-bit (the activation
@@ -58,10 +71,6 @@ from finetune.paths import cache_dir
 log = logging.getLogger(__name__)
 
 
-class Untraceable(ConfigError):
-    """transformers cannot build the architecture (custom code, no causal-LM class) or its copy does not train:
-    the preflight cannot plan it, and a fully pinned recipe may still run it unplanned."""
-
 TRACE_VERSION = 1
 VOCAB = 256
 LAYERS = 2
@@ -86,6 +95,11 @@ _ROTARY_FRACTION = ("partial_rotary_factor", "rotary_pct")
 _ATTENTION_WORDS = ("attn", "attention", "self_attention")
 _MLP_WORDS = ("mlp", "feed_forward", "ffn", "moe", "block_sparse_moe")
 _ATTN_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "output", "proj")
+
+
+class Untraceable(ConfigError):
+    """transformers cannot build the architecture (custom code, no causal-LM class) or its copy does not train:
+    the preflight cannot plan it, and a fully pinned recipe may still run it unplanned."""
 
 
 def _first(config: dict[str, Any], keys: tuple[str, ...]) -> Any:
@@ -468,6 +482,9 @@ class Setting:
     windowed: bool = False
     # layers the 4-bit load keeps in the compute dtype (with the output embedding), see _quantization_probe
     keep_unquantized: tuple[str, ...] = ()
+    # the adapters' dtype: bf16 where TRL casts them (a quantized base), else fp32 (peft's default); a
+    # calibration row's stack may differ (memory.Settings.lora_dtype)
+    lora_bytes: int = 2
 
     def key(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -552,7 +569,8 @@ class Profile:
         return Setting(quantized=bool(ctx.quantized), autocast=bool(ctx.autocast),
                        dtype_bytes=int(ctx.b), dropout=bool(ctx.dropout), upcast=bool(ctx.upcast),
                        targets=names, parameters=params, rank=int(ctx.rank), attention=attention,
-                       windowed=windowed, keep_unquantized=tuple(keep_unquantized(spec)))
+                       windowed=windowed, keep_unquantized=tuple(keep_unquantized(spec)),
+                       lora_bytes=int(ctx.lora_bytes))
 
     def fit(self, setting: Setting, masked: bool, first: bool = False) -> Fit:
         memo = (setting.key(), ("masked" if masked else "unmasked") + ("_first" if first else ""))
@@ -792,10 +810,10 @@ def _load(small: dict[str, Any], setting: Setting, workdir: Path):
                       target_modules=list(setting.targets) or None,
                       target_parameters=list(setting.parameters) or None)
     model = get_peft_model(model, lora)
-    if setting.quantized:  # TRL casts the trainable parameters of a quantized model to bf16
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
+    lora_dtype = {2: torch.bfloat16, 4: torch.float32}.get(setting.lora_bytes, torch.float32)
+    for p in model.parameters():  # TRL casts the trainable parameters of a quantized model to bf16
+        if p.requires_grad and p.dtype != lora_dtype:
+            p.data = p.data.to(lora_dtype)
     model.train()
     return model
 
