@@ -29,6 +29,7 @@ from finetune.errors import ConfigError, DoesNotFitError
 from finetune.preflight import memory, speed
 from finetune.preflight.arch import ArchSpec
 from finetune.preflight.memory import GiB, Settings
+from finetune.preflight.trace import FIT_TOLERANCE
 
 SCHEMA_VERSION = 1
 N_ALTERNATIVES = 8
@@ -613,6 +614,10 @@ def _architecture_notes(spec: ArchSpec, c: dict[str, Any], seq_len: int, extra: 
         notes.append(f"{spec.architecture} ({spec.model_type}) has no hand-written rules here: its layers and "
                      f"parameters were read from transformers' own model and its activations traced on "
                      f"scaled-down copies ({spec.traced.describe()})")
+        if spec.traced.worst_fit > FIT_TOLERANCE:
+            notes.append(f"the trace's fit leaves {spec.traced.worst_fit:.1%} of a measurement unexplained (the "
+                         f"tolerance is {FIT_TOLERANCE:.0%}): the activation estimate is less certain than usual; "
+                         "consider a larger preflight.margin")
     if spec.attention == "eager":
         notes.append(f"{spec.architecture} trains with eager attention (transformers' only path for it, or the "
                      f"one the memory model was verified on): it keeps {spec.heads} x {seq_len} x {seq_len} "

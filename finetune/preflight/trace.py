@@ -209,7 +209,8 @@ def _blocks(model, n_layers: int):
 
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
     if not lists:
-        raise ConfigError(f"model config: found no list of {n_layers} decoder blocks in {type(model).__name__}")
+        raise Untraceable(f"model.name_or_path: found no list of {n_layers} decoder blocks in "
+                          f"{type(model).__name__} to trace")
     return max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters()))
 
 
@@ -307,11 +308,11 @@ def _derive(config: dict[str, Any]):
         if not any(lin.adaptable for lin in linears):
             raise ConfigError(f"model.name_or_path: peft {versions.installed('peft')} cannot put LoRA on any layer "
                               f"of {type(model).__name__} ({'; '.join(refused.values())})")
-    # fused MoE experts: 3-D parameters under an experts module (a convolution's 3-D weight is not one)
     output_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), "lm_head")
     keep, quant_error = _quantization_probe(config, linears, output_name)
     if keep or quant_error:
         linears = [replace(lin, quantizable=False) if (lin.name in keep or quant_error) else lin for lin in linears]
+    # fused MoE experts: 3-D parameters under an experts module (a convolution's 3-D weight is not one)
     experts = [(p_name, p) for p_name, p in blocks[0].named_parameters() if p.dim() == 3 and "expert" in p_name]
     expert_shapes = tuple((n, int(p.shape[1]), int(p.shape[2])) for n, p in experts)
     n_experts = int(experts[0][1].shape[0]) if experts else 0
@@ -514,7 +515,7 @@ class Profile:
     cached: int = 0  # settings read from the disk cache
     measured: int = 0  # settings measured in this process
     worst_fit: float = 0.0
-    _fits: dict[tuple[str, bool], Fit] = field(default_factory=dict)
+    _fits: dict[tuple[str, str], Fit] = field(default_factory=dict)  # (setting key, kind) -> fit
 
     def describe(self) -> str:
         bits = []

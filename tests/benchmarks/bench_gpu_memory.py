@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_MODELS = ["Qwen/Qwen2.5-1.5B", "meta-llama/Llama-2-7b-hf"]
+# a hand-written family of each size, and one the preflight traces (finetune/preflight/trace.py)
+DEFAULT_MODELS = ["Qwen/Qwen2.5-1.5B", "meta-llama/Llama-2-7b-hf", "google/gemma-3-1b-pt"]
 
 
 def _model_dir(name: str, root: Path) -> str:
@@ -48,7 +49,7 @@ def _model_dir(name: str, root: Path) -> str:
     if (target / "config.json").is_file():
         return str(target)
     config_dict, _ = catalog.model_config(name)
-    config_dict = dict(config_dict)
+    config_dict = {k: v for k, v in config_dict.items() if not k.startswith("_")}  # the catalog's own notes
     model_type = config_dict.pop("model_type")
     config_dict.pop("architectures", None)
     config = AutoConfig.for_model(model_type, **config_dict)
