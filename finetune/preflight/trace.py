@@ -353,7 +353,8 @@ def _derive(config: dict[str, Any]):
 
 
 def _peft_refuses(config: dict[str, Any], names: list[str]) -> dict[str, str]:
-    """The linear layers peft will not put LoRA on, with its reason, asked of peft itself on a tiny copy."""
+    """The linear layers peft will not put LoRA on, with its reason, asked of peft itself on a meta-device
+    copy: all of them at once, and one by one only when that fails."""
     import warnings
 
     import torch
@@ -361,17 +362,21 @@ def _peft_refuses(config: dict[str, Any], names: list[str]) -> dict[str, str]:
     from transformers import AutoModelForCausalLM
 
     small = _hf_config(scaled(config, scales(config)[0]))
-    refused: dict[str, str] = {}
+
+    def refusal(targets: list[str]) -> str:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(small)
+        try:
+            get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+            return ""
+        except ValueError as e:
+            return f"peft: {str(e).splitlines()[0][:200]}"
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name in names:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(small)
-            try:
-                get_peft_model(model, LoraConfig(r=4, target_modules=[name]))
-            except ValueError as e:
-                refused[name] = f"peft: {str(e).splitlines()[0][:200]}"
-    return refused
+        if not refusal(names):
+            return {}
+        return {name: reason for name in names if (reason := refusal([name]))}
 
 
 @contextlib.contextmanager
