@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -13,6 +18,33 @@ def cache_dir() -> Path:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "finetune"
+
+
+def cached_entry(filename: str, key: str) -> Any | None:
+    """The entry `key` of the JSON table `filename` in the cache directory (measurements made once per
+    installed release: finetune/models/capabilities.py, finetune/preflight/trace.py), or None."""
+    try:
+        return json.loads((cache_dir() / filename).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def store_entry(filename: str, key: str, value: Any) -> None:
+    """Add `key` to the JSON table `filename` in the cache directory, atomically (a concurrent reader sees the
+    old or the new file, never half of one). A read-only cache costs a re-measurement next time, nothing else."""
+    path = cache_dir() / filename
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            entries = {}
+        entries[key] = value
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError as e:
+        log.debug("%s not written (%s)", path, e)
 
 
 def free_bytes(path: Path | str) -> int:

@@ -21,13 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from finetune import versions
-from finetune.paths import cache_dir
+from finetune.paths import cached_entry, store_entry
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +102,7 @@ class PackingProbe:
     detail: str  # what was measured, for the data report
 
 
-def _cache_file() -> Path:
-    return cache_dir() / "capabilities.json"
+CACHE_FILE = "capabilities.json"
 
 
 def _key(name: str, small: dict[str, Any]) -> str:
@@ -116,26 +113,11 @@ def _key(name: str, small: dict[str, Any]) -> str:
 
 
 def _cached(key: str) -> dict | None:
-    try:
-        return json.loads(_cache_file().read_text()).get(key)
-    except (OSError, ValueError):
-        return None
+    return cached_entry(CACHE_FILE, key)
 
 
 def _store(key: str, value: dict) -> None:
-    path = _cache_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            entries = json.loads(path.read_text())
-        except (OSError, ValueError):
-            entries = {}
-        entries[key] = value
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-        tmp.replace(path)  # atomic: a concurrent reader sees the old or the new file, never half of one
-    except OSError as e:  # a read-only cache costs a re-measurement next time, nothing else
-        log.debug("capabilities cache not written (%s)", e)
+    store_entry(CACHE_FILE, key, value)
 
 
 def packed_vs_separate(small: dict[str, Any]) -> float:

@@ -56,7 +56,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -66,7 +65,7 @@ from typing import Any
 
 from finetune import versions
 from finetune.errors import ConfigError
-from finetune.paths import cache_dir
+from finetune.paths import cached_entry, store_entry
 
 log = logging.getLogger(__name__)
 
@@ -886,8 +885,7 @@ def _fit(points: list[tuple[float, int, int, int]], out_bytes: int) -> Fit:
 
 # -- the cache ----------------------------------------------------------------------------------
 
-def _cache_file() -> Path:
-    return cache_dir() / "traces.json"
+CACHE_FILE = "traces.json"
 
 
 def _stack() -> str:
@@ -907,23 +905,8 @@ def _cache_key(config: dict[str, Any], setting: Setting) -> str:
 
 
 def _cached(key: str) -> dict | None:
-    try:
-        return json.loads(_cache_file().read_text()).get(key)
-    except (OSError, ValueError):
-        return None
+    return cached_entry(CACHE_FILE, key)
 
 
 def _store(key: str, value: dict) -> None:
-    path = _cache_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            entries = json.loads(path.read_text())
-        except (OSError, ValueError):
-            entries = {}
-        entries[key] = value
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-        tmp.replace(path)  # atomic: a concurrent reader sees the old or the new file
-    except OSError as e:  # a read-only cache costs a re-measurement next time, nothing else
-        log.debug("trace cache not written (%s)", e)
+    store_entry(CACHE_FILE, key, value)
