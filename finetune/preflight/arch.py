@@ -17,6 +17,7 @@ transformers on the meta device and holds these counts to the real model's.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -487,13 +488,12 @@ _TRACED: dict[str, ArchSpec] = {}
 
 def from_config(config: dict[str, Any]) -> ArchSpec:
     """The architecture of `config` (a config.json dict): hand-written rules for the families above (no torch),
-    else derived from transformers' own model and traced (finetune/preflight/trace.py; imports torch)."""
+    else derived from transformers' own model and traced (finetune/preflight/trace.py: torch on a model's first
+    plan, the trace cache after). One spec per config in a process, so its traced settings are measured once."""
     model_type = config.get("model_type")
     if not model_type:
         raise ConfigError("model config: config.json has no model_type")
     if model_type not in FAMILIES:
-        import json
-
         key = json.dumps(config, sort_keys=True, default=str)
         if key not in _TRACED:
             from finetune.preflight import trace
