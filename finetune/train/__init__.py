@@ -114,8 +114,15 @@ def lora_config(cfg, model_config: dict[str, Any]):
     from peft import LoraConfig
 
     from finetune.models.targets import resolve
+    from finetune.preflight import catalog
 
-    targets = resolve(model_config, list(cfg.adapter.targets))
+    try:
+        # the config the preflight planned with (catalog entry, local or tiny config.json): the same layers,
+        # and for a traced architecture the same spec, not a second derivation from the loaded model's config
+        planned = catalog.model_config(cfg.model.name_or_path)[0]
+    except ConfigError:
+        planned = model_config
+    targets = resolve(planned, list(cfg.adapter.targets))
     return LoraConfig(
         r=cfg.adapter.rank,
         lora_alpha=cfg.adapter.alpha,
