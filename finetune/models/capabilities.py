@@ -87,12 +87,18 @@ def shrink(config: dict[str, Any]) -> dict[str, Any]:
                 small[k] = 4
         small["num_experts_per_tok"] = min(int(small.get("num_experts_per_tok") or 2), 2)
     small["vocab_size"] = VOCAB
+    fit_token_ids(small, VOCAB)
+    return small
+
+
+def fit_token_ids(small: dict[str, Any], vocab: int) -> None:
+    """Special-token ids of a scaled-down config (a dict, changed in place) that fall outside its `vocab`
+    entries: BOS 1, EOS 2, the others 0; in a list of ids, EOS."""
     for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
-        if isinstance(small.get(k), int) and small[k] >= VOCAB:
+        if isinstance(small.get(k), int) and small[k] >= vocab:
             small[k] = {"bos_token_id": 1, "eos_token_id": 2}.get(k, 0)
         elif isinstance(small.get(k), list):
-            small[k] = [t if t < VOCAB else 2 for t in small[k]]
-    return small
+            small[k] = [t if t < vocab else 2 for t in small[k]]
 
 
 @dataclass(frozen=True)

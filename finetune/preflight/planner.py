@@ -29,7 +29,7 @@ from finetune.errors import ConfigError, DoesNotFitError
 from finetune.preflight import memory, speed
 from finetune.preflight.arch import ArchSpec
 from finetune.preflight.memory import GiB, Settings
-from finetune.preflight.trace import FIT_TOLERANCE
+from finetune.preflight.trace import FIT_TOLERANCE, keep_unquantized
 
 SCHEMA_VERSION = 1
 N_ALTERNATIVES = 8
@@ -171,41 +171,47 @@ def candidates(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, *, pins: 
                               f"train with bitsandbytes' quantized layers on this stack "
                               f"({spec.extra['quantization_error']}); pin quantization=none")
         quants = ["none"]
-    keep = spec.extra.get("keep_unquantized")
+    keep = keep_unquantized(spec)
     ckpts = pinned("gradient_checkpointing", [False, True])
     limit = cfg.preflight.max_micro_batch_size
     mbs = pinned("micro_batch_size", [d for d in range(1, min(per_gpu, limit) + 1) if per_gpu % d == 0])
     opts = pinned("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit"] if cuda else ["adamw"])
     dists = pinned("distributed", ["ddp", "fsdp"] if n > 1 else ["none"])
     out = []
-    packing = bool(getattr(cfg.dataset, "packing", False))
     for quant, ckpt, mb, opt, dist in itertools.product(quants, ckpts, mbs, opts, dists):
         if dist == "fsdp" and quant == "int8":
             continue  # bitsandbytes' Int8Params cannot be sharded by FSDP
         dqs = pinned("double_quant", [True, False]) if quant == "nf4" else [False]
         for dq in dqs:
-            out.append({
-                "quantization": quant,
-                "double_quant": bool(dq) if quant == "nf4" else False,
-                "compute_dtype": compute_dtype(cfg),
-                "gradient_checkpointing": bool(ckpt),
-                "micro_batch_size": int(mb),
-                "gradient_accumulation_steps": max(1, math.ceil(per_gpu / mb)),
-                "max_seq_len": int(seq_len),
-                "seq_len_source": seq_len_source,
-                "packing": packing,
-                "optimizer": opt,
-                # transformers' attn_implementation (Falcon's multi-query layout runs SDPA's math kernel
-                # underneath; the memory model knows, the name stays the one transformers uses)
-                "attention": attention_for(spec, cfg),
-                "distributed": dist if n > 1 else "none",
-                "num_gpus": n,
-            })
+            # transformers' attn_implementation (Falcon's multi-query layout runs SDPA's math kernel underneath;
+            # the memory model knows, the name stays the one transformers uses)
+            out.append(_choice(cfg, quant, dq, ckpt, mb, opt, dist, seq_len, seq_len_source, attention_for(spec, cfg)))
             if keep and quant != "none":
                 # bitsandbytes' llm_int8_skip_modules for the load (finetune/preflight/trace.py found the family
-                # reads these layers' weights directly); the output embedding is named with them
-                out[-1]["keep_unquantized"] = [*keep, spec.extra.get("output_module", "lm_head")]
+                # reads these layers' weights directly)
+                out[-1]["keep_unquantized"] = keep
     return out
+
+
+def _choice(cfg, quant: str, dq: bool, ckpt: bool, mb: int, opt: str, dist: str, seq_len: int, seq_len_source: str,
+            attention: str) -> dict[str, Any]:
+    """One plan's choices (the plan.json `choices` dict)."""
+    n = cfg.hardware.num_gpus
+    return {
+        "quantization": quant,
+        "double_quant": bool(dq) if quant == "nf4" else False,
+        "compute_dtype": compute_dtype(cfg),
+        "gradient_checkpointing": bool(ckpt),
+        "micro_batch_size": int(mb),
+        "gradient_accumulation_steps": max(1, math.ceil(_per_gpu_batch(cfg) / mb)),
+        "max_seq_len": int(seq_len),
+        "seq_len_source": seq_len_source,
+        "packing": bool(getattr(cfg.dataset, "packing", False)),
+        "optimizer": opt,
+        "attention": attention,
+        "distributed": dist if n > 1 else "none",
+        "num_gpus": n,
+    }
 
 
 def flash_attention_installed() -> bool:
@@ -570,23 +576,11 @@ def unpredicted_plan(cfg, model_type: str, seq_len: int, seq_len_source: str, re
         raise ConfigError(f"preflight.pin.micro_batch_size={mb} does not divide the per-GPU share ({per_gpu}) of "
                           f"train.effective_batch_size={cfg.train.effective_batch_size}")
     cuda = cfg.hardware.device.value == "cuda"
-    n = cfg.hardware.num_gpus
-    c = {
-        "quantization": quant,
-        "double_quant": (True if pin.double_quant is None else bool(pin.double_quant)) if quant == "nf4" else False,
-        "compute_dtype": compute_dtype(cfg),
-        "gradient_checkpointing": bool(pin.gradient_checkpointing),
-        "micro_batch_size": mb,
-        "gradient_accumulation_steps": max(1, math.ceil(per_gpu / mb)),
-        "max_seq_len": int(seq_len),
-        "seq_len_source": seq_len_source,
-        "packing": bool(getattr(cfg.dataset, "packing", False)),
-        "optimizer": pin.optimizer.value if pin.optimizer is not None else ("paged_adamw_8bit" if cuda else "adamw"),
-        "attention": "",  # transformers' default for the family
-        "distributed": pin.distributed.value if (pin.distributed is not None and n > 1) else ("ddp" if n > 1 else
-                                                                                              "none"),
-        "num_gpus": n,
-    }
+    c = _choice(cfg, quant, True if pin.double_quant is None else bool(pin.double_quant),
+                bool(pin.gradient_checkpointing), mb,
+                pin.optimizer.value if pin.optimizer is not None else ("paged_adamw_8bit" if cuda else "adamw"),
+                pin.distributed.value if pin.distributed is not None else "ddp", seq_len, seq_len_source,
+                "")  # attention: transformers' default for the family
     model = {"name": cfg.model.name_or_path, "architecture": model_type, "params_total": None,
              "params_trainable": None, "lora_targets": list(cfg.adapter.targets), "architecture_source": "unknown"}
     explanation = [

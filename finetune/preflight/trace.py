@@ -65,6 +65,7 @@ from typing import Any
 
 from finetune import versions
 from finetune.errors import ConfigError
+from finetune.models.capabilities import fit_token_ids
 from finetune.paths import cached_entry, store_entry
 
 log = logging.getLogger(__name__)
@@ -186,11 +187,7 @@ def scaled(config: dict[str, Any], scale: float, windowed: bool = False) -> dict
     # absent ids take the config class's defaults, which may lie outside the small vocabulary (Phi-3's pad 32000)
     for k, v in (("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", 0)):
         small.setdefault(k, v)
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
-        if isinstance(small.get(k), int) and small[k] >= VOCAB:
-            small[k] = {"bos_token_id": 1, "eos_token_id": 2}.get(k, 0)
-        elif isinstance(small.get(k), list):
-            small[k] = [t if t < VOCAB else 2 for t in small[k]]
+    fit_token_ids(small, VOCAB)
     return small
 
 
