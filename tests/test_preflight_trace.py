@@ -50,7 +50,7 @@ PUBLISHED = {"Qwen/Qwen3-8B": 8_190_735_360, "Qwen/Qwen3-14B": 14_768_307_200, "
              "state-spaces/mamba-1.4b-hf": 1_372_178_432, "Qwen/Qwen2.5-14B": 14_770_033_664,
              "Qwen/Qwen2.5-32B": 32_763_876_352, "allenai/OLMoE-1B-7B-0924": 6_919_161_856}
 
-QLORA = dict(quantization="nf4", double_quant=True, compute_dtype="bf16", optimizer="paged_adamw_8bit",
+QLORA = dict(quantization="nf4", double_quant=True, quantized_experts=True, compute_dtype="bf16", optimizer="paged_adamw_8bit",
              attention="sdpa", packing=False, num_gpus=1, distributed="none")
 
 

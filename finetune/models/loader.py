@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -490,8 +491,13 @@ def load_model(model_cfg, choices: dict[str, Any], device: str, placement=None):
     os.environ.update(placement.env)
     if placement.device_map is not None:
         kwargs["device_map"] = placement.device_map
+    from finetune.models import experts
+
+    # the fused MoE experts quantized too (finetune/models/experts.py), when the plan says so
+    quantizing_experts = experts.loading() if choices.get("quantized_experts") else contextlib.nullcontext()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with quantizing_experts:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ImportError, SafetensorError) as e:
         error = _model_error(model_cfg, local, e)
         if error is None:
@@ -604,10 +610,14 @@ def load_with_adapter(model_cfg, choices: dict[str, Any], adapter_dir: Path | st
     says, which shifts logits by ~1e-2. Casting them back to bf16 reproduces the trained model.
     """
     import torch
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
+
+    from finetune.models import experts
 
     base = load_model(model_cfg, choices, device)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), autocast_adapter_dtype=False)
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    experts.register_lora(config, base)  # LoRA on 4-bit experts: our ParamWrapper (finetune/models/experts.py)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), config=config, autocast_adapter_dtype=False)
     if choices["quantization"] != "none":
         for name, param in model.named_parameters():
             if "lora_" in name and "magnitude" not in name:

@@ -151,6 +151,7 @@ def merge(adapter: str | Path, out: str | Path, from_quantized: bool = False, fo
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finetune.models import experts
     from finetune.models.loader import base_model_dir, load_model
 
     base_dir = base_model_dir(run.model_cfg)
@@ -161,6 +162,7 @@ def merge(adapter: str | Path, out: str | Path, from_quantized: bool = False, fo
     if use_quantized:
         base = load_model(run.model_cfg, run.choices, device)
         base = base.dequantize()  # bitsandbytes layers -> plain Linear in the compute dtype
+        experts.dequantize(base)  # and 4-bit / 8-bit MoE experts -> 3-D parameters
         which = f"the dequantized {run.choices['quantization']} base (exactly the model that was trained)"
     else:
         base = AutoModelForCausalLM.from_pretrained(

@@ -119,6 +119,21 @@ class ArchSpec:
         per_expert = 3 * self.hidden * self.intermediate  # gate_up_proj (2 x) and down_proj
         return self.layers * (self.experts * per_expert + self.experts * self.hidden)
 
+    def expert_matrices(self) -> list[tuple[int, int]]:
+        """The (out, in) shape of every expert weight matrix of one layer (experts x 3-D parameters): what
+        finetune/models/experts.py quantizes one at a time."""
+        if not self.experts:
+            return []
+        if self.expert_shapes:
+            return [(a, b) for _, a, b in self.expert_shapes for _ in range(self.experts)]
+        e, h, i = self.experts, self.hidden, self.intermediate
+        return [(2 * i, h)] * e + [(h, i)] * e  # gate_up_proj, down_proj
+
+    @property
+    def expert_matrix_params(self) -> int:
+        """The experts' 3-D weights over all layers (the router and any bias excluded)."""
+        return self.layers * sum(a * b for a, b in self.expert_matrices())
+
     @property
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
@@ -145,6 +160,10 @@ class ArchSpec:
     @property
     def max_linear_elements(self) -> int:
         return max(lin.weight_params for lin in self.linears)
+
+    @property
+    def max_expert_elements(self) -> int:
+        return max((a * b for a, b in self.expert_matrices()), default=0)
 
     # -- LoRA ---------------------------------------------------------------------------------
     def linear_names(self) -> list[str]:

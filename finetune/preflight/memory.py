@@ -10,8 +10,10 @@ Frozen weights (transformers/integrations/bitsandbytes.py ``replace_with_bnb_lin
   Only modules whose type *is* ``nn.Linear`` (or Conv1D) become bnb Linear4bit /
   Linear8bitLt, and lm_head (the output embedding and the last module) is skipped.
   Everything else stays in the load dtype (bf16): embeddings, norms, biases, lm_head,
-  Mixtral's experts and router (3-D ``nn.Parameter``s) and Falcon's whole blocks
-  (``FalconLinear`` subclasses nn.Linear, so ``type(m) is nn.Linear`` is false).
+  MoE routers, and Falcon's whole blocks (``FalconLinear`` subclasses nn.Linear, so
+  ``type(m) is nn.Linear`` is false). The fused experts' 3-D ``nn.Parameter``s (Mixtral,
+  Qwen-MoE, OLMoE), which bitsandbytes would leave in bf16, are quantized by
+  finetune/models/experts.py, one expert matrix at a time (``choices.quantized_experts``).
   NF4 packs two weights per byte; its absmax is one fp32 per block of 64 weights, or,
   with double quantization, one uint8 per block plus one fp32 per 256 blocks
   (bitsandbytes/functional.py ``quantize_4bit``). LLM.int8 keeps an int8 weight and one
@@ -193,6 +195,7 @@ class _Ctx:
     bnb_keeps_input: bool
     cpu: bool
     expert_lora: bool = False  # peft's ParamWrapper LoRA on the MoE experts (all-linear on Mixtral)
+    quantized_experts: bool = False  # the experts are 4-bit / 8-bit (finetune/models/experts.py)
     weight_b: int = 2  # bytes per element of the unquantized frozen weights
 
 
@@ -211,10 +214,22 @@ def _nf4_bytes(numel: int, modules: int, double_quant: bool) -> tuple[int, int]:
 
 
 def weight_bytes(spec: ArchSpec, quant: str, double_quant: bool, weight_dtype_bytes: int,
-                 settings: Settings) -> tuple[int, int, int]:
+                 settings: Settings, quantized_experts: bool = False) -> tuple[int, int, int]:
     """(quantized weights, unquantized weights, quantization constants) of the frozen base."""
     wq = consts = 0
     unq = 0
+    experts_left = spec.expert_params
+    if quantized_experts and quant != "none" and spec.experts:
+        # finetune/models/experts.py: every expert matrix quantized on its own (its own blocks and, with double
+        # quantization, its own nested constants), the router and any expert bias in the compute dtype
+        for out_f, in_f in spec.expert_matrices():
+            if quant == "nf4":
+                w, c = _nf4_bytes(spec.layers * out_f * in_f, spec.layers, double_quant)
+                wq, consts = wq + w, consts + c
+            else:  # int8 + one fp32 scale per output row
+                wq += spec.layers * out_f * in_f
+                consts += spec.layers * out_f * 4
+        experts_left -= spec.expert_matrix_params
     for lin in spec.linears:
         numel = spec.layers * lin.weight_params
         if lin.bias:
@@ -228,7 +243,7 @@ def weight_bytes(spec: ArchSpec, quant: str, double_quant: bool, weight_dtype_by
         else:  # int8: int8 weight + one fp32 scale per output row
             wq += numel
             consts += spec.layers * lin.out_features * 4
-    others = spec.embedding_params + spec.norm_params + spec.extra_params + spec.expert_params
+    others = spec.embedding_params + spec.norm_params + spec.extra_params + experts_left
     lm_head = spec.lm_head_params
     if settings.quantize_lm_head and quant == "nf4" and not spec.tied_embeddings:
         w, c = _nf4_bytes(spec.vocab * spec.hidden, 1, double_quant)
@@ -408,7 +423,11 @@ def layer_bytes_per_token(spec: ArchSpec, ctx: _Ctx, seq_len: int, r_in: int) ->
         kept += spec.experts_per_token * (3 * inter + h) * m + spec.experts * 4  # + fp32 router probs
         mlp_res = m
         mlp_transient = spec.experts_per_token * 2 * inter * m
-        if ctx.expert_lora:
+        if ctx.expert_lora and ctx.quantized_experts:
+            # finetune/models/experts.py adds (x A_e^T) B_e^T per routed expert: lora_A keeps the matmul's input
+            # (the token's hidden state for gate_up, the gated product for down), lora_B the rank-wide output
+            kept += spec.experts_per_token * (h + inter + 2 * ctx.rank) * m
+        elif ctx.expert_lora:
             # peft's ParamWrapper folds W + B A into one baddbmm per forward (the whole expert stack, in
             # the weight's dtype); with a trainable weight every expert matmul keeps its input
             kept += spec.experts_per_token * (h + inter) * m
@@ -466,7 +485,8 @@ def estimate(spec: ArchSpec, choices: dict[str, Any], *, rank: int, targets: lis
     notes: list[str] = []
 
     # frozen weights
-    wq, unq, consts = weight_bytes(spec, quant, bool(choices.get("double_quant")), weight_b, s)
+    quantized_experts = quantized and bool(choices.get("quantized_experts")) and spec.experts > 0
+    wq, unq, consts = weight_bytes(spec, quant, bool(choices.get("double_quant")), weight_b, s, quantized_experts)
 
     # LoRA parameters, gradients, optimizer state
     lora_targets = spec.lora_targets(targets)
@@ -501,6 +521,7 @@ def estimate(spec: ArchSpec, choices: dict[str, Any], *, rank: int, targets: lis
                masked=spec.always_masked or (mb > 1 and not choices.get("packing", False) and not litgpt),
                fused_norm=s.fused_norm, fused_qkv_lora=s.fused_qkv_lora or litgpt, rank=rank,
                bnb_keeps_input=s.bnb_keeps_input, cpu=not gpu, expert_lora=bool(param_targets),
+               quantized_experts=quantized_experts,
                weight_b=weight_b)
     r0 = 4 if ctx.upcast else b  # the embedding output's dtype
     kept0, transient0, r1, fixed = layer_bytes_per_token(spec, ctx, seq, r0)
@@ -535,15 +556,18 @@ def estimate(spec: ArchSpec, choices: dict[str, Any], *, rank: int, targets: lis
     # workspace: a dequantized weight (bnb dequantizes one layer at a time for large batches)
     big_out = max(lin.out_features for lin in spec.linears)
     big_in = max(lin.in_features for lin in spec.linears)
+    # quantized experts are dequantized one expert matrix at a time (in backward; forward too without a fused
+    # 4-bit GEMM), which for an MoE is the largest matrix bitsandbytes dequantizes
+    largest = max(spec.max_linear_elements, spec.max_expert_elements if quantized_experts else 0)
     if quant == "nf4":
         # dequantize_4bit's output (compute dtype) and, with double quant, the fp32 absmax it rebuilds
-        workspace = spec.max_linear_elements * b + math.ceil(spec.max_linear_elements / NF4_BLOCK) * 4
+        workspace = largest * b + math.ceil(largest / NF4_BLOCK) * 4
         if s.quantize_lm_head:
             workspace = max(workspace, vocab * h * b)
     elif quant == "int8":
         # LLM.int8: fp16 copy + int8 quantization of the input and an int32 product in forward;
         # the dequantized weight in backward
-        workspace = max(tokens * (3 * big_in + 4 * big_out), spec.max_linear_elements * b)
+        workspace = max(tokens * (3 * big_in + 4 * big_out), largest * b)
     else:
         workspace = 0
     workspace += CUBLAS_WORKSPACE if gpu else 0

@@ -186,6 +186,9 @@ def candidates(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, *, pins: 
             # transformers' attn_implementation (Falcon's multi-query layout runs SDPA's math kernel underneath;
             # the memory model knows, the name stays the one transformers uses)
             out.append(_choice(cfg, quant, dq, ckpt, mb, opt, dist, seq_len, seq_len_source, attention_for(spec, cfg)))
+            if spec.experts and quant != "none":
+                # finetune/models/experts.py quantizes the fused experts' 3-D parameters with the rest
+                out[-1]["quantized_experts"] = True
             if keep and quant != "none":
                 # bitsandbytes' llm_int8_skip_modules for the load (finetune/preflight/trace.py found the family
                 # reads these layers' weights directly)
@@ -465,7 +468,9 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
         "architecture": spec.architecture,
         "params_total": spec.params_total,
         "params_trainable": spec.lora_params(targets, rank),
-        "lora_targets": list(dict.fromkeys(lin.name for lin in lora_targets)),
+        # modules, then the MoE experts' parameters (peft target_parameters)
+        "lora_targets": list(dict.fromkeys(lin.name for lin in lora_targets))
+        + [name for name, *_ in spec.lora_param_targets(targets, rank)],
     }
     if not fitting:
         raise DoesNotFitError(does_not_fit_message(cfg, spec, seq_len, seq_len_source, budget))
@@ -601,9 +606,14 @@ def _architecture_notes(spec: ArchSpec, c: dict[str, Any], seq_len: int, extra: 
         notes.append(f"{spec.architecture}: transformers {versions.release('transformers')} replaces only "
                      "modules whose type is nn.Linear; FalconLinear is a subclass, so the base stays bf16 under "
                      "'quantization'")
-    if spec.experts:
-        notes.append(f"{spec.architecture}: the {spec.experts} experts per layer are 3-D parameters that "
-                     "bitsandbytes does not quantize (bf16); LoRA reaches them as peft target_parameters")
+    if spec.experts and c.get("quantized_experts"):
+        bits = "4-bit" if c["quantization"] == "nf4" else "8-bit"
+        notes.append(f"{spec.architecture}: experts {bits}: the {spec.experts} experts per layer (3-D parameters, "
+                     f"which bitsandbytes' loader leaves in bf16) are quantized one expert matrix at a time and "
+                     f"computed only for the experts the router picks; LoRA reaches them as peft target_parameters")
+    elif spec.experts:
+        notes.append(f"{spec.architecture}: the {spec.experts} experts per layer are 3-D parameters, kept in "
+                     f"{c['compute_dtype']} on an unquantized base; LoRA reaches them as peft target_parameters")
     if spec.traced is not None:
         notes.append(f"{spec.architecture} ({spec.model_type}) has no hand-written rules here: its layers and "
                      f"parameters were read from transformers' own model and its activations traced on "

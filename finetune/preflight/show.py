@@ -46,6 +46,8 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
     head.add_row("model", f"{m['architecture']}, {count(m['params_total'])} params, "
                           f"{count(m['params_trainable'])} trainable (LoRA on {', '.join(m['lora_targets'])})")
     q = c["quantization"] + (" + double quant" if c["quantization"] == "nf4" and c["double_quant"] else "")
+    if c.get("quantized_experts"):
+        q += f", experts {'4-bit' if c['quantization'] == 'nf4' else '8-bit'}"
     head.add_row("quantization", q)
     head.add_row("compute dtype", f"{c['compute_dtype']}, attention {c['attention']}")
     head.add_row("gradient checkpointing", "on" if c["gradient_checkpointing"] else "off")

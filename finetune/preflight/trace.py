@@ -487,6 +487,8 @@ class Setting:
     # the adapters' dtype: bf16 where TRL casts them (a quantized base), else fp32 (peft's default); a
     # calibration row's stack may differ (memory.Settings.lora_dtype)
     lora_bytes: int = 2
+    # the fused MoE experts 4-bit too (finetune/models/experts.py), as the plan's choices.quantized_experts say
+    quantized_experts: bool = False
 
     def key(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -572,7 +574,7 @@ class Profile:
                        dtype_bytes=int(ctx.b), dropout=bool(ctx.dropout), upcast=bool(ctx.upcast),
                        targets=names, parameters=params, rank=int(ctx.rank), attention=attention,
                        windowed=windowed, keep_unquantized=tuple(keep_unquantized(spec)),
-                       lora_bytes=int(ctx.lora_bytes))
+                       lora_bytes=int(ctx.lora_bytes), quantized_experts=bool(ctx.quantized_experts))
 
     def fit(self, setting: Setting, masked: bool, first: bool = False) -> Fit:
         memo = (setting.key(), ("masked" if masked else "unmasked") + ("_first" if first else ""))
@@ -785,6 +787,8 @@ def _load(small: dict[str, Any], setting: Setting, workdir: Path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from finetune.models import experts
+
     dtype = torch.bfloat16 if setting.dtype_bytes == 2 and setting.autocast else torch.float32
     hf = _hf_config(small)
     with torch.random.fork_rng(devices=[]):
@@ -799,7 +803,8 @@ def _load(small: dict[str, Any], setting: Setting, workdir: Path):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(setting.keep_unquantized) or None)
-        model = AutoModelForCausalLM.from_pretrained(workdir, **kwargs)
+        with experts.loading() if setting.quantized_experts else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(workdir, **kwargs)
     else:
         model = model.to(dtype)
         if setting.attention != "none":
@@ -811,6 +816,7 @@ def _load(small: dict[str, Any], setting: Setting, workdir: Path):
     lora = LoraConfig(r=setting.rank, lora_alpha=2 * setting.rank, lora_dropout=0.1 if setting.dropout else 0.0,
                       target_modules=list(setting.targets) or None,
                       target_parameters=list(setting.parameters) or None)
+    experts.register_lora(lora, model)
     model = get_peft_model(model, lora)
     lora_dtype = {2: torch.bfloat16, 4: torch.float32}.get(setting.lora_bytes, torch.float32)
     for p in model.parameters():  # TRL casts the trainable parameters of a quantized model to bf16

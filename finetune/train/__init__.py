@@ -332,6 +332,7 @@ class _Attempt:
         from transformers import EarlyStoppingCallback
         from transformers.trainer_callback import PrinterCallback
 
+        from finetune.models import experts
         from finetune.models.loader import load_model
         from finetune.train.callbacks import (
             CheckpointMarkerCallback,
@@ -348,6 +349,8 @@ class _Attempt:
                           packed=data.packed)
         self.placement = rank_placement(choices, device, args)
         model = load_model(cfg.model, choices, device, placement=self.placement)
+        peft_config = lora_config(cfg, model.config.to_dict())
+        experts.register_lora(peft_config, model)  # LoRA on 4-bit / 8-bit experts (finetune/models/experts.py)
         self.metrics = MetricsCallback(tracker)
         self.progress = RichProgressCallback()
         callbacks = [self.metrics, self.progress, CheckpointMarkerCallback(), StopOnSignalCallback(stop)]
@@ -359,7 +362,7 @@ class _Attempt:
             train_dataset=train_ds,
             eval_dataset=eval_ds if args.eval_strategy != "no" else None,
             processing_class=tokenizer,
-            peft_config=lora_config(cfg, model.config.to_dict()),
+            peft_config=peft_config,
             callbacks=callbacks,
         )
         self.trainer.remove_callback(PrinterCallback)
