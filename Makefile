@@ -20,13 +20,14 @@ GPUS   ?= 2
 ADAPTER ?= $(shell ls -td outputs/*/*/adapter outputs/*/*/*/adapter 2>/dev/null | head -1)
 RUN_DIR = outputs/$(RECIPE)/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help install lock test-latest demo test preflight train train-multi merge chat ui lint bench bench-gpu clean clean-cache
+.PHONY: help install lock test-latest demo demo-dpo test preflight train train-multi merge chat ui lint bench bench-gpu clean clean-cache
 
 help:
 	@echo "make install                 create $(VENV) (if missing) and install finetune with its dev tools, exactly as $(LOCK) pins them"
 	@echo "make lock                    re-resolve the newest versions pyproject.toml allows and write $(LOCK)"
 	@echo "make test-latest             the test suite on the newest versions pyproject.toml allows, in $(LATEST) (not the lock)"
 	@echo "make demo                    fine-tune the tiny demo model on the CPU (data, preflight, QLoRA, eval, MLflow)"
+	@echo "make demo-dpo                preference-tune it with DPO on the project's sample pairs (CPU, under a minute)"
 	@echo "make test                    run the test suite (CPU only, no network)"
 	@echo "make preflight RECIPE=NAME   print the memory plan for a recipe (no GPU, no download)"
 	@echo "make train RECIPE=NAME       run a recipe end to end (ARGS='key=value ...' to override)"
@@ -81,6 +82,9 @@ test-latest:
 
 demo: $(STAMP)
 	$(BIN)/finetune +recipe=tiny-demo $(ARGS)
+
+demo-dpo: $(STAMP)
+	$(BIN)/finetune +recipe=tiny-dpo-demo $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

@@ -35,7 +35,19 @@ class DatasetFormat(Enum):
     sharegpt = "sharegpt"
     messages = "messages"
     text = "text"
+    preference = "preference"  # pairs (prompt / chosen / rejected) or KTO's completion + label: data_prep/preference.py
     auto = "auto"
+
+
+class TrainMethod(Enum):
+    sft = "sft"  # supervised fine-tuning on the answers
+    dpo = "dpo"  # direct preference optimization (TRL DPOTrainer; the reference is the base, adapter off)
+    orpo = "orpo"  # odds-ratio preference optimization: SFT + preference in one loss, no reference model
+    kto = "kto"  # Kahneman-Tversky optimization on unpaired completions labelled desirable or not
+    simpo = "simpo"  # simple preference optimization: length-normalized, no reference model (TRL's CPO)
+
+
+PREFERENCE_METHODS = ("dpo", "orpo", "kto", "simpo")
 
 
 class LengthPolicy(Enum):
@@ -294,6 +306,14 @@ class TrainConfig:
     # the recipe or the data changed); never: start fresh; or a checkpoint / run directory path.
     resume: str = "auto"
     logging_steps: int = 1
+    # sft, or a preference method on dataset.format: preference data: dpo, orpo, kto (unpaired completion + label
+    # rows), simpo
+    method: TrainMethod = TrainMethod.sft
+    # Preference methods: the strength of the preference term (DPO / KTO: the KL weight; ORPO: lambda; SimPO:
+    # the reward scale); null: TRL's default for the method (DPO 0.1, ORPO 0.1, KTO 0.1, SimPO 2.0).
+    beta: float | None = None
+    # DPO: TRL's loss_type (sigmoid, ipo, hinge, robust, ...); null: sigmoid.
+    loss_type: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_steps == -1 or self.max_steps > 0, "train.max_steps",
@@ -321,6 +341,11 @@ class TrainConfig:
                    f"must be positive or null, got {self.neftune_noise_alpha}")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
         _check(bool(self.resume.strip()), "train.resume", "must be auto, never, or a checkpoint path")
+        if self.beta is not None:
+            _check(self.beta > 0, "train.beta", f"must be positive or null, got {self.beta}")
+        if self.loss_type is not None:
+            _check(self.method == TrainMethod.dpo, "train.loss_type",
+                   f"is DPO's (TRL DPOConfig.loss_type); train.method={self.method.value} has its own loss")
 
 
 @dataclass
@@ -385,6 +410,20 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(len(self.stages) > 0, "stages", "must list at least one of data, preflight, train, eval")
         self.dataset.check_source()
+        formats = {self.dataset.format} | {s.format for s in self.dataset.sources if s.format is not None}
+        if self.train.method == TrainMethod.sft:
+            _check(DatasetFormat.preference not in formats, "train.method",
+                   "is sft, but dataset.format is preference: set train.method to dpo, orpo, kto or simpo")
+        else:
+            other = sorted(f.value for f in formats - {DatasetFormat.preference, DatasetFormat.auto})
+            _check(not other, "dataset.format",
+                   f"is {', '.join(other)}, but train.method={self.train.method.value} trains on preference data: "
+                   "set dataset.format=preference (prompt / chosen / rejected pairs, or completion + label for kto)")
+
+    @property
+    def preference(self) -> bool:
+        """The run trains a preference method on preference data (data_prep/preference.py)."""
+        return self.train.method != TrainMethod.sft
 
 
 def register_configs() -> None:

@@ -99,10 +99,19 @@ def run_data_stage(cfg: RunConfig, run_dir: Path):
 
     tokenizer = load_tokenizer(cfg.model, _model_vocab_size(cfg))
     _remove_orphaned_builds()
-    model_config = _model_config(cfg) if cfg.dataset.packing else None
+    model_config = _model_config(cfg) if cfg.dataset.packing and not cfg.preference else None
     try:
-        data = prepare(cfg.dataset, tokenizer, cfg.model.chat_template,
-                       model_type=(model_config or {}).get("model_type"), model_config=model_config)
+        if cfg.preference:  # pairs (or KTO's labelled completions) for a preference method
+            from data_prep import preference
+
+            data = preference.prepare(cfg.dataset, tokenizer, cfg.model.chat_template)
+            if data.kind == "unpaired" and cfg.train.method.value != "kto":
+                raise ConfigError(f"train.method={cfg.train.method.value} trains on pairs (prompt / chosen / "
+                                  f"rejected), but {cfg.dataset.path or 'dataset.sources'} holds unpaired completion "
+                                  "+ label rows: use train.method=kto, or pair the rows")
+        else:
+            data = prepare(cfg.dataset, tokenizer, cfg.model.chat_template,
+                           model_type=(model_config or {}).get("model_type"), model_config=model_config)
     except RejectedRowsError as e:
         if is_leader():
             e.report.write(run_dir / "data_report.json")  # the rejected rows, with their locations, for the user
@@ -121,7 +130,10 @@ def run_data_stage(cfg: RunConfig, run_dir: Path):
     if r.packing.requested and not r.packing.enabled:
         log.warning("data: dataset.packing is on but %s", r.packing.reason)
     if cfg.dataset.preview:
-        from data_prep.preview import show
+        if cfg.preference:
+            from data_prep.preference import show
+        else:
+            from data_prep.preview import show
 
         show(data, tokenizer, cfg.dataset.preview, console)
     return data, tokenizer
@@ -344,7 +356,17 @@ def _train_and_eval(cfg: RunConfig, plan, data, tokenizer, run_dir: Path, tracke
     tracker.log_artifact(charts.loss_curves(result.loss_history, result.eval_history, run_dir / "loss_curves.png"))
     tracker.log_metrics({"train/tokens_per_s": result.tokens_per_s})
 
-    if Stage.eval.value in stages:
+    if Stage.eval.value in stages and cfg.preference:
+        from finetune.evaluate import preference
+
+        report = preference.evaluate(cfg, data, model, tokenizer)
+        report.write(run_dir / "eval.json")
+        tracker.log_metrics(report.metrics())
+        tracker.log_artifact(run_dir / "eval.json")
+        if report.rows:
+            tracker.log_table(report.rows, "eval/preference_pairs.json")
+        out["eval"] = report
+    elif Stage.eval.value in stages:
         from finetune.evaluate import evaluate
 
         report = evaluate(cfg, data, model, tokenizer)

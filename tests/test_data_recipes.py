@@ -19,7 +19,8 @@ def test_the_shipped_dataset_configs():
 
 @pytest.mark.parametrize("name", DATASETS)
 def test_every_dataset_config_composes(name):
-    cfg = compose(["+recipe=tiny-demo", f"dataset={name}"])
+    preference = ["train.method=dpo"] if name in ("medical-pairs", "ultrafeedback") else []  # preference methods
+    cfg = compose(["+recipe=tiny-demo", f"dataset={name}", *preference])
     assert cfg.dataset.path or cfg.dataset.sources
     text = (recipes_dir() / "dataset" / f"{name}.yaml").read_text()
     assert text.startswith("# ") and "finetune +recipe=" in text  # says what it is for and how to run it

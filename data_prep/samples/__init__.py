@@ -11,6 +11,7 @@ from data_prep.samples import corpus, medical
 SAMPLES: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "medical-qa": ("medical_qa.jsonl", medical.write),
     "medical-notes": (f"medical_notes-v{corpus.VERSION}", corpus.write),
+    "medical-pairs": ("medical_pairs.jsonl", medical.write_pairs),
 }
 
 PREFIX = "sample:"

@@ -307,6 +307,45 @@ def write(path: Path, seed: int = 0) -> Path:
     return path
 
 
+_UNHELPFUL = ("I cannot help with medical questions.", "Please ask someone else.", "That is not something I know "
+              "about.", "I would rather not say.", "Look it up yourself.", "No idea, sorry.",
+              "You should not worry about that.", "Ask me something else.")
+
+
+def preference_rows(seed: int = 0) -> list[dict[str, str]]:
+    """Preference pairs on the same questions: ``prompt`` / ``chosen`` / ``rejected`` strings. The chosen answer
+    is the set's own; the rejected one declines or brushes the question off (unhelpful, 85%) or answers the same
+    question about another condition (fluent but wrong, 15%), so a preference-tuned model has something to learn
+    to prefer."""
+    rng = random.Random(seed + 1)
+    rows = generate_rows(seed)
+    per_condition = len(rows) // len(CONDITIONS)
+    pairs = []
+    for i, row in enumerate(rows):
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
+        if rng.random() < 0.15:
+            other = rng.choice([j for j in range(len(CONDITIONS)) if j != i // per_condition])
+            wrong = rows[other * per_condition + i % per_condition]["output"]
+        else:
+            wrong = rng.choice(_UNHELPFUL)
+        pairs.append({"prompt": prompt, "chosen": row["output"], "rejected": wrong})
+    return pairs
+
+
+def write_pairs(path: Path, seed: int = 0) -> Path:
+    """Write :func:`preference_rows` as JSON Lines at `path` (atomically), with a `.meta.json` beside it."""
+    rows = preference_rows(seed)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    meta = {"rows": len(rows), "format": "preference", "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "generator": "data_prep.samples.medical.preference_rows", "seed": seed}
+    path.with_name(path.name + ".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
 def encyclopedia() -> list[str]:
     """Short prose entries on the same conditions, in another phrasing than the Q&A rows.
 

@@ -175,6 +175,12 @@ def candidates(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, *, pins: 
     ckpts = pinned("gradient_checkpointing", [False, True])
     limit = cfg.preflight.max_micro_batch_size
     mbs = pinned("micro_batch_size", [d for d in range(1, min(per_gpu, limit) + 1) if per_gpu % d == 0])
+    if cfg.train.method.value == "kto":
+        # TRL's KTO estimates its KL term from the other completions of the micro-batch: it refuses a batch of one
+        if mbs == [1] and pin is not None and pin.micro_batch_size == 1:
+            raise ConfigError("preflight.pin.micro_batch_size=1: train.method=kto needs at least 2 completions per "
+                              "micro-batch (TRL's KTO estimates its KL term from the others in the batch)")
+        mbs = [m for m in mbs if m >= 2] or [2]
     opts = pinned("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit"] if cuda else ["adamw"])
     dists = pinned("distributed", ["ddp", "fsdp"] if n > 1 else ["none"])
     out = []
@@ -263,14 +269,27 @@ class _Scorer:
                                  bandwidth_gbs=hw.memory_bandwidth_gbs, interconnect_gbs=hw.interconnect_gbs)
         self._best: float | None = None
 
+    def _forward(self, c: dict[str, Any]) -> dict[str, Any]:
+        """The choices as the model sees them: a pair method's micro-batch runs chosen and rejected together."""
+        n = sequences_per_example(self.cfg)
+        return c if n == 1 else dict(c, micro_batch_size=c["micro_batch_size"] * n)
+
     def estimate(self, c: dict[str, Any]) -> memory.Estimate:
-        return memory.estimate(self.spec, c, rank=self.rank, targets=self.targets, settings=self.settings)
+        return memory.estimate(self.spec, self._forward(c), rank=self.rank, targets=self.targets,
+                               settings=self.settings)
 
     def score(self, c: dict[str, Any]) -> Candidate:
         if self._best is None:
-            self._best = speed.ceiling(self.spec, c, **self.speed_kwargs)
-        thr = speed.throughput(self.spec, c, best=self._best, **self.speed_kwargs)
+            self._best = speed.ceiling(self.spec, self._forward(c), **self.speed_kwargs)
+        thr = speed.throughput(self.spec, self._forward(c), best=self._best, **self.speed_kwargs)
         return Candidate(c, self.estimate(c), thr)
+
+
+def sequences_per_example(cfg) -> int:
+    """Sequences one training example puts through the model with gradients: 2 for the pair methods (TRL's DPO,
+    ORPO and CPO/SimPO concatenate chosen and rejected into one forward), 1 for SFT and KTO (whose KL completions
+    and every reference forward run without a graph)."""
+    return 2 if cfg.train.method.value in ("dpo", "orpo", "simpo") else 1
 
 
 def _budget(vram_gib: float, margin: float) -> int:
@@ -526,7 +545,7 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
     if faster:
         f = max(faster, key=lambda s: s.thr.tokens_per_s)
         explanation.append(f"a faster plan ({describe(f.choices)}, {f.thr.relative:.0%}) needs {_gib(f.total)}")
-    explanation += _architecture_notes(spec, c, seq_len, extra_notes)
+    explanation += _method_notes(cfg) + _architecture_notes(spec, c, seq_len, extra_notes)
     pinned = [k for k, v in vars(cfg.preflight.pin).items() if v is not None]
     if pinned:
         explanation.append(f"pinned by the recipe: {', '.join('preflight.pin.' + k for k in pinned)}")
@@ -598,6 +617,22 @@ def unpredicted_plan(cfg, model_type: str, seq_len: int, seq_len_source: str, re
         explanation.insert(0, drift)
     return Plan(model=model, choices=c, predicted={}, breakdown_bytes={}, budget_bytes=_budget(
         cfg.hardware.vram_gib, cfg.preflight.margin), fits=True, alternatives=[], explanation=explanation)
+
+
+def _method_notes(cfg) -> list[str]:
+    method = cfg.train.method.value
+    if method == "sft":
+        return []
+    what = {"dpo": "chosen and rejected run through the model together (2 x micro-batch sequences with "
+                   "gradients); the reference is the base with the adapter off, a forward without a graph and no "
+                   "second copy of the weights",
+            "orpo": "chosen and rejected run through the model together (2 x micro-batch sequences with gradients); "
+                    "no reference model",
+            "simpo": "chosen and rejected run through the model together (2 x micro-batch sequences with "
+                     "gradients); no reference model",
+            "kto": "one completion per example with gradients; the KL completions and the reference (the base "
+                   "with the adapter off) run without a graph; at least 2 completions per micro-batch"}[method]
+    return [f"train.method={method}: {what}"]
 
 
 def _architecture_notes(spec: ArchSpec, c: dict[str, Any], seq_len: int, extra: list[str] | None) -> list[str]:

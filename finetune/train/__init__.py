@@ -137,14 +137,14 @@ def lora_config(cfg, model_config: dict[str, Any]):
     )
 
 
-def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_eval: bool, packed: bool = False):
-    from trl import SFTConfig
-
+def common_args(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_eval: bool) -> dict[str, Any]:
+    """The training arguments every method shares (transformers' TrainingArguments fields): the plan's batch,
+    precision, optimizer and checkpointing, the recipe's schedule, checkpoints and evaluation."""
     t = cfg.train
     on_gpu = device == "cuda"
     eval_every = t.eval_steps if (has_eval and t.eval_steps) else None
     keep_best = bool(eval_every and t.keep_best)
-    return SFTConfig(
+    return dict(
         **_fsdp_args(choices),
         output_dir=str(output_dir),
         seed=t.seed,
@@ -164,8 +164,6 @@ def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_
         bf16=on_gpu and choices["compute_dtype"] == "bf16",
         fp16=on_gpu and choices["compute_dtype"] == "fp16",  # with a GradScaler: loss scaling
         use_cpu=not on_gpu,
-        neftune_noise_alpha=t.neftune_noise_alpha,
-        use_liger_kernel=liger_available(device),
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -176,15 +174,25 @@ def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_
         metric_for_best_model="eval_loss" if keep_best else None,
         greater_is_better=False if keep_best else None,
         report_to="none",
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient on every step
+        disable_tqdm=True,  # our rich progress bar replaces tqdm and the per-step log printing
+    )
+
+
+def sft_config(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_eval: bool, packed: bool = False):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **common_args(cfg, choices, output_dir, device, has_eval),
+        neftune_noise_alpha=cfg.train.neftune_noise_alpha,
+        use_liger_kernel=liger_available(device),
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,  # the data stage already enforced dataset.max_seq_len (and counted what it dropped)
         # Rows packed by the data stage (with seq_lengths) train padding-free: position ids restart per example,
         # so no example attends to another (data_prep/packing.py lists the architectures where that is exact).
         packing=packed,
         padding_free=packed,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient on every step
-        disable_tqdm=True,  # our rich progress bar replaces tqdm and the per-step log printing
     )
 
 
@@ -301,11 +309,13 @@ def _keep_dtypes(model):
             param.data = param.data.to(dtypes[name])
 
 
-def _trainer_class():
-    from trl import SFTTrainer
+def _trainer_class(base=None):
+    if base is None:
+        from trl import SFTTrainer as base
 
-    class Trainer(SFTTrainer):
-        """SFTTrainer that resumes a checkpoint in the precision it was trained in.
+    class Trainer(base):
+        """TRL's trainer (SFTTrainer, or a preference method's) that resumes a checkpoint in the precision it was
+        trained in.
 
         Resuming calls peft's ``load_adapter``, which upcasts the adapter's bf16 weights (TRL's
         choice for a quantized base) to fp32: the resumed run would then compute differently
@@ -341,12 +351,23 @@ class _Attempt:
             StopOnSignalCallback,
         )
 
-        train_ds = data.to_dataset("train")  # memory-mapped Arrow from the data stage (packed rows when data.packed)
-        eval_ds = data.to_dataset("eval") if len(data.eval) else None
+        if cfg.preference:
+            from finetune.train import preference
+
+            train_ds, eval_ds = preference.datasets(cfg, data)
+        else:
+            train_ds = data.to_dataset("train")  # memory-mapped Arrow from the data stage (packed rows when packed)
+            eval_ds = data.to_dataset("eval") if len(data.eval) else None
         # The training arguments before the model: building them starts the process group and sets this
         # rank's device, which decide where this rank's model goes (rank_placement).
-        args = sft_config(cfg, choices, run_dir / resume_mod.CHECKPOINTS, device, has_eval=eval_ds is not None,
-                          packed=data.packed)
+        if cfg.preference:  # DPO / ORPO / KTO / SimPO: TRL's trainer for the method (finetune/train/preference.py)
+            args = preference.training_args(cfg, choices, run_dir / resume_mod.CHECKPOINTS, device,
+                                            has_eval=eval_ds is not None)
+            trainer_class = _trainer_class(preference.trainer_base(cfg.train.method.value))
+        else:
+            args = sft_config(cfg, choices, run_dir / resume_mod.CHECKPOINTS, device, has_eval=eval_ds is not None,
+                              packed=data.packed)
+            trainer_class = _trainer_class()
         self.placement = rank_placement(choices, device, args)
         model = load_model(cfg.model, choices, device, placement=self.placement)
         peft_config = lora_config(cfg, model.config.to_dict())
@@ -356,7 +377,7 @@ class _Attempt:
         callbacks = [self.metrics, self.progress, CheckpointMarkerCallback(), StopOnSignalCallback(stop)]
         if args.load_best_model_at_end and cfg.train.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-        self.trainer = _trainer_class()(
+        self.trainer = trainer_class(
             model=model,
             args=args,
             train_dataset=train_ds,

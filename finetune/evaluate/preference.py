@@ -1,0 +1,144 @@
+"""The eval stage for preference methods: on the held-out pairs, does the adapter prefer the chosen answer?
+
+For each held-out pair, the summed log-probability of the chosen and of the rejected answer (its tokens only,
+after the prompt as the chat template renders it), under the adapter and under the base (the adapter off):
+
+* ``preference_accuracy``: the share of pairs whose chosen answer the model finds the more likely one (summed
+  log-probability of its tokens, the quantity DPO's reward is made of), per model;
+* ``logp_margin``: the mean over pairs of log p(chosen) - log p(rejected), per model; the per-token means are in
+  the table too (``*_token_margin``: a length-neutral view);
+* ``reward_accuracy`` / ``reward_margin``: DPO's implicit reward, beta x (log p_adapter - log p_base), of chosen
+  against rejected -- the quantity the preference loss moves.
+
+KTO's unpaired rows are scored by the mean log-probability of the desirable and of the undesirable completions.
+The per-pair table (both models' margins) is logged as an MLflow table by the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreferenceScores:
+    preference_accuracy: float
+    logp_margin: float
+
+
+@dataclass
+class PreferenceEvalReport:
+    method: str
+    pairs: int
+    adapter: PreferenceScores
+    base: PreferenceScores
+    reward_accuracy: float
+    reward_margin: float
+    beta: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("rows")
+        return d
+
+    def write(self, path: Path) -> Path:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def metrics(self) -> dict[str, float]:
+        return {"eval/adapter_preference_accuracy": self.adapter.preference_accuracy,
+                "eval/base_preference_accuracy": self.base.preference_accuracy,
+                "eval/adapter_logp_margin": self.adapter.logp_margin,
+                "eval/base_logp_margin": self.base.logp_margin,
+                "eval/reward_accuracy": self.reward_accuracy, "eval/reward_margin": self.reward_margin}
+
+
+def _answer_logps(model, tokenizer, prompt, answers: list[list[dict]], batch_size: int) -> list[tuple[float, float]]:
+    """(summed, per-token mean) log-probability of each answer after the prompt."""
+    import torch
+
+    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    n_head = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+    seqs = [tokenizer(tokenizer.apply_chat_template(prompt + a, tokenize=False), add_special_tokens=False)["input_ids"]
+            for a in answers]
+    out = []
+    device = next(model.parameters()).device
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        width = max(len(s) for s in chunk)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        for row, s in zip(logps, chunk, strict=True):
+            answer = row[n_head - 1:len(s) - 1]  # the answer's tokens, each predicted from its prefix
+            out.append((float(answer.sum()), float(answer.mean())))
+    return out
+
+
+def _scores(model, tokenizer, rows, batch_size: int) -> list[tuple[float, float]]:
+    out = []
+    for row in rows:
+        answers = [row["chosen"], row["rejected"]] if "chosen" in row else [row["completion"]]
+        out.append(tuple(_answer_logps(model, tokenizer, row["prompt"], answers, batch_size)))
+    return out
+
+
+def evaluate(cfg, data, model, tokenizer) -> PreferenceEvalReport:
+    """Score `model` (base + adapter) and the base (adapter off) on the held-out pairs."""
+    from finetune.train.preference import method_args
+
+    rows, notes = list(data.eval), []
+    if not rows:
+        notes.append("the eval split is empty (dataset.eval_fraction too small): scored on the training pairs, "
+                     "which overstates the adapter")
+        rows = list(data.train)
+    if cfg.eval.max_examples is not None:
+        rows = rows[: cfg.eval.max_examples]
+    beta = float(method_args(cfg).get("beta", 0.1))
+    model.eval()
+    adapter = _scores(model, tokenizer, rows, cfg.eval.batch_size)
+    with model.disable_adapter():
+        base = _scores(model, tokenizer, rows, cfg.eval.batch_size)
+    if data.kind == "unpaired":  # KTO: desirable vs undesirable completions, as two groups
+        def group(scores, desirable):
+            vals = [s[0][0] for s, r in zip(scores, rows, strict=True) if r["label"] == desirable]
+            return sum(vals) / len(vals) if vals else 0.0
+
+        margins = [(group(adapter, True) - group(adapter, False)), (group(base, True) - group(base, False))]
+        rewards = [beta * ((a[0][0] - b[0][0]) if r["label"] else -(a[0][0] - b[0][0]))
+                   for a, b, r in zip(adapter, base, rows, strict=True)]
+        report = PreferenceEvalReport(
+            cfg.train.method.value, len(rows),
+            PreferenceScores(float(margins[0] > 0), margins[0]), PreferenceScores(float(margins[1] > 0), margins[1]),
+            sum(r > 0 for r in rewards) / len(rows), sum(rewards) / len(rows), beta, notes=notes)
+    else:
+        table = []
+        for row, a, b, loc in zip(rows, adapter, base, data.eval_locations or [""] * len(rows), strict=False):
+            # a / b: ((sum, mean) chosen, (sum, mean) rejected) under the adapter / the base
+            reward = beta * ((a[0][0] - b[0][0]) - (a[1][0] - b[1][0]))  # DPO's implicit reward: summed log-probs
+            table.append({"location": loc, "prompt": row["prompt"][-1]["content"][:200],
+                          "chosen": row["chosen"][0]["content"][:200], "rejected": row["rejected"][0]["content"][:200],
+                          "adapter_margin": a[0][0] - a[1][0], "base_margin": b[0][0] - b[1][0],
+                          "adapter_token_margin": a[0][1] - a[1][1], "base_token_margin": b[0][1] - b[1][1],
+                          "reward_margin": reward})
+        n = len(table)
+        report = PreferenceEvalReport(
+            cfg.train.method.value, n,
+            PreferenceScores(sum(t["adapter_margin"] > 0 for t in table) / n, sum(t["adapter_margin"] for t in table) / n),
+            PreferenceScores(sum(t["base_margin"] > 0 for t in table) / n, sum(t["base_margin"] for t in table) / n),
+            sum(t["reward_margin"] > 0 for t in table) / n, sum(t["reward_margin"] for t in table) / n, beta,
+            rows=table, notes=notes)
+    log.info("eval: %s on %d held-out rows: preference accuracy adapter %.3f vs base %.3f, log-prob margin %.3f vs "
+             "%.3f", report.method, report.pairs, report.adapter.preference_accuracy, report.base.preference_accuracy,
+             report.adapter.logp_margin, report.base.logp_margin)
+    return report

@@ -1,0 +1,69 @@
+"""Preference methods (train.method: dpo | orpo | kto | simpo) on TRL's own trainers.
+
+The train stage is the same as for SFT (finetune/train/__init__.py: the plan's batch and precision, complete-only
+checkpoints, resume, signals, out-of-memory re-planning); only the TRL config and trainer class differ, chosen
+here. The data stage (data_prep/preference.py) hands over validated rows in TRL's conversational shape, which the
+trainer renders with the tokenizer's chat template (set by the data stage) and masks on the answers. With peft,
+DPO's and KTO's reference model is the base with the adapter switched off (TRL's own handling: no second copy
+of the weights); ORPO and SimPO need none.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+# method -> (module, TRL config class, TRL trainer class); ORPO and CPO (SimPO's trainer) live in
+# trl.experimental in TRL 1.16
+TRAINERS = {
+    "dpo": ("trl", "DPOConfig", "DPOTrainer"),
+    "kto": ("trl", "KTOConfig", "KTOTrainer"),
+    "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer"),
+    "simpo": ("trl.experimental.cpo", "CPOConfig", "CPOTrainer"),
+}
+
+
+def _classes(method: str):
+    module, config, trainer = TRAINERS[method]
+    mod = importlib.import_module(module)
+    return getattr(mod, config), getattr(mod, trainer)
+
+
+def trainer_base(method: str):
+    return _classes(method)[1]
+
+
+def method_args(cfg) -> dict[str, Any]:
+    """The method's own TRL config fields from the recipe (train.beta, train.loss_type)."""
+    t = cfg.train
+    method = t.method.value
+    args: dict[str, Any] = {"max_length": cfg.dataset.max_seq_len}  # the data stage dropped (and counted) longer
+    if t.beta is not None:
+        args["beta"] = t.beta
+    if method == "dpo" and t.loss_type:
+        args["loss_type"] = [t.loss_type]
+    if method == "simpo":
+        args.update(loss_type="simpo", cpo_alpha=0.0)  # SimPO is CPO's simpo loss without its NLL term
+        args.setdefault("beta", 2.0)  # the SimPO paper's scale (CPO's own default, 0.1, is DPO's)
+    return args
+
+
+def training_args(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_eval: bool):
+    from finetune.train import common_args
+
+    config_class, _ = _classes(cfg.train.method.value)
+    return config_class(**common_args(cfg, choices, output_dir, device, has_eval), **method_args(cfg))
+
+
+def datasets(cfg, data):
+    """(train, eval) datasets.Dataset for the method; KTO trains on unpaired completions, so pairs are split into
+    a desirable (chosen) and an undesirable (rejected) row each (TRL's unpair_preference_dataset)."""
+    train = data.to_dataset("train")
+    evaluation = data.to_dataset("eval") if len(data.eval) else None
+    if cfg.train.method.value == "kto" and data.kind == "paired":
+        from trl.data_utils import unpair_preference_dataset
+
+        train = unpair_preference_dataset(train)
+        evaluation = unpair_preference_dataset(evaluation) if evaluation is not None else None
+    return train, evaluation
