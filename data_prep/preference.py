@@ -252,7 +252,7 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None) -> PreferenceData
     kinds: dict[str, int] = {}
     out: dict[str, list] = {"train": [], "eval": [], "train_loc": [], "eval_loc": []}
     lengths: list[int] = []
-    trained = 0
+    trained = train_tokens = 0
     report = DataReport(source=", ".join(s.path for s in specs), format="preference",
                         format_detected=any(s.format == "auto" for s in specs), chat_template=template.name,
                         masking="prefixes", max_seq_len=dataset_cfg.max_seq_len, length_policy="drop")
@@ -295,6 +295,7 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None) -> PreferenceData
             stats.rows_kept += 1
             lengths += full
             trained += sum(n - prompt_len for n in full)
+            side_tokens = sum(full)
             # the prompt decides the side: pairs that answer one prompt never straddle train and eval
             side = "eval" if in_eval_split(_key(item.prompt), dataset_cfg.eval_fraction) else "train"
             out[side].append(_row(item))
@@ -304,6 +305,7 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None) -> PreferenceData
             else:
                 stats.train_rows += 1
                 stats.train_examples += 1
+                train_tokens += side_tokens
     report.rejected = dict(rejections.counts)
     report.rejected_examples = rejections.examples
     report.train_rows, report.eval_rows = len(out["train"]), len(out["eval"])
@@ -311,7 +313,7 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None) -> PreferenceData
     if ordered:
         report.tokens = TokenStats(total=sum(ordered), trained=trained, p50=percentile(ordered, 50),
                                    p95=percentile(ordered, 95), p99=percentile(ordered, 99), max=ordered[-1],
-                                   mean=round(sum(ordered) / len(ordered), 2), train_total=sum(ordered))
+                                   mean=round(sum(ordered) / len(ordered), 2), train_total=train_tokens)
     if report.rows_read == 0:
         raise DataError(f"dataset.path: {report.source} holds no rows")
     read, rejected = report.rows_read, report.rows_rejected

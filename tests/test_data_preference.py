@@ -73,7 +73,8 @@ def tokenizer(tiny_model_dir):
 
 
 def _cfg(path, *overrides):
-    return compose(["+recipe=tiny-demo", f"dataset.path={path}", "dataset.format=preference", *overrides])
+    return compose(["+recipe=tiny-demo", f"dataset.path={path}", "dataset.format=preference", "train.method=dpo",
+                    *overrides])
 
 
 def _write(path, rows):

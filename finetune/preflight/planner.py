@@ -524,6 +524,8 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
                     for a in _alternatives(scored, chosen, budget)]
 
     tokens, source = _tokens_to_train(cfg, seq_len, c["micro_batch_size"], data_report)
+    if tokens is not None and sequences_per_example(cfg) > 1:
+        tokens, source = tokens * sequences_per_example(cfg), source + ", chosen and rejected each"
     tps = chosen.thr.tokens_per_s
     if tokens is not None:
         wall = f"~{speed.wall_time_text(tokens / tps)} for ~{tokens / 1e6:.1f}M tokens ({source})"
