@@ -47,9 +47,6 @@ class TrainMethod(Enum):
     simpo = "simpo"  # simple preference optimization: length-normalized, no reference model (TRL's CPO)
 
 
-PREFERENCE_METHODS = ("dpo", "orpo", "kto", "simpo")
-
-
 class LengthPolicy(Enum):
     drop = "drop"
     truncate = "truncate"

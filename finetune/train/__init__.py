@@ -351,20 +351,18 @@ class _Attempt:
             StopOnSignalCallback,
         )
 
-        if cfg.preference:
-            from finetune.train import preference
-
-            train_ds, eval_ds = preference.datasets(cfg, data)
-        else:
-            train_ds = data.to_dataset("train")  # memory-mapped Arrow from the data stage (packed rows when packed)
-            eval_ds = data.to_dataset("eval") if len(data.eval) else None
         # The training arguments before the model: building them starts the process group and sets this
         # rank's device, which decide where this rank's model goes (rank_placement).
         if cfg.preference:  # DPO / ORPO / KTO / SimPO: TRL's trainer for the method (finetune/train/preference.py)
+            from finetune.train import preference
+
+            train_ds, eval_ds = preference.datasets(cfg, data)
             args = preference.training_args(cfg, choices, run_dir / resume_mod.CHECKPOINTS, device,
                                             has_eval=eval_ds is not None)
             trainer_class = _trainer_class(preference.trainer_base(cfg.train.method.value))
         else:
+            train_ds = data.to_dataset("train")  # memory-mapped Arrow from the data stage (packed rows when packed)
+            eval_ds = data.to_dataset("eval") if len(data.eval) else None
             args = sft_config(cfg, choices, run_dir / resume_mod.CHECKPOINTS, device, has_eval=eval_ds is not None,
                               packed=data.packed)
             trainer_class = _trainer_class()
