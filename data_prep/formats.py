@@ -102,6 +102,12 @@ def _turn_list(row: Any, keys: tuple[str, ...]) -> tuple[str, list]:
 def sharegpt(row: Any) -> list[dict[str, str]]:
     """conversations: [{from: human|gpt|system, value: ...}]; also user/assistant roles and a `messages` key."""
     key, turns = _turn_list(row, ("conversations", "messages"))
+    return _check_turns(aliased_turns(key, turns))
+
+
+def aliased_turns(key: str, turns: list) -> list[dict[str, str]]:
+    """Turns with ShareGPT's or OpenAI's names (from/value or role/content, human/gpt or user/assistant) as
+    messages, each checked; the order of the roles is the caller's to check."""
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
@@ -115,7 +121,7 @@ def sharegpt(row: Any) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise RowError("not_a_string", f"{key}[{i}] content is {type(content).__name__}, not a string")
         messages.append({"role": ROLE_ALIASES[role.lower()], "content": check_text(content, f"{key}[{i}]")})
-    return _check_turns(messages)
+    return messages
 
 
 def messages_format(row: Any) -> list[dict[str, str]]:

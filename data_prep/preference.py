@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from data_prep.formats import ROLE_ALIASES, RowError, check_text
+from data_prep.formats import RowError, aliased_turns, check_text
 
 Messages = list[dict[str, str]]
 
@@ -89,19 +89,7 @@ def _messages(turns: Any, key: str) -> Messages:
         return [{"role": "user", "content": check_text(turns, f"field '{key}'")}]
     if not isinstance(turns, list):
         raise RowError("not_a_list", f"field '{key}' is {type(turns).__name__}, not a list of messages")
-    out = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RowError("not_an_object", f"{key}[{i}] is {type(turn).__name__}, not an object")
-        role = turn.get("role", turn.get("from"))
-        content = turn.get("content", turn.get("value"))
-        if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
-            raise RowError("unknown_role", f"{key}[{i}] has role {role!r} (expected system, user or assistant)")
-        if not isinstance(content, str):
-            raise RowError("not_a_string" if content is not None else "missing_field",
-                           f"{key}[{i}] content is {type(content).__name__}, not a string")
-        out.append({"role": ROLE_ALIASES[role.lower()], "content": check_text(content, f"{key}[{i}]")})
-    return out
+    return aliased_turns(key, turns)
 
 
 def _answer(turns: Any, key: str) -> str:

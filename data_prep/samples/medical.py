@@ -293,18 +293,22 @@ def generate_rows(seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
-def write(path: Path, seed: int = 0) -> Path:
-    """Write the set as JSON Lines at `path` (atomically) with a `.meta.json` record beside it."""
-    rows = generate_rows(seed)
+def _write_jsonl(path: Path, rows: list[dict], fmt: str, generator: str, seed: int) -> Path:
+    """Write `rows` as JSON Lines at `path` (atomically) with a `.meta.json` record beside it."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
-    meta = {"rows": len(rows), "format": "alpaca", "sha256": hashlib.sha256(text.encode()).hexdigest(),
-            "generator": "data_prep.samples.medical", "seed": seed}
+    meta = {"rows": len(rows), "format": fmt, "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "generator": generator, "seed": seed}
     path.with_name(path.name + ".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return path
+
+
+def write(path: Path, seed: int = 0) -> Path:
+    """Write the set as JSON Lines at `path` (atomically) with a `.meta.json` record beside it."""
+    return _write_jsonl(path, generate_rows(seed), "alpaca", "data_prep.samples.medical", seed)
 
 
 _UNHELPFUL = ("I cannot help with medical questions.", "Please ask someone else.", "That is not something I know "
@@ -334,16 +338,7 @@ def preference_rows(seed: int = 0) -> list[dict[str, str]]:
 
 def write_pairs(path: Path, seed: int = 0) -> Path:
     """Write :func:`preference_rows` as JSON Lines at `path` (atomically), with a `.meta.json` beside it."""
-    rows = preference_rows(seed)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    meta = {"rows": len(rows), "format": "preference", "sha256": hashlib.sha256(text.encode()).hexdigest(),
-            "generator": "data_prep.samples.medical.preference_rows", "seed": seed}
-    path.with_name(path.name + ".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return path
+    return _write_jsonl(path, preference_rows(seed), "preference", "data_prep.samples.medical.preference_rows", seed)
 
 
 def encyclopedia() -> list[str]:

@@ -97,16 +97,22 @@ def token_loss(model, examples, pad_token_id: int, batch_size: int, label: str =
     return LossReport(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=total_tokens, examples=len(examples))
 
 
-def evaluate(cfg, data, model, tokenizer) -> EvalReport:
-    """Evaluate `model` (a peft model: base + adapter) on the eval split; the base with the adapter off."""
-    examples = list(data.eval)
-    notes = []
+def held_out(cfg, data) -> tuple[list, list[str]]:
+    """The examples to evaluate on (the eval split, at most eval.max_examples; the training split when the eval
+    split is empty) and the notes that say so."""
+    examples, notes = list(data.eval), []
     if not examples:
         notes.append("the eval split is empty (dataset.eval_fraction too small for this dataset); "
                      "evaluated on the training split instead, which overstates the adapter")
         examples = list(data.train)
     if cfg.eval.max_examples is not None:
         examples = examples[: cfg.eval.max_examples]
+    return examples, notes
+
+
+def evaluate(cfg, data, model, tokenizer) -> EvalReport:
+    """Evaluate `model` (a peft model: base + adapter) on the eval split; the base with the adapter off."""
+    examples, notes = held_out(cfg, data)
     pad = tokenizer.pad_token_id
     adapter = token_loss(model, examples, pad, cfg.eval.batch_size, "eval adapter")
     base = None

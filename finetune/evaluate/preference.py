@@ -95,15 +95,10 @@ def _scores(model, tokenizer, rows, batch_size: int) -> list[tuple[float, float]
 
 def evaluate(cfg, data, model, tokenizer) -> PreferenceEvalReport:
     """Score `model` (base + adapter) and the base (adapter off) on the held-out pairs."""
+    from finetune.evaluate import held_out
     from finetune.train.preference import method_args
 
-    rows, notes = list(data.eval), []
-    if not rows:
-        notes.append("the eval split is empty (dataset.eval_fraction too small): scored on the training pairs, "
-                     "which overstates the adapter")
-        rows = list(data.train)
-    if cfg.eval.max_examples is not None:
-        rows = rows[: cfg.eval.max_examples]
+    rows, notes = held_out(cfg, data)
     beta = float(method_args(cfg).get("beta", 0.1))
     model.eval()
     adapter = _scores(model, tokenizer, rows, cfg.eval.batch_size)
