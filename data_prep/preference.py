@@ -46,11 +46,6 @@ class Unpaired:
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 
-def looks_like_preference(row: Any) -> bool:
-    return isinstance(row, dict) and (("chosen" in row and "rejected" in row)
-                                      or ("completion" in row and "label" in row))
-
-
 def convert(row: Any) -> Pair | Unpaired:
     if not isinstance(row, dict):
         raise RowError("not_an_object", f"row is {type(row).__name__}, not an object")
@@ -228,7 +223,7 @@ def _lengths(tokenizer, prompt: Messages, answers: list[str]) -> tuple[int, list
 def prepare(dataset_cfg, tokenizer, chat_template: str | None) -> PreferenceData:
     """Read, validate, de-duplicate, split and measure preference rows (dataset.format: preference)."""
     from data_prep import readers, templates
-    from data_prep.prepare import RejectedRowsError, _Rejections, fingerprint, in_eval_split, source_specs
+    from data_prep.prepare import _check, _Rejections, fingerprint, in_eval_split, source_specs
     from data_prep.report import DataReport, SourceStats, TokenStats, percentile
     from finetune.errors import DataError
 
@@ -304,16 +299,7 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None) -> PreferenceData
                                    mean=round(sum(ordered) / len(ordered), 2), train_total=train_tokens)
     if report.rows_read == 0:
         raise DataError(f"dataset.path: {report.source} holds no rows")
-    read, rejected = report.rows_read, report.rows_rejected
-    if rejected / read > dataset_cfg.max_rejected_fraction:
-        first = rejections.examples[0] if rejections.examples else None
-        example = f"; first: {first['location']} ({first['detail']})" if first else ""
-        raise RejectedRowsError(f"{rejected} of {read} rows rejected ({rejected / read:.1%} > dataset."
-                                f"max_rejected_fraction={dataset_cfg.max_rejected_fraction:g}) - {report.summary()}"
-                                f"{example}", report)
-    if not report.train_rows:
-        raise RejectedRowsError(f"no training pairs left from {report.source} ({report.rows_kept} kept, "
-                                f"{report.eval_rows} held out); lower dataset.eval_fraction or add rows", report)
+    _check(report, dataset_cfg)  # the SFT data stage's limits: rejected share, no training rows left
     import numpy as np
 
     return PreferenceData(report, next(iter(kinds)), out["train"], out["eval"], out["train_loc"], out["eval_loc"],
