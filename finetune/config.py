@@ -311,6 +311,10 @@ class TrainConfig:
     beta: float | None = None
     # DPO: TRL's loss_type (sigmoid, ipo, hinge, robust, ...); null: sigmoid.
     loss_type: str | None = None
+    # Start from an existing adapter instead of a new one: an earlier run's directory (or its adapter/), or an
+    # MLflow URI (runs:/<run id>/adapter, models:/<name>/<version>). Its LoRA shape replaces adapter.*; DPO and
+    # KTO then train against it as the reference (SFT, then DPO); the run is linked to the one that trained it.
+    init_adapter: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_steps == -1 or self.max_steps > 0, "train.max_steps",
@@ -340,6 +344,9 @@ class TrainConfig:
         _check(bool(self.resume.strip()), "train.resume", "must be auto, never, or a checkpoint path")
         if self.beta is not None:
             _check(self.beta > 0, "train.beta", f"must be positive or null, got {self.beta}")
+        if self.init_adapter is not None:
+            _check(bool(str(self.init_adapter).strip()), "train.init_adapter",
+                   "must be a run or adapter directory, an MLflow runs:/ or models:/ URI, or null")
         if self.loss_type is not None:
             _check(self.method == TrainMethod.dpo, "train.loss_type",
                    f"is DPO's (TRL DPOConfig.loss_type); train.method={self.method.value} has its own loss")

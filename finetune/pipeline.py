@@ -91,6 +91,49 @@ def _model_config(cfg: RunConfig) -> dict | None:
         return None
 
 
+def resolve_init_adapter(cfg: RunConfig, stages: set[str]):
+    """train.init_adapter as a local adapter (an MLflow URI downloaded once into the cache), checked against the
+    recipe's base model; its LoRA shape replaces the recipe's adapter.* (training continues those weights, and
+    the plan must count them). None without one. A run that only plans reads a local adapter's shape, and
+    plans an MLflow URI's with the recipe's adapter.* (it imports no mlflow)."""
+    from dataclasses import replace
+
+    from finetune.models import adapters
+
+    spec = cfg.train.init_adapter
+    if not spec:
+        return None
+    from finetune.tracking.artifacts import is_mlflow_uri
+
+    if is_mlflow_uri(spec):
+        if Stage.train.value not in stages:
+            log.warning("train.init_adapter=%s is read when training; this plan uses the recipe's adapter.* "
+                        "(rank %d), which that adapter's shape replaces then", spec, cfg.adapter.rank)
+            return None
+        from finetune.paths import cache_dir
+        from finetune.tracking import absolute_uri
+        from finetune.tracking.artifacts import download_adapter
+
+        tracking_uri = absolute_uri(cfg.tracking.uri)
+        path, run_id = download_adapter(spec, tracking_uri, cache_dir())
+        init = adapters.from_directory(path, spec)
+        init.run_id, init.tracking_uri = run_id or init.run_id, tracking_uri if run_id else init.tracking_uri
+        if run_id and (not init.lineage or init.lineage[-1] != run_id):
+            init.lineage = [*init.lineage, run_id]
+    else:
+        init = adapters.from_directory(spec)
+    if not adapters.same_model(init, cfg.model):
+        raise ConfigError(f"train.init_adapter: {spec} was trained on {init.base_model}, and this recipe's model is "
+                          f"{cfg.model.name_or_path}; an adapter only continues on the base it was trained on")
+    settings = init.adapter_settings()
+    changed = {k: (getattr(cfg.adapter, k), v) for k, v in settings.items() if getattr(cfg.adapter, k) != v}
+    if changed:
+        log.info("train.init_adapter: continuing %s's LoRA shape: %s", init.path,
+                 ", ".join(f"adapter.{k}={new} (recipe: {old})" for k, (old, new) in changed.items()))
+        cfg.adapter = replace(cfg.adapter, **settings)
+    return init
+
+
 def run_data_stage(cfg: RunConfig, run_dir: Path):
     """Prepare (or reuse) the dataset; writes data_report.json and token_lengths.png into the run directory."""
     from data_prep.prepare import RejectedRowsError, prepare
@@ -228,6 +271,7 @@ def _run_stages(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None,
         from finetune.evaluate.harness import require
 
         require(cfg)  # lm-eval tasks asked for: the harness must be there before hours of training
+    init = resolve_init_adapter(cfg, stages)  # before the recipe is recorded: adapter.* are the adapter's
     run_dir.mkdir(parents=True, exist_ok=True)
     if leader:
         run_dir = _claim_run_dir(run_dir, held)
@@ -291,12 +335,12 @@ def _run_stages(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None,
             # Runs of this recipe whose process died (kill -9, a crash) without ending their MLflow run.
             tracker.end_dead_runs(dead_runs(run_dir.parent, exclude=[run_dir, work_dir]), found_by=run_dir)
         if resume_point is None:
-            _log_run_start(tracker, cfg, plan, data, work_dir, sweep)
+            _log_run_start(tracker, cfg, plan, data, work_dir, sweep, init)
         else:
             tracker.set_tags({"resumed_from_step": resume_point.step, "resumed_by": str(run_dir.resolve())})
             if resume_point.changes:
                 tracker.log_dict({"changes": resume_point.changes}, f"resumes/step-{resume_point.step}.json")
-        results.update(_train_and_eval(cfg, plan, data, tokenizer, work_dir, tracker, stages, resume_point))
+        results.update(_train_and_eval(cfg, plan, data, tokenizer, work_dir, tracker, stages, resume_point, init))
     if leader:
         console.print(f"[bold green]done[/bold green]: adapter {results['train'].adapter_dir}")
         console.print(f"MLflow run {results['run_id']} (experiment '{cfg.tracking.experiment}', {tracker.uri}); "
@@ -304,7 +348,25 @@ def _run_stages(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None,
     return results
 
 
-def _log_run_start(tracker, cfg: RunConfig, plan, data, run_dir: Path, sweep) -> None:
+def _lineage_tags(tracker, init, run_dir: Path, sweep) -> dict[str, str]:
+    """The run's link to the run whose adapter it starts from: tags, lineage.json in the run directory (for its
+    own descendants), and, outside a sweep (whose jobs hang under the sweep's parent), MLflow's parent tag when
+    that run is in this store's experiment, so the UI lists it under the run it continues."""
+    from finetune.models.adapters import LINEAGE_FILE
+
+    tags = {"init_adapter": init.spec, "init_adapter_path": str(init.path)}
+    if init.run_id:
+        tags["init_adapter_run_id"] = init.run_id
+    if init.lineage:
+        tags["lineage"] = " > ".join(init.lineage)
+    (run_dir / LINEAGE_FILE).write_text(json.dumps({"init_adapter": init.spec, "lineage": init.lineage},
+                                                              indent=2) + "\n")
+    if sweep is None and init.run_id and tracker.has_run(init.run_id):
+        tags["mlflow.parentRunId"] = init.run_id
+    return tags
+
+
+def _log_run_start(tracker, cfg: RunConfig, plan, data, run_dir: Path, sweep, init=None) -> None:
     params = flatten(cfg)
     params.update({f"plan.{k}": v for k, v in plan.choices.items()})
     params.update({f"plan.predicted_{k}": v for k, v in plan.predicted.items()})
@@ -320,8 +382,10 @@ def _log_run_start(tracker, cfg: RunConfig, plan, data, run_dir: Path, sweep) ->
         tags["sweep_dir"] = sweep["dir"]
         tags["sweep_job"] = sweep["job_num"]
         tags["sweep_overrides"] = " ".join(sweep["overrides"])
+    if init is not None:
+        tags.update(_lineage_tags(tracker, init, run_dir, sweep))
     tracker.set_tags(tags)
-    for name in ("config.yaml", "plan.json", "data_report.json", "token_lengths.png"):
+    for name in ("config.yaml", "plan.json", "data_report.json", "token_lengths.png", "lineage.json"):
         if (run_dir / name).is_file():
             tracker.log_artifact(run_dir / name)
     from data_prep.readers import source_files
@@ -338,11 +402,12 @@ def _log_run_start(tracker, cfg: RunConfig, plan, data, run_dir: Path, sweep) ->
 
 
 def _train_and_eval(cfg: RunConfig, plan, data, tokenizer, run_dir: Path, tracker, stages: set[str],
-                    resume_point=None):
+                    resume_point=None, init=None):
     from finetune.train import train
 
     out: dict[str, Any] = {}
-    result, model = train(cfg, plan, data, tokenizer, run_dir, tracker, resume_point)
+    init_path = init.path if init is not None else None
+    result, model = train(cfg, plan, data, tokenizer, run_dir, tracker, resume_point, init_adapter=init_path)
     out["train"] = result
     out["model"] = model
     if not is_leader():
@@ -359,7 +424,8 @@ def _train_and_eval(cfg: RunConfig, plan, data, tokenizer, run_dir: Path, tracke
     if Stage.eval.value in stages and cfg.preference:
         from finetune.evaluate import preference
 
-        report = preference.evaluate(cfg, data, model, tokenizer)
+        report = preference.evaluate(cfg, data, model, tokenizer, init_adapter=init_path,
+                                     quantized=result.choices["quantization"] != "none")
         report.write(run_dir / "eval.json")
         tracker.log_metrics(report.metrics())
         tracker.log_artifact(run_dir / "eval.json")
@@ -369,7 +435,8 @@ def _train_and_eval(cfg: RunConfig, plan, data, tokenizer, run_dir: Path, tracke
     elif Stage.eval.value in stages:
         from finetune.evaluate import evaluate
 
-        report = evaluate(cfg, data, model, tokenizer)
+        report = evaluate(cfg, data, model, tokenizer, init_adapter=init_path,
+                          quantized=result.choices["quantization"] != "none")
         report.write(run_dir / "eval.json")
         tracker.log_metrics(report.metrics())
         tracker.log_artifact(run_dir / "eval.json")

@@ -284,7 +284,7 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     """The real thing: `kill -TERM` on a training process, then the same command again."""
     env = dict(os.environ)
     env.pop("HYDRA_FULL_ERROR", None)
-    cmd = [sys.executable, "-m", "finetune", "+recipe=tiny-demo", "train.max_steps=80", "train.save_steps=5",
+    cmd = [sys.executable, "-m", "finetune", "+recipe=tiny-demo", "train.max_steps=40", "train.save_steps=5",
            "stages=[data,preflight,train]"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -301,7 +301,7 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     assert "run the same command again" in err.splitlines()[-1]
     run_dir = next(tmp_path.glob("outputs/tiny-demo/*/checkpoints")).parent
     steps = [s for s, _ in complete_checkpoints(run_dir)]
-    assert steps and steps[-1] >= 5 and steps[-1] < 80
+    assert steps and steps[-1] >= 5 and steps[-1] < 40
     run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
     assert _mlflow(tmp_path).get_run(run_id).info.status == "KILLED"
 
@@ -309,7 +309,7 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert run_id in again.stdout
     result = json.loads((run_dir / "train_result.json").read_text())
-    assert result["steps"] == 80 and result["resumed_from_step"] == steps[-1]
+    assert result["steps"] == 40 and result["resumed_from_step"] == steps[-1]
     assert _mlflow(tmp_path).get_run(run_id).info.status == "FINISHED"
 
 
@@ -347,7 +347,7 @@ def test_world_size_must_match_the_plan(workdir, monkeypatch):
 def test_after_kill_9_resume_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path):
     env = dict(os.environ)
     env.pop("HYDRA_FULL_ERROR", None)
-    cmd = [sys.executable, "-m", "finetune", "+recipe=tiny-demo", "train.max_steps=80", "train.save_steps=5",
+    cmd = [sys.executable, "-m", "finetune", "+recipe=tiny-demo", "train.max_steps=40", "train.save_steps=5",
            "stages=[data,preflight,train]", "tracking.register_model=false"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -364,4 +364,4 @@ def test_after_kill_9_resume_loses_at_most_the_steps_since_the_last_checkpoint(t
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     result = json.loads((run_dir / "train_result.json").read_text())
-    assert result["resumed_from_step"] == last and result["steps"] == 80
+    assert result["resumed_from_step"] == last and result["steps"] == 40

@@ -33,6 +33,7 @@ class EvalReport:
     adapter: LossReport
     base: LossReport | None = None
     improvement: float | None = None  # base loss - adapter loss (positive: the adapter is better)
+    init: LossReport | None = None  # the adapter training started from (train.init_adapter)
     generation: GenerationReport | None = None
     # lm-evaluation-harness: {"adapter": {task: {metric: value}}, "base": {...}}
     lm_eval: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
@@ -50,6 +51,8 @@ class EvalReport:
         if self.base is not None:
             out.update({"eval/base_loss": self.base.loss, "eval/base_perplexity": self.base.perplexity,
                         "eval/loss_improvement": self.improvement or 0.0})
+        if self.init is not None:
+            out.update({"eval/init_loss": self.init.loss, "eval/init_perplexity": self.init.perplexity})
         if self.generation is not None:
             out.update(self.generation.adapter.metrics("eval/adapter"))
             if self.generation.base is not None:
@@ -110,8 +113,9 @@ def held_out(cfg, data) -> tuple[list, list[str]]:
     return examples, notes
 
 
-def evaluate(cfg, data, model, tokenizer) -> EvalReport:
-    """Evaluate `model` (a peft model: base + adapter) on the eval split; the base with the adapter off."""
+def evaluate(cfg, data, model, tokenizer, init_adapter: Path | None = None, quantized: bool = True) -> EvalReport:
+    """Evaluate `model` (a peft model: base + adapter) on the eval split; the base with the adapter off; with
+    `init_adapter`, the adapter training started from."""
     examples, notes = held_out(cfg, data)
     pad = tokenizer.pad_token_id
     adapter = token_loss(model, examples, pad, cfg.eval.batch_size, "eval adapter")
@@ -119,6 +123,12 @@ def evaluate(cfg, data, model, tokenizer) -> EvalReport:
     if cfg.eval.compare_base:
         with model.disable_adapter():
             base = token_loss(model, examples, pad, cfg.eval.batch_size, "eval base")
+    init = None
+    if init_adapter is not None:
+        from finetune.models.adapters import attached
+
+        with attached(model, init_adapter, "init", quantized):
+            init = token_loss(model, examples, pad, cfg.eval.batch_size, "eval init adapter")
     generation = None
     conversations = list(data.eval_messages)[: cfg.eval.generate_examples]
     if conversations:
@@ -135,7 +145,7 @@ def evaluate(cfg, data, model, tokenizer) -> EvalReport:
         lm_eval_scores = harness.run(cfg, model, tokenizer)
     report = EvalReport(adapter=adapter, base=base,
                         improvement=(base.loss - adapter.loss) if base is not None else None,
-                        generation=generation, lm_eval=lm_eval_scores, notes=notes)
+                        generation=generation, lm_eval=lm_eval_scores, notes=notes, init=init)
     log.info("eval: adapter loss %.4f (ppl %.2f)%s on %d held-out examples", adapter.loss, adapter.perplexity,
              f" vs base {base.loss:.4f} (ppl {base.perplexity:.2f})" if base else "", adapter.examples)
     if generation is not None:

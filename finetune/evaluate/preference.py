@@ -7,8 +7,10 @@ after the prompt as the chat template renders it), under the adapter and under t
   log-probability of its tokens, the quantity DPO's reward is made of), per model;
 * ``logp_margin``: the mean over pairs of log p(chosen) - log p(rejected), per model; the per-token means are in
   the table too (``*_token_margin``: a length-neutral view);
-* ``reward_accuracy`` / ``reward_margin``: DPO's implicit reward, beta x (log p_adapter - log p_base), of chosen
-  against rejected -- the quantity the preference loss moves.
+* ``reward_accuracy`` / ``reward_margin``: DPO's implicit reward, beta x (log p_adapter - log p_reference), of
+  chosen against rejected -- the quantity the preference loss moves. The reference is the one training used:
+  the base, or the adapter training started from (train.init_adapter, e.g. the SFT adapter), which is then
+  scored as a third model (``init``).
 
 KTO's unpaired rows are scored by the mean log-probability of the desirable and of the undesirable completions.
 The per-pair table (both models' margins) is logged as an MLflow table by the pipeline.
@@ -40,6 +42,8 @@ class PreferenceEvalReport:
     reward_accuracy: float
     reward_margin: float
     beta: float
+    init: PreferenceScores | None = None  # the adapter training started from (train.init_adapter)
+    reference: str = "base"  # what the implicit reward is measured against: base | init
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -57,7 +61,9 @@ class PreferenceEvalReport:
                 "eval/base_preference_accuracy": self.base.preference_accuracy,
                 "eval/adapter_logp_margin": self.adapter.logp_margin,
                 "eval/base_logp_margin": self.base.logp_margin,
-                "eval/reward_accuracy": self.reward_accuracy, "eval/reward_margin": self.reward_margin}
+                "eval/reward_accuracy": self.reward_accuracy, "eval/reward_margin": self.reward_margin,
+                **({"eval/init_preference_accuracy": self.init.preference_accuracy,
+                    "eval/init_logp_margin": self.init.logp_margin} if self.init is not None else {})}
 
 
 def _answer_logps(model, tokenizer, prompt, answers: list[list[dict]], batch_size: int) -> list[tuple[float, float]]:
@@ -93,8 +99,15 @@ def _scores(model, tokenizer, rows, batch_size: int) -> list[tuple[float, float]
     return out
 
 
-def evaluate(cfg, data, model, tokenizer) -> PreferenceEvalReport:
-    """Score `model` (base + adapter) and the base (adapter off) on the held-out pairs."""
+def _summary(table: list[dict[str, Any]], key: str) -> PreferenceScores:
+    n = len(table)
+    return PreferenceScores(sum(t[key] > 0 for t in table) / n, sum(t[key] for t in table) / n)
+
+
+def evaluate(cfg, data, model, tokenizer, init_adapter: Path | None = None,
+             quantized: bool = True) -> PreferenceEvalReport:
+    """Score `model` (base + adapter), the base (adapter off) and, with `init_adapter`, the adapter training
+    started from, on the held-out pairs."""
     from finetune.evaluate import held_out
     from finetune.train.preference import method_args
 
@@ -104,36 +117,54 @@ def evaluate(cfg, data, model, tokenizer) -> PreferenceEvalReport:
     adapter = _scores(model, tokenizer, rows, cfg.eval.batch_size)
     with model.disable_adapter():
         base = _scores(model, tokenizer, rows, cfg.eval.batch_size)
-    if data.kind == "unpaired":  # KTO: desirable vs undesirable completions, as two groups
-        def group(scores, desirable):
-            vals = [s[0][0] for s, r in zip(scores, rows, strict=True) if r["label"] == desirable]
-            return sum(vals) / len(vals) if vals else 0.0
+    init = None
+    if init_adapter is not None:
+        from finetune.models.adapters import attached
 
-        margins = [(group(adapter, True) - group(adapter, False)), (group(base, True) - group(base, False))]
+        with attached(model, init_adapter, "init", quantized):
+            init = _scores(model, tokenizer, rows, cfg.eval.batch_size)
+    # DPO's implicit reward is measured against the reference training used: the init adapter if there was one
+    ref, reference = (init, "init") if init is not None else (base, "base")
+    if data.kind == "unpaired":  # KTO: desirable vs undesirable completions, as two groups
+        def group(scores):
+            def mean(desirable):
+                vals = [s[0][0] for s, r in zip(scores, rows, strict=True) if r["label"] == desirable]
+                return sum(vals) / len(vals) if vals else 0.0
+
+            margin = mean(True) - mean(False)
+            return PreferenceScores(float(margin > 0), margin)
+
         rewards = [beta * ((a[0][0] - b[0][0]) if r["label"] else -(a[0][0] - b[0][0]))
-                   for a, b, r in zip(adapter, base, rows, strict=True)]
+                   for a, b, r in zip(adapter, ref, rows, strict=True)]
         report = PreferenceEvalReport(
-            cfg.train.method.value, len(rows),
-            PreferenceScores(float(margins[0] > 0), margins[0]), PreferenceScores(float(margins[1] > 0), margins[1]),
-            sum(r > 0 for r in rewards) / len(rows), sum(rewards) / len(rows), beta, notes=notes)
+            cfg.train.method.value, len(rows), group(adapter), group(base),
+            sum(r > 0 for r in rewards) / len(rows), sum(rewards) / len(rows), beta,
+            init=group(init) if init is not None else None, reference=reference, notes=notes)
     else:
         table = []
-        for row, a, b, loc in zip(rows, adapter, base, data.eval_locations or [""] * len(rows), strict=False):
-            # a / b: ((sum, mean) chosen, (sum, mean) rejected) under the adapter / the base
-            reward = beta * ((a[0][0] - b[0][0]) - (a[1][0] - b[1][0]))  # DPO's implicit reward: summed log-probs
-            table.append({"location": loc, "prompt": row["prompt"][-1]["content"][:200],
-                          "chosen": row["chosen"][0]["content"][:200], "rejected": row["rejected"][0]["content"][:200],
-                          "adapter_margin": a[0][0] - a[1][0], "base_margin": b[0][0] - b[1][0],
-                          "adapter_token_margin": a[0][1] - a[1][1], "base_token_margin": b[0][1] - b[1][1],
-                          "reward_margin": reward})
-        n = len(table)
+        locations = data.eval_locations or [""] * len(rows)
+        for i, (row, a, b, r) in enumerate(zip(rows, adapter, base, ref, strict=True)):
+            # a / b / r: ((sum, mean) chosen, (sum, mean) rejected) under the adapter / the base / the reference
+            entry = {"location": locations[i] if i < len(locations) else "",
+                     "prompt": row["prompt"][-1]["content"][:200], "chosen": row["chosen"][0]["content"][:200],
+                     "rejected": row["rejected"][0]["content"][:200],
+                     "adapter_margin": a[0][0] - a[1][0], "base_margin": b[0][0] - b[1][0],
+                     "adapter_token_margin": a[0][1] - a[1][1], "base_token_margin": b[0][1] - b[1][1],
+                     # DPO's implicit reward margin: summed log-probs against the reference
+                     "reward_margin": beta * ((a[0][0] - r[0][0]) - (a[1][0] - r[1][0]))}
+            if init is not None:
+                c = init[i]
+                entry.update(init_margin=c[0][0] - c[1][0], init_token_margin=c[0][1] - c[1][1])
+            table.append(entry)
         report = PreferenceEvalReport(
-            cfg.train.method.value, n,
-            PreferenceScores(sum(t["adapter_margin"] > 0 for t in table) / n, sum(t["adapter_margin"] for t in table) / n),
-            PreferenceScores(sum(t["base_margin"] > 0 for t in table) / n, sum(t["base_margin"] for t in table) / n),
-            sum(t["reward_margin"] > 0 for t in table) / n, sum(t["reward_margin"] for t in table) / n, beta,
+            cfg.train.method.value, len(table), _summary(table, "adapter_margin"), _summary(table, "base_margin"),
+            _summary(table, "reward_margin").preference_accuracy, _summary(table, "reward_margin").logp_margin, beta,
+            init=_summary(table, "init_margin") if init is not None else None, reference=reference,
             rows=table, notes=notes)
     log.info("eval: %s on %d held-out rows: preference accuracy adapter %.3f vs base %.3f, log-prob margin %.3f vs "
              "%.3f", report.method, report.pairs, report.adapter.preference_accuracy, report.base.preference_accuracy,
              report.adapter.logp_margin, report.base.logp_margin)
+    if report.init is not None:
+        log.info("eval: the adapter training started from: preference accuracy %.3f, log-prob margin %.3f",
+                 report.init.preference_accuracy, report.init.logp_margin)
     return report

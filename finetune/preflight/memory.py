@@ -158,6 +158,9 @@ class Settings:
     # the fused output, one LoRA dropout for q/k/v, torch's fused GELU, lm_head stored untied
     implementation: str = "transformers"
     lora_on_lm_head: bool = False  # LitGPT can put LoRA on lm_head (TRL 1.16 refuses)
+    # DPO / KTO from an existing adapter (train.init_adapter): TRL keeps a frozen copy of it as the reference
+    # ("ref"), created by peft in fp32 beside the trained one
+    reference_adapter: bool = False
 
 
 @dataclass
@@ -505,7 +508,7 @@ def estimate(spec: ArchSpec, choices: dict[str, Any], *, rank: int, targets: lis
     if s.lora_on_lm_head:
         sizes += [rank * spec.hidden, rank * spec.vocab]
     lora_n = sum(sizes)
-    lora_params = lora_n * lora_b
+    lora_params = lora_n * lora_b + (lora_n * 4 if s.reference_adapter else 0)
     lora_grads = lora_n * lora_b
     opt = choices["optimizer"]
     opt_state = optimizer_bytes(opt, sizes, lora_b)

@@ -117,7 +117,8 @@ def settings_for(cfg) -> Settings:
     device = cfg.hardware.device.value
     # TRL's chunked LM head over labelled positions where the installed TRL has it (finetune/versions.py)
     return Settings(device=device, lora_dropout=float(cfg.adapter.dropout),
-                    lm_head_loss="fused" if versions.trl_fused_lm_head() else "materialized")
+                    lm_head_loss="fused" if versions.trl_fused_lm_head() else "materialized",
+                    reference_adapter=bool(cfg.train.init_adapter) and cfg.train.method.value in ("dpo", "kto"))
 
 
 def compute_dtype(cfg) -> str:
@@ -634,6 +635,9 @@ def _method_notes(cfg) -> list[str]:
                      "gradients); no reference model",
             "kto": "one completion per example with gradients; the KL completions and the reference (the base "
                    "with the adapter off) run without a graph; at least 2 completions per micro-batch"}[method]
+    if cfg.train.init_adapter and method in ("dpo", "kto"):
+        what = what.replace("the base with the adapter off", "the adapter training starts from (train.init_adapter), "
+                            "a frozen copy counted with the LoRA weights")
     return [f"train.method={method}: {what}"]
 
 

@@ -179,6 +179,7 @@ class Tracker:
         self.sweep = sweep
         self.recipe = recipe
         self.parent_run_id: str | None = None
+        self.experiment_id: str | None = None
         self._mlflow: Any = None
         self._client: Any = None
 
@@ -209,6 +210,7 @@ class Tracker:
             raise EnvError(f"tracking.uri: cannot open the MLflow store at {self.uri} "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
         self._client = MlflowClient(self.uri)
+        self.experiment_id = exp.experiment_id
         self.run_id = run.info.run_id
         if self.resumed:  # RUNNING again (start_run did that): what ended the last attempt no longer holds
             for key in _ENDED_TAGS:
@@ -266,6 +268,13 @@ class Tracker:
             self._mlflow.flush_async_logging()
         finally:
             self._mlflow.end_run(status=status)
+
+    def has_run(self, run_id: str) -> bool:
+        """Is `run_id` a run of this store and of this run's experiment?"""
+        try:
+            return self._client.get_run(run_id).info.experiment_id == self.experiment_id
+        except Exception:  # not in this store (another server, a deleted run)
+            return False
 
     # -- logging -----------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:

@@ -335,10 +335,38 @@ def _trainer_class(base=None):
     return Trainer
 
 
+def with_init_adapter(cfg, model, path: Path):
+    """The base `model` wrapped with the saved adapter at `path`, trainable (train.init_adapter).
+
+    For DPO and KTO, TRL then copies it as a frozen adapter named "ref" and computes the reference with it (the
+    model the preference is measured against is the one training started from, not the bare base); the copy
+    is dropped before the adapter is saved (train())."""
+    from peft import PeftConfig, PeftModel
+
+    from finetune.models import experts
+
+    config = PeftConfig.from_pretrained(str(path))
+    experts.register_lora(config, model)
+    try:
+        return PeftModel.from_pretrained(model, str(path), config=config, is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names of another architecture
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ConfigError(f"train.init_adapter: {path} does not fit {cfg.model.name_or_path} ({first}); give an "
+                          "adapter trained on this base model") from e
+
+
+def drop_reference_adapter(model) -> None:
+    """TRL's frozen "ref" copy of an init adapter (DPO / KTO): not part of what was trained."""
+    config = getattr(model, "peft_config", None)
+    if isinstance(config, dict) and "ref" in config and len(config) > 1:
+        model.delete_adapter("ref")
+
+
 class _Attempt:
     """One trainer over one plan's choices (rebuilt after an out-of-memory error)."""
 
-    def __init__(self, cfg, choices, data, tokenizer, run_dir: Path, device: str, tracker, stop):
+    def __init__(self, cfg, choices, data, tokenizer, run_dir: Path, device: str, tracker, stop,
+                 init_adapter: Path | None = None):
         from transformers import EarlyStoppingCallback
         from transformers.trainer_callback import PrinterCallback
 
@@ -368,8 +396,11 @@ class _Attempt:
             trainer_class = _trainer_class()
         self.placement = rank_placement(choices, device, args)
         model = load_model(cfg.model, choices, device, placement=self.placement)
-        peft_config = lora_config(cfg, model.config.to_dict())
-        experts.register_lora(peft_config, model)  # LoRA on 4-bit / 8-bit experts (finetune/models/experts.py)
+        if init_adapter is not None:  # train.init_adapter: continue those weights (TRL trains a PeftModel as given)
+            model, peft_config = with_init_adapter(cfg, model, init_adapter), None
+        else:
+            peft_config = lora_config(cfg, model.config.to_dict())
+            experts.register_lora(peft_config, model)  # LoRA on 4-bit / 8-bit experts (finetune/models/experts.py)
         self.metrics = MetricsCallback(tracker)
         self.progress = RichProgressCallback()
         callbacks = [self.metrics, self.progress, CheckpointMarkerCallback(), StopOnSignalCallback(stop)]
@@ -448,10 +479,12 @@ def _record_replan_in_plan(run_dir: Path, choices: dict[str, Any], step: int) ->
     path.write_text(json.dumps(plan, indent=2) + "\n")
 
 
-def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=None):
+def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=None,
+          init_adapter: Path | None = None):
     """Train the adapter in `run_dir`; returns (TrainResult, the trained peft model).
 
-    `plan` is the Plan (or its dict); `resume_point` (train/resume.py) continues a checkpoint.
+    `plan` is the Plan (or its dict); `resume_point` (train/resume.py) continues a checkpoint; `init_adapter`
+    (a local adapter directory: train.init_adapter resolved by the pipeline) is the adapter training starts from.
     """
     import torch
 
@@ -478,7 +511,7 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
                  choices["quantization"], choices["micro_batch_size"], choices["gradient_accumulation_steps"],
                  ", checkpointing" if choices["gradient_checkpointing"] else "", device,
                  f", from {checkpoint}" if checkpoint else "")
-        attempt = _Attempt(cfg, choices, data, tokenizer, run_dir, device, tracker, stop)
+        attempt = _Attempt(cfg, choices, data, tokenizer, run_dir, device, tracker, stop, init_adapter)
         try:
             with stop:  # a signal now stops after the current step, with a checkpoint
                 output = attempt.trainer.train(resume_from_checkpoint=checkpoint)
@@ -532,6 +565,7 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
     runtime = time.perf_counter() - started
 
     model = trainer.model
+    drop_reference_adapter(model)
     digest = adapter_digest(model)
     adapter_dir = run_dir / "adapter"
     if trainer.args.should_save:

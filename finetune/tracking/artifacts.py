@@ -1,0 +1,87 @@
+"""Adapters out of MLflow: a run's artifact (runs:/<run id>/adapter) or a registered model (models:/<name>/<version>,
+models:/<name>@<alias>), downloaded once into the cache and used as a local adapter directory.
+
+A registered model is what ``tracking.register_model`` logs: MLflow's transformers flavor, the peft adapter in a
+subdirectory of the model; we take the directory that holds adapter_config.json. The download goes into a
+hidden directory renamed into place when complete, so an interrupted download is never mistaken for an adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import uuid
+from pathlib import Path
+
+from finetune.errors import ConfigError, EnvError
+from finetune.redaction import mask
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+def is_mlflow_uri(spec: str) -> bool:
+    return str(spec).startswith(SCHEMES)
+
+
+def _source_run(client, uri: str) -> str | None:
+    """The id of the run that logged what `uri` names."""
+    if uri.startswith("runs:/"):
+        return uri[len("runs:/"):].split("/", 1)[0] or None
+    if uri.startswith("models:/"):
+        ref = uri[len("models:/"):].strip("/")
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias).run_id
+        name, _, version = ref.partition("/")
+        if version.isdigit():
+            return client.get_model_version(name, version).run_id
+        if version == "latest" or not version:
+            versions = client.search_model_versions(f"name='{name}'")
+            return max(versions, key=lambda v: int(v.version)).run_id if versions else None
+    return None
+
+
+def _find_adapter(root: Path) -> Path | None:
+    found = sorted(root.rglob("adapter_config.json"), key=lambda p: len(p.parts))
+    return found[0].parent if found else None
+
+
+def download_adapter(uri: str, tracking_uri: str, cache: Path) -> tuple[Path, str | None]:
+    """(the local adapter directory, the id of the run that logged it) for an MLflow URI."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        run_id = _source_run(client, uri)
+    except Exception as e:
+        raise ConfigError(f"train.init_adapter: {uri}: no such model in the registry at {mask(tracking_uri)} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    key = hashlib.sha256(f"{mask(tracking_uri)}\n{uri}".encode()).hexdigest()[:16]
+    dest = cache / "adapters" / key
+    if dest.is_dir() and _find_adapter(dest) is not None and uri.startswith("runs:/"):
+        return _find_adapter(dest), run_id  # a run's artifacts never change; a model name's latest may
+    tmp = dest.with_name(f".{key}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp), tracking_uri=tracking_uri)
+        except Exception as e:
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "RESOURCE_DOES_NOT_EXIST" in str(e) or "not found" in text.lower() or "No such" in text:
+                raise ConfigError(f"train.init_adapter: {uri} does not exist in {mask(tracking_uri)} ({text}); "
+                                  "runs:/<run id>/adapter names a finetune run's adapter") from e
+            raise EnvError(f"train.init_adapter: could not download {uri} from {mask(tracking_uri)} ({text})") from e
+        if _find_adapter(tmp) is None:
+            raise ConfigError(f"train.init_adapter: {uri} holds no adapter (no adapter_config.json in what MLflow "
+                              "returned); give runs:/<run id>/adapter or a model registered by finetune")
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("train.init_adapter: %s downloaded to %s", uri, dest)
+    return _find_adapter(dest), run_id
