@@ -181,7 +181,15 @@ class PreferenceData:
     train_locations: list[str]
     eval_locations: list[str]
     lengths: Any = None  # every rendered sequence's token count (numpy), for the histogram
+    template_name: str = "tokenizer"  # the chat template's name (data_prep.templates), as for SFT data
     packed = False  # preference rows are never packed
+
+    @property
+    def eval_messages(self) -> list[list[dict[str, str]]]:
+        """The held-out prompts with their preferred answer (the chosen one; KTO: the desirable completions),
+        as conversations for the generation evals."""
+        return [row["prompt"] + row["chosen"] if "chosen" in row else row["prompt"] + row["completion"]
+                for row in self.eval if "chosen" in row or row.get("label")]
 
     def to_dataset(self, split: str):
         """A datasets.Dataset of the split in TRL's conversational shape (the trainer renders it with the
@@ -303,7 +311,7 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None) -> PreferenceData
     import numpy as np
 
     return PreferenceData(report, next(iter(kinds)), out["train"], out["eval"], out["train_loc"], out["eval_loc"],
-                          lengths=np.asarray(lengths, dtype=np.int32))
+                          lengths=np.asarray(lengths, dtype=np.int32), template_name=template.name)
 
 
 def show(data: PreferenceData, tokenizer, count: int, console) -> None:

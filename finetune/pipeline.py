@@ -431,6 +431,8 @@ def _train_and_eval(cfg: RunConfig, plan, data, tokenizer, run_dir: Path, tracke
         tracker.log_artifact(run_dir / "eval.json")
         if report.rows:
             tracker.log_table(report.rows, "eval/preference_pairs.json")
+        if report.generation is not None:
+            tracker.log_table(report.generation.rows, "eval/generations.json")
         out["eval"] = report
     elif Stage.eval.value in stages:
         from finetune.evaluate import evaluate

@@ -52,6 +52,10 @@ def test_dpo_demo_prefers_the_chosen_answers_more_than_the_base(workdir):
     assert run.info.status == "FINISHED"
     assert run.data.metrics["eval/adapter_preference_accuracy"] > run.data.metrics["eval/base_preference_accuracy"]
     assert run.data.params["train.method"] == "dpo"
+    # the generation evals as for SFT: greedy answers to held-out prompts, scored against the chosen answers
+    assert report.generation is not None and report.generation.examples == cfg.eval.generate_examples
+    assert report.generation.rows[0]["reference"] == result["data"].eval[0]["chosen"][0]["content"]
+    assert "eval/adapter_rougeL" in run.data.metrics and "eval/base_rougeL" in run.data.metrics
     # the adapter is plain peft's, on the model's own modules
     adapter = json.loads((result["work_dir"] / "adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA" and "q_proj" in adapter["target_modules"]

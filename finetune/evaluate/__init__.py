@@ -113,6 +113,26 @@ def held_out(cfg, data) -> tuple[list, list[str]]:
     return examples, notes
 
 
+def generations(cfg, data, model, tokenizer) -> GenerationReport | None:
+    """Greedy answers to the first eval.generate_examples held-out prompts, by the adapter and the base, scored
+    against the held-out answers (a preference pair's chosen one); None when there are none to make."""
+    conversations = list(data.eval_messages)[: cfg.eval.generate_examples]
+    if not conversations:
+        return None
+    from data_prep.templates import end_of_turn_token
+
+    stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn_token(data.template_name, tokenizer))}
+    generation = generation_eval(model, tokenizer, conversations, max_new_tokens=cfg.eval.max_new_tokens,
+                                 batch_size=cfg.eval.batch_size, stop_ids=sorted(t for t in stop if t is not None),
+                                 compare_base=cfg.eval.compare_base)
+    g = generation
+    log.info("eval: %d generated answers: adapter ROUGE-L %.3f, token F1 %.3f, chrF %.1f%s", g.examples,
+             g.adapter.rougeL, g.adapter.token_f1, g.adapter.chrf,
+             f" vs base ROUGE-L {g.base.rougeL:.3f}, token F1 {g.base.token_f1:.3f}, chrF {g.base.chrf:.1f}"
+             if g.base else "")
+    return generation
+
+
 def evaluate(cfg, data, model, tokenizer, init_adapter: Path | None = None, quantized: bool = True) -> EvalReport:
     """Evaluate `model` (a peft model: base + adapter) on the eval split; the base with the adapter off; with
     `init_adapter`, the adapter training started from."""
@@ -129,15 +149,7 @@ def evaluate(cfg, data, model, tokenizer, init_adapter: Path | None = None, quan
 
         with attached(model, init_adapter, "init", quantized):
             init = token_loss(model, examples, pad, cfg.eval.batch_size, "eval init adapter")
-    generation = None
-    conversations = list(data.eval_messages)[: cfg.eval.generate_examples]
-    if conversations:
-        from data_prep.templates import end_of_turn_token
-
-        stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn_token(data.template_name, tokenizer))}
-        generation = generation_eval(model, tokenizer, conversations, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, stop_ids=sorted(t for t in stop if t is not None),
-                                     compare_base=cfg.eval.compare_base)
+    generation = generations(cfg, data, model, tokenizer)
     lm_eval_scores = {}
     if cfg.eval.lm_eval_tasks:
         from finetune.evaluate import harness
@@ -148,10 +160,4 @@ def evaluate(cfg, data, model, tokenizer, init_adapter: Path | None = None, quan
                         generation=generation, lm_eval=lm_eval_scores, notes=notes, init=init)
     log.info("eval: adapter loss %.4f (ppl %.2f)%s on %d held-out examples", adapter.loss, adapter.perplexity,
              f" vs base {base.loss:.4f} (ppl {base.perplexity:.2f})" if base else "", adapter.examples)
-    if generation is not None:
-        g = generation
-        log.info("eval: %d generated answers: adapter ROUGE-L %.3f, token F1 %.3f, chrF %.1f%s", g.examples,
-                 g.adapter.rougeL, g.adapter.token_f1, g.adapter.chrf,
-                 f" vs base ROUGE-L {g.base.rougeL:.3f}, token F1 {g.base.token_f1:.3f}, chrF {g.base.chrf:.1f}"
-                 if g.base else "")
     return report

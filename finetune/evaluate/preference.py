@@ -44,6 +44,7 @@ class PreferenceEvalReport:
     beta: float
     init: PreferenceScores | None = None  # the adapter training started from (train.init_adapter)
     reference: str = "base"  # what the implicit reward is measured against: base | init
+    generation: Any = None  # finetune.evaluate.generation.GenerationReport: answers scored against the chosen ones
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -63,7 +64,14 @@ class PreferenceEvalReport:
                 "eval/base_logp_margin": self.base.logp_margin,
                 "eval/reward_accuracy": self.reward_accuracy, "eval/reward_margin": self.reward_margin,
                 **({"eval/init_preference_accuracy": self.init.preference_accuracy,
-                    "eval/init_logp_margin": self.init.logp_margin} if self.init is not None else {})}
+                    "eval/init_logp_margin": self.init.logp_margin} if self.init is not None else {}),
+                **self._generation_metrics()}
+
+    def _generation_metrics(self) -> dict[str, float]:
+        g = self.generation
+        if g is None:
+            return {}
+        return {**g.adapter.metrics("eval/adapter"), **(g.base.metrics("eval/base") if g.base is not None else {})}
 
 
 def _answer_logps(model, tokenizer, prompt, answers: list[list[dict]], batch_size: int) -> list[tuple[float, float]]:
@@ -164,6 +172,9 @@ def evaluate(cfg, data, model, tokenizer, init_adapter: Path | None = None,
     log.info("eval: %s on %d held-out rows: preference accuracy adapter %.3f vs base %.3f, log-prob margin %.3f vs "
              "%.3f", report.method, report.pairs, report.adapter.preference_accuracy, report.base.preference_accuracy,
              report.adapter.logp_margin, report.base.logp_margin)
+    from finetune.evaluate import generations
+
+    report.generation = generations(cfg, data, model, tokenizer)  # as for SFT, against the chosen answers
     if report.init is not None:
         log.info("eval: the adapter training started from: preference accuracy %.3f, log-prob margin %.3f",
                  report.init.preference_accuracy, report.init.logp_margin)
