@@ -7,6 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RECIPE ?= tiny-demo
 ARGS   ?=
+QUANT  ?= q8_0
 PORT   ?= 5000
 # The CPU wheel here, the CUDA build on a GPU machine: same pin, pip picks the right one.
 TORCH  ?= torch==2.13.0
@@ -20,7 +21,7 @@ GPUS   ?= 2
 ADAPTER ?= $(shell ls -td outputs/*/*/adapter outputs/*/*/*/adapter 2>/dev/null | head -1)
 RUN_DIR = outputs/$(RECIPE)/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help install lock test-latest demo demo-dpo test preflight train train-multi merge chat ui lint bench bench-gpu clean clean-cache
+.PHONY: help install lock test-latest demo demo-dpo test preflight train train-multi merge export chat ui lint bench bench-gpu clean clean-cache
 
 help:
 	@echo "make install                 create $(VENV) (if missing) and install finetune with its dev tools, exactly as $(LOCK) pins them"
@@ -34,6 +35,7 @@ help:
 	@echo "make train-multi GPUS=N RECIPE=NAME   the same on N GPUs of this machine (one process each, DDP)"
 	@echo "make merge [ADAPTER=dir]     fold an adapter into its base: a plain transformers model in <run>/merged"
 	@echo "make chat [ADAPTER=dir]      chat with base + adapter, streamed (default: the newest adapter)"
+	@echo "make export [ADAPTER=dir] [QUANT=q8_0]   merge and write a GGUF (llama.cpp, Ollama) + Modelfile in <run>/export"
 	@echo "make ui                      MLflow UI on http://127.0.0.1:$(PORT) over ./mlflow.db"
 	@echo "make lint                    ruff"
 	@echo "make bench                   every benchmark script in tests/benchmarks/ (results in tests/benchmarks/results/)"
@@ -104,6 +106,10 @@ train-multi: $(STAMP)
 merge: $(STAMP)
 	@test -n "$(ADAPTER)" || { echo "no adapter under outputs/: train one, or give ADAPTER=dir"; exit 2; }
 	$(BIN)/finetune-merge $(ADAPTER) $(ARGS)
+
+export: $(STAMP)
+	@test -n "$(ADAPTER)" || { echo "no adapter under outputs/: train one, or give ADAPTER=dir"; exit 2; }
+	$(BIN)/finetune-export $(ADAPTER) --quant $(QUANT) $(ARGS)
 
 chat: $(STAMP)
 	@test -n "$(ADAPTER)" || { echo "no adapter under outputs/: train one, or give ADAPTER=dir"; exit 2; }

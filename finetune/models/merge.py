@@ -136,20 +136,12 @@ def _is_prequantized(base_dir: str) -> bool:
     return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
 
 
-def merge(adapter: str | Path, out: str | Path, from_quantized: bool = False, force: bool = False,
-          trust_remote_code: bool = False) -> dict[str, Any]:
-    """Merge and save; returns the merge.json record.
-
-    `out` must be missing, empty or an earlier merge output unless `force` (then whatever it holds
-    is replaced); it is replaced only once the new model is completely written beside it.
-    """
-    run = find_run(adapter, trust_remote_code=trust_remote_code)
-    out = Path(out).expanduser().absolute()
-    check_out(out, run, force)  # before anything is loaded: a refusal costs nothing
-
+def merged_model(run: TrainedRun, from_quantized: bool = False):
+    """(the base with the adapter folded in, which base that was in words, its dtype): the original weights, or
+    the dequantized quantized base with `from_quantized` or when the checkpoint itself is pre-quantized."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from finetune.models import experts
     from finetune.models.loader import base_model_dir, load_model
@@ -173,7 +165,23 @@ def merge(adapter: str | Path, out: str | Path, from_quantized: bool = False, fo
         dtype = stored
     model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     merged = model.merge_and_unload()
-    merged = merged.to(dtype)
+    return merged.to(dtype), which, dtype
+
+
+def merge(adapter: str | Path, out: str | Path, from_quantized: bool = False, force: bool = False,
+          trust_remote_code: bool = False) -> dict[str, Any]:
+    """Merge and save; returns the merge.json record.
+
+    `out` must be missing, empty or an earlier merge output unless `force` (then whatever it holds
+    is replaced); it is replaced only once the new model is completely written beside it.
+    """
+    run = find_run(adapter, trust_remote_code=trust_remote_code)
+    out = Path(out).expanduser().absolute()
+    check_out(out, run, force)  # before anything is loaded: a refusal costs nothing
+
+    from transformers import AutoTokenizer
+
+    merged, which, dtype = merged_model(run, from_quantized)
     out.parent.mkdir(parents=True, exist_ok=True)
     # A fresh hidden sibling (same filesystem, so the final rename is atomic); removed on any failure.
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")

@@ -85,3 +85,80 @@ def download_adapter(uri: str, tracking_uri: str, cache: Path) -> tuple[Path, st
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("train.init_adapter: %s downloaded to %s", uri, dest)
     return _find_adapter(dest), run_id
+
+
+RUN_FILES = ("config.yaml", "plan.json")  # what a finetune run logs beside adapter/ (the recipe and the plan)
+
+
+def download_run(uri: str, tracking_uri: str, cache: Path) -> Path:
+    """A finetune run out of MLflow (runs:/<run id>[/...] or a model registered by finetune, models:/...), laid out
+    as its run directory (adapter/, config.yaml, plan.json, run.json naming the run), for the tools that take a
+    run directory (finetune-export)."""
+    import json
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        run_id = _source_run(client, uri)
+        experiment_id = client.get_run(run_id).info.experiment_id if run_id else None
+    except Exception as e:
+        raise ConfigError(f"{uri}: not found in {mask(tracking_uri)} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if not run_id:
+        raise ConfigError(f"{uri}: MLflow names no run that logged it; give runs:/<run id> or models:/<name>/<version>")
+    dest = cache / "runs" / hashlib.sha256(f"{mask(tracking_uri)}\n{run_id}".encode()).hexdigest()[:16]
+    if not (dest / "adapter" / "adapter_config.json").is_file():
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.mkdir(parents=True)
+        try:
+            for name in ("adapter", *RUN_FILES):
+                try:
+                    mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/{name}", dst_path=str(tmp),
+                                                        tracking_uri=tracking_uri)
+                except Exception as e:
+                    raise ConfigError(f"{uri}: run {run_id} has no {name} artifact (not a finished finetune run?): "
+                                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            (tmp / "run.json").write_text(json.dumps({"run_id": run_id, "experiment_id": experiment_id,
+                                                      "tracking_uri": mask(tracking_uri)}, indent=2) + "\n")
+            if dest.exists():
+                shutil.rmtree(dest)
+            tmp.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def log_export(run_dir: Path, files: list[Path], params: dict[str, object], tracking_uri: str | None = None) -> str | None:
+    """Log exported files (artifacts under export/) and their params to the MLflow run that trained the adapter
+    (its run.json). Returns the run id, or None (with a warning) when that run cannot be reached: the export
+    itself is done either way."""
+    import json
+
+    try:
+        record = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        log.warning("%s has no run.json: the export is not logged to MLflow", run_dir)
+        return None
+    uri = tracking_uri or record.get("tracking_uri")
+    if not uri or "***" in uri:
+        log.warning("the run's tracking URI is masked (%s): pass --tracking-uri to log the export to MLflow", uri)
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run_id = record["run_id"]
+    try:
+        for path in files:
+            client.log_artifact(run_id, str(path), "export")
+        for key, value in params.items():
+            try:
+                client.log_param(run_id, key, value)
+            except Exception:  # an earlier export logged another value: params are immutable, so a tag
+                client.set_tag(run_id, key, value)
+    except Exception as e:
+        log.warning("could not log the export to MLflow run %s at %s (%s: %s)", run_id, mask(uri), type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "")
+        return None
+    return run_id
