@@ -211,7 +211,7 @@ def test_a_crash_marks_the_run_failed(tmp_path, monkeypatch):
 def test_cli_demo_prints_adapter_and_run_id(run_cli, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    proc = run_cli("+recipe=tiny-demo", "train.max_steps=10", "train.save_steps=10")
+    proc = run_cli("+recipe=tiny-demo", "train.max_steps=10", "train.save_steps=10", "eval.generate_examples=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     adapter = re.search(r"adapter (\S+/adapter)", out)

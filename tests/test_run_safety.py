@@ -328,16 +328,23 @@ def test_runs_started_together_get_their_own_directories_and_mlflow_runs(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_fresh_start_after_kill_9_marks_the_dead_run_killed(tmp_path):
-    first, first_out = _start(tmp_path, ["train.max_steps=400", "train.save_steps=2", *QUIET], "first")
+def test_after_kill_9_a_fresh_start_marks_the_dead_run_killed_and_the_same_command_resumes_it(tmp_path):
+    """kill -9 loses at most the steps since the last checkpoint: a fresh start (train.resume=never) ends the
+    dead run's MLflow run as KILLED, and the original command (train.resume=auto) then continues the dead run
+    from its newest complete checkpoint."""
+    cmd = ["train.max_steps=40", "train.save_steps=5", *QUIET]
+    first, first_out = _start(tmp_path, cmd, "first")
     try:
-        assert _wait_for(lambda: any(tmp_path.glob("outputs/tiny-demo/*/checkpoints/checkpoint-2/COMPLETE")),
+        assert _wait_for(lambda: any(tmp_path.glob("outputs/tiny-demo/*/checkpoints/checkpoint-10/COMPLETE")),
                          180, first), first_out.read_text()[-3000:]
     finally:
         _kill(first)  # SIGKILL: nothing runs on the way out, the MLflow run stays RUNNING
+        first.wait(timeout=60)
     dead_dir = next(tmp_path.glob("outputs/tiny-demo/*/run.json")).parent
     dead_id = _run_id(dead_dir)
     assert _client(tmp_path).get_run(dead_id).info.status == "RUNNING"
+    last = resume.complete_checkpoints(dead_dir)[-1][0]
+    assert 10 <= last < 40
     killed_at = time.time()
 
     again = subprocess.run([sys.executable, "-m", "finetune", "+recipe=tiny-demo", "train.max_steps=2",
@@ -351,3 +358,10 @@ def test_a_fresh_start_after_kill_9_marks_the_dead_run_killed(tmp_path):
     assert f"{dead_id} ({dead_dir}) was still RUNNING" in again.stdout
     fresh = next(d for d in tmp_path.glob("outputs/tiny-demo/*") if (d / "run.json").exists() and d != dead_dir)
     assert _client(tmp_path).get_run(_run_id(fresh)).info.status == "FINISHED"
+
+    resumed = subprocess.run([sys.executable, "-m", "finetune", "+recipe=tiny-demo", *cmd], cwd=tmp_path,
+                             env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = json.loads((dead_dir / "train_result.json").read_text())
+    assert result["resumed_from_step"] == last and result["steps"] == 40
+    assert _client(tmp_path).get_run(dead_id).info.status == "FINISHED"
