@@ -17,6 +17,11 @@ LOCK   := requirements.lock
 LATEST ?= .venv-latest
 
 GPUS   ?= 2
+NODES  ?= 1
+NODE_RANK   ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+RUN_ID ?=
 # The newest adapter under outputs/ unless ADAPTER=... is given.
 ADAPTER ?= $(shell ls -td outputs/*/*/adapter outputs/*/*/*/adapter 2>/dev/null | head -1)
 RUN_DIR = outputs/$(RECIPE)/$(shell date +%Y-%m-%d_%H-%M-%S)
@@ -32,7 +37,8 @@ help:
 	@echo "make test                    run the test suite (CPU only, no network)"
 	@echo "make preflight RECIPE=NAME   print the memory plan for a recipe (no GPU, no download)"
 	@echo "make train RECIPE=NAME       run a recipe end to end (ARGS='key=value ...' to override)"
-	@echo "make train-multi GPUS=N RECIPE=NAME   the same on N GPUs of this machine (one process each, DDP)"
+	@echo "make train-multi GPUS=N RECIPE=NAME   the same on N GPUs of this machine (one process each, DDP or FSDP)"
+	@echo "make train-multi NODES=N GPUS=G NODE_RANK=i MASTER_ADDR=host RUN_ID=id RECIPE=NAME   on N machines (run on each)"
 	@echo "make merge [ADAPTER=dir]     fold an adapter into its base: a plain transformers model in <run>/merged"
 	@echo "make chat [ADAPTER=dir]      chat with base + adapter, streamed (default: the newest adapter)"
 	@echo "make export [ADAPTER=dir] [QUANT=q8_0]   merge and write a GGUF (llama.cpp, Ollama) + Modelfile in <run>/export"
@@ -99,9 +105,20 @@ train: $(STAMP)
 
 # One process per GPU through torchrun (DDP; the plan's FSDP choice is taken from the recipe).
 # Every process gets the same run directory, named here once.
+# One node: torchrun --standalone. Several (NODES=N, run the same command on each node with its NODE_RANK):
+# c10d rendezvous at MASTER_ADDR:MASTER_PORT under RUN_ID, which every node must share (it also names the
+# run directory, which must be on a filesystem every node sees: checkpoints and resume go through it).
 train-multi: $(STAMP)
-	$(BIN)/torchrun --standalone --nproc_per_node $(GPUS) -m finetune +recipe=$(RECIPE) \
-		hardware.num_gpus=$(GPUS) hydra.run.dir=$(RUN_DIR) $(ARGS)
+	@if [ "$(NODES)" = "1" ]; then \
+		set -x; $(BIN)/torchrun --standalone --nproc_per_node $(GPUS) -m finetune +recipe=$(RECIPE) \
+			hardware.num_gpus=$(GPUS) hydra.run.dir=$(RUN_DIR) $(ARGS); \
+	else \
+		test -n "$(RUN_ID)" || { echo "NODES=$(NODES): give RUN_ID=... (the same on every node, e.g. RUN_ID=\$$SLURM_JOB_ID): it names the rendezvous and the run directory"; exit 2; }; \
+		set -x; $(BIN)/torchrun --nnodes $(NODES) --nproc_per_node $(GPUS) --node_rank $(NODE_RANK) \
+			--rdzv_backend c10d --rdzv_endpoint $(MASTER_ADDR):$(MASTER_PORT) --rdzv_id $(RUN_ID) \
+			-m finetune +recipe=$(RECIPE) hardware.num_gpus=$(GPUS) hardware.num_nodes=$(NODES) \
+			hydra.run.dir=outputs/$(RECIPE)/$(RUN_ID) $(ARGS); \
+	fi
 
 merge: $(STAMP)
 	@test -n "$(ADAPTER)" || { echo "no adapter under outputs/: train one, or give ADAPTER=dir"; exit 2; }

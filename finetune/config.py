@@ -220,6 +220,11 @@ class HardwareConfig:
     memory_bandwidth_gbs: float | None = None
     # GPU-to-GPU bandwidth in GB/s (NVLink on SXM cards, else PCIe): the cost of FSDP's all-gathers.
     interconnect_gbs: float = 25.0
+    # Machines training together, num_gpus each (torchrun with c10d rendezvous: make train-multi NODES=N).
+    num_nodes: int = 1
+    # The network between them, per machine, in Gbit/s (InfiniBand NDR on an HGX H100: 8 x 400; cloud
+    # Ethernet: 100; a workstation: 10): what gradient all-reduces and FSDP's all-gathers cost across nodes.
+    internode_gbps: float = 100.0
     # Apple silicon: GPU and CPU share system RAM; vram_gib is the GPU's share, there is no CUDA context.
     unified_memory: bool = False
 
@@ -230,8 +235,15 @@ class HardwareConfig:
             value = getattr(self, key)
             _check(value is None or value > 0, f"hardware.{key}", f"must be positive or null, got {value}")
         _check(self.interconnect_gbs > 0, "hardware.interconnect_gbs", f"must be positive, got {self.interconnect_gbs}")
+        _check(self.num_nodes >= 1, "hardware.num_nodes", f"must be at least 1, got {self.num_nodes}")
+        _check(self.internode_gbps > 0, "hardware.internode_gbps", f"must be positive, got {self.internode_gbps}")
         # With hardware.device=cpu, num_gpus counts processes: torchrun can run DDP over gloo on the CPU
         # (the tests do), each process with the budget vram_gib.
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in all: num_gpus on each of num_nodes machines."""
+        return self.num_gpus * self.num_nodes
 
 
 @dataclass

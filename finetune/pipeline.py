@@ -208,6 +208,19 @@ def _move_hydra_output(old: Path, new: Path) -> None:
             root.addHandler(moved)
 
 
+def _refuse_interrupted_run_dir(run_dir: Path) -> None:
+    """A run directory given twice (hydra.run.dir, a multi-node RUN_ID reused) that holds an interrupted run:
+    starting fresh there would overwrite its recipe and, step by step, its checkpoints. train.resume=auto
+    continues runs found beside this one; this one itself is continued only when asked by name."""
+    from finetune.train.resume import complete_checkpoints, is_finished
+
+    done = complete_checkpoints(run_dir) if run_dir.is_dir() else []
+    if done and not is_finished(run_dir):
+        raise ConfigError(f"hydra.run.dir: {run_dir} holds an interrupted run (complete checkpoint at step "
+                          f"{done[-1][0]}); continue it with train.resume={run_dir}, or give this launch a new "
+                          "directory (make train-multi: a new RUN_ID), where train.resume=auto finds it")
+
+
 def _claim_run_dir(run_dir: Path, held: contextlib.ExitStack) -> Path:
     """The run directory this run owns, locked for as long as the run lasts (rank 0 only).
 
@@ -272,6 +285,8 @@ def _run_stages(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None,
 
         require(cfg)  # lm-eval tasks asked for: the harness must be there before hours of training
     init = resolve_init_adapter(cfg, stages)  # before the recipe is recorded: adapter.* are the adapter's
+    if Stage.train.value in stages and cfg.train.resume == "auto":
+        _refuse_interrupted_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if leader:
         run_dir = _claim_run_dir(run_dir, held)

@@ -500,3 +500,24 @@ def test_flash_attention_only_where_it_runs(monkeypatch):
     assert planner.attention_for(bloom, gpu) == bloom.attention, "BLOOM's ALiBi keeps its own attention"
     monkeypatch.setattr(planner, "flash_attention_installed", lambda: False)
     assert planner.attention_for(spec, gpu) == "sdpa"
+
+
+def test_a_two_node_plan_is_per_gpu_and_charges_the_network():
+    """hardware.num_nodes: the same per-GPU plan as one node with as many GPUs, the effective batch split over
+    every GPU, and the collectives charged at the network's speed, which the plan says."""
+    one_node = plan("hardware=a100-80gb", "hardware.num_gpus=4",
+                    "preflight.pin.distributed=ddp")
+    two_nodes = plan("hardware=a100-80gb", "hardware.num_gpus=2",
+                     "hardware.num_nodes=2", "preflight.pin.distributed=ddp")
+    slow_net = plan("hardware=a100-80gb", "hardware.num_gpus=2",
+                    "hardware.num_nodes=2", "hardware.internode_gbps=10", "preflight.pin.distributed=ddp")
+    c = two_nodes.choices
+    assert c["num_gpus"] == 4 and c["num_nodes"] == 2 and "num_nodes" not in one_node.choices
+    assert c["micro_batch_size"] * c["gradient_accumulation_steps"] * 4 == 16  # llama2-7b-medical's batch
+    assert two_nodes.predicted["peak_allocated_bytes"] == one_node.predicted["peak_allocated_bytes"]
+    tps = [p.details["tokens_per_s"] for p in (one_node, two_nodes, slow_net)]
+    assert tps[0] > tps[2] and tps[1] > tps[2], tps  # 10 Gb/s between the nodes costs speed
+    [note] = [line for line in slow_net.explanation if line.startswith("communication")]
+    assert "2 nodes x 2 GPUs" in note and "internode_gbps=10 Gb/s" in note
+    with pytest.raises(ConfigError, match="hardware.num_nodes"):
+        plan("hardware.num_nodes=0")

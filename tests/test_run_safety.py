@@ -88,6 +88,19 @@ def _interrupted_run(recipe_dir: Path, name: str, recipe: dict, fingerprint: str
     return run_dir
 
 
+def test_a_launch_into_an_interrupted_runs_directory_is_refused_before_it_overwrites_anything(tmp_path):
+    """The same hydra.run.dir (or multi-node RUN_ID) twice: train.resume=auto continues runs beside this one,
+    so starting fresh here would overwrite the interrupted run; it is refused, naming how to continue it."""
+    from finetune.pipeline import run_pipeline
+
+    recipe = {"name": "tiny-demo"}
+    run_dir = _interrupted_run(tmp_path, "job-17", recipe)
+    with pytest.raises(ConfigError, match=r"holds an interrupted run \(complete checkpoint at step 4\); continue "
+                                          rf"it with train.resume={run_dir}"):
+        run_pipeline(compose(["+recipe=tiny-demo", "stages=[data,preflight,train]"]), run_dir)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == recipe  # untouched
+
+
 def test_auto_resume_leaves_a_live_run_alone_and_says_so(tmp_path, caplog):
     recipe = {"adapter": {"rank": 16}}
     live = _interrupted_run(tmp_path, "live", recipe)

@@ -313,29 +313,63 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     assert _mlflow(tmp_path).get_run(run_id).info.status == "FINISHED"
 
 
-def test_two_process_ddp_on_cpu_trains_one_adapter(tmp_path):
-    """torchrun with 2 gloo processes (accelerate launch --cpu --num_processes 2 silently runs one)."""
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_the_adapter_of_one_node_with_two_processes(tmp_path):
+    """torchrun with 2 gloo processes on one node (accelerate launch --cpu --num_processes 2 silently runs one),
+    then 2 torchrun "nodes" of one process each on 127.0.0.1 (--nnodes 2, c10d rendezvous): the same seed gives
+    the same adapter; both ranks end with it; one MLflow run each, from rank 0."""
     env = dict(os.environ)
     env.pop("HYDRA_FULL_ERROR", None)
-    run_dir = tmp_path / "outputs" / "tiny-demo" / "ddp"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "finetune", "+recipe=tiny-demo",
-         "hardware.num_gpus=2", "train.max_steps=6", "stages=[data,preflight,train]", f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    # one thread per process in both launches (torchrun sets it only for nproc_per_node > 1): the same matmul
+    # reduction order, so that the same seed can give the same bits
+    env["OMP_NUM_THREADS"] = "1"
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    common = ["-m", "finetune", "+recipe=tiny-demo", "train.max_steps=6", "stages=[data,preflight,train]",
+              "tracking.system_metrics=false", "tracking.register_model=false"]
+    one_node = tmp_path / "outputs" / "tiny-demo" / "ddp"
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", *common, "hardware.num_gpus=2",
+                           f"hydra.run.dir={one_node}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    leader = json.loads((run_dir / "train_result.json").read_text())
-    other = json.loads((run_dir / "train_rank1.json").read_text())
-    assert leader["world_size"] == other["world_size"] == 2, "really two processes"
-    assert leader["adapter_digest"] == other["adapter_digest"], "both ranks end with the same adapter"
-    assert leader["steps"] == other["steps"] == 6
-    plan = json.loads((run_dir / "plan.json").read_text())
-    c = plan["choices"]
-    assert c["distributed"] == "ddp" and c["num_gpus"] == 2
-    assert c["micro_batch_size"] * c["gradient_accumulation_steps"] * 2 == 8, "effective batch split over 2"
-    runs = _mlflow(tmp_path).search_runs(experiment_ids=["1"])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED", "one MLflow run, from rank 0"
+    two_nodes = tmp_path / "outputs" / "tiny-demo" / "two-nodes"
+    port = _free_port()
+    nodes = [subprocess.Popen([torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(i),
+                               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "t",
+                               *common, "hardware.num_gpus=1", "hardware.num_nodes=2", f"hydra.run.dir={two_nodes}"],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        errors = [p.communicate(timeout=600)[1] for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(e[-2000:] for e in errors)
 
+    digests = {}
+    for run_dir in (one_node, two_nodes):
+        leader = json.loads((run_dir / "train_result.json").read_text())
+        other = json.loads((run_dir / "train_rank1.json").read_text())
+        assert leader["world_size"] == other["world_size"] == 2, "really two processes"
+        assert leader["adapter_digest"] == other["adapter_digest"], "both ranks end with the same adapter"
+        assert leader["steps"] == other["steps"] == 6
+        digests[run_dir.name] = leader["adapter_digest"]
+        c = json.loads((run_dir / "plan.json").read_text())["choices"]
+        assert c["distributed"] == "ddp" and c["num_gpus"] == 2
+        assert c["micro_batch_size"] * c["gradient_accumulation_steps"] * 2 == 8, "effective batch split over 2"
+    assert digests["ddp"] == digests["two-nodes"], "two nodes train what one node with two processes trains"
+    plan = json.loads((two_nodes / "plan.json").read_text())
+    assert plan["choices"]["num_nodes"] == 2
+    assert any("2 nodes x 1 GPU" in line and "internode_gbps" in line for line in plan["explanation"])
+    runs = _mlflow(tmp_path).search_runs(experiment_ids=["1"])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}, "one MLflow run per launch, rank 0's"
 
 def test_world_size_must_match_the_plan(workdir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -128,7 +128,7 @@ def compute_dtype(cfg) -> str:
 
 
 def _per_gpu_batch(cfg) -> int:
-    return max(1, math.ceil(cfg.train.effective_batch_size / cfg.hardware.num_gpus))
+    return max(1, math.ceil(cfg.train.effective_batch_size / cfg.hardware.world_size))
 
 
 def _check_pins(cfg) -> None:
@@ -141,8 +141,9 @@ def _check_pins(cfg) -> None:
         if pin.quantization is not None and pin.quantization.value == "int8":
             raise ConfigError(f"preflight.pin.quantization=int8 needs a CUDA GPU (LLM.int8 kernels); "
                               f"hardware.device is {device}: use nf4, none or null")
-    if pin.distributed is not None and pin.distributed.value != "none" and cfg.hardware.num_gpus == 1:
-        raise ConfigError(f"preflight.pin.distributed={pin.distributed.value} needs hardware.num_gpus > 1")
+    if pin.distributed is not None and pin.distributed.value != "none" and cfg.hardware.world_size == 1:
+        raise ConfigError(f"preflight.pin.distributed={pin.distributed.value} needs hardware.num_gpus > 1 (or "
+                          "hardware.num_nodes > 1)")
     if cfg.hardware.num_gpus > 1 and device == "mps":
         raise ConfigError(f"hardware.num_gpus={cfg.hardware.num_gpus}: Apple GPUs train one process at a time")
     # On the CPU, num_gpus counts processes: torchrun runs DDP over gloo there (the tests do).
@@ -155,7 +156,7 @@ def candidates(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, *, pins: 
     """Every plan the recipe allows (respecting preflight.pin.* unless pins=False)."""
     pin = cfg.preflight.pin if pins else None
     device = cfg.hardware.device.value
-    n = cfg.hardware.num_gpus
+    n = cfg.hardware.world_size
     per_gpu = _per_gpu_batch(cfg)
     cuda = device == "cuda"
 
@@ -205,8 +206,9 @@ def candidates(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, *, pins: 
 
 def _choice(cfg, quant: str, dq: bool, ckpt: bool, mb: int, opt: str, dist: str, seq_len: int, seq_len_source: str,
             attention: str) -> dict[str, Any]:
-    """One plan's choices (the plan.json `choices` dict)."""
-    n = cfg.hardware.num_gpus
+    """One plan's choices (the plan.json `choices` dict); num_gpus is every GPU of the run (all nodes')."""
+    n = cfg.hardware.world_size
+    nodes = {"num_nodes": cfg.hardware.num_nodes} if cfg.hardware.num_nodes > 1 else {}
     return {
         "quantization": quant,
         "double_quant": bool(dq) if quant == "nf4" else False,
@@ -221,6 +223,7 @@ def _choice(cfg, quant: str, dq: bool, ckpt: bool, mb: int, opt: str, dist: str,
         "attention": attention,
         "distributed": dist if n > 1 else "none",
         "num_gpus": n,
+        **nodes,
     }
 
 
@@ -267,7 +270,8 @@ class _Scorer:
             * spec.layers
         hw = cfg.hardware
         self.speed_kwargs = dict(rank=self.rank, n_lora_features=self.lora_features, tflops=hw.tflops,
-                                 bandwidth_gbs=hw.memory_bandwidth_gbs, interconnect_gbs=hw.interconnect_gbs)
+                                 bandwidth_gbs=hw.memory_bandwidth_gbs, interconnect_gbs=hw.interconnect_gbs,
+                                 internode_gbs=hw.internode_gbps / 8)
         self._best: float | None = None
 
     def _forward(self, c: dict[str, Any]) -> dict[str, Any]:
@@ -405,7 +409,7 @@ def does_not_fit_message(cfg, spec: ArchSpec, seq_len: int, source: str, budget:
     smallest = _minimal(cfg, spec, seq_len, source, pins=True)
     need = scorer.estimate(smallest).device_total
     parts = [f"{cfg.model.name_or_path} does not fit hardware.vram_gib={hw.vram_gib:g} ({hw.name}"
-             f"{f' x{hw.num_gpus}' if hw.num_gpus > 1 else ''}): the smallest plan ({describe(smallest)}) needs "
+             f"{f' x{hw.world_size}' if hw.world_size > 1 else ''}): the smallest plan ({describe(smallest)}) needs "
              f"{_gib(need)} per GPU, the budget is {_gib(budget)} ({hw.vram_gib:g} GiB x (1 - margin {margin:g}))"]
     fixed = scorer.estimate(dict(smallest, max_seq_len=1, micro_batch_size=1))
     if fixed.device_total > budget:
@@ -437,7 +441,7 @@ def does_not_fit_message(cfg, spec: ArchSpec, seq_len: int, source: str, budget:
     # FSDP on this card
     if hw.device.value == "cuda":
         for n in FSDP_GPU_COUNTS:
-            if n <= hw.num_gpus and hw.num_gpus > 1:
+            if n <= hw.world_size and hw.world_size > 1:
                 continue
             trial = dict(unpinned_single, distributed="fsdp", num_gpus=n,
                          quantization=smallest["quantization"] if smallest["quantization"] != "int8" else "nf4")
@@ -552,15 +556,17 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
     pinned = [k for k, v in vars(cfg.preflight.pin).items() if v is not None]
     if pinned:
         explanation.append(f"pinned by the recipe: {', '.join('preflight.pin.' + k for k in pinned)}")
-    if c["micro_batch_size"] * c["gradient_accumulation_steps"] * hw.num_gpus != cfg.train.effective_batch_size:
-        explanation.append(f"effective batch {c['micro_batch_size'] * c['gradient_accumulation_steps'] * hw.num_gpus}"
+    if c["micro_batch_size"] * c["gradient_accumulation_steps"] * hw.world_size != cfg.train.effective_batch_size:
+        explanation.append(f"effective batch {c['micro_batch_size'] * c['gradient_accumulation_steps'] * hw.world_size}"
                            f" (train.effective_batch_size={cfg.train.effective_batch_size} is not a multiple of "
                            f"the micro-batch x GPUs)")
     if c["distributed"] == "ddp":
-        explanation.append(f"ddp: each of the {hw.num_gpus} GPUs holds the whole model (per-GPU memory as on one)")
+        explanation.append(f"ddp: each of the {hw.world_size} GPUs holds the whole model (per-GPU memory as on one)")
     elif c["distributed"] == "fsdp":
-        explanation.append(f"fsdp: the frozen weights, LoRA and optimizer state are sharded over {hw.num_gpus} "
+        explanation.append(f"fsdp: the frozen weights, LoRA and optimizer state are sharded over {hw.world_size} "
                            "GPUs; two layers are gathered at a time")
+    if hw.world_size > 1:
+        explanation.append(_network_note(hw, chosen.thr, c["distributed"]))
     if hw.device.value == "cpu":
         explanation.append("device cpu: the estimate is resident memory (the process included); nvidia-smi "
                            "figures do not apply")
@@ -620,6 +626,20 @@ def unpredicted_plan(cfg, model_type: str, seq_len: int, seq_len_source: str, re
         explanation.insert(0, drift)
     return Plan(model=model, choices=c, predicted={}, breakdown_bytes={}, budget_bytes=_budget(
         cfg.hardware.vram_gib, cfg.preflight.margin), fits=True, alternatives=[], explanation=explanation)
+
+
+def _network_note(hw, thr, distributed: str) -> str:
+    """What the collectives cost in the plan: the link they run at, and their share of a step."""
+    if hw.num_nodes > 1:
+        link = (f"{hw.num_nodes} nodes x {hw.num_gpus} GPU{'s' if hw.num_gpus > 1 else ''}: across nodes the "
+                f"network, hardware.internode_gbps={hw.internode_gbps:g} Gb/s per node"
+                f"{f' shared by its {hw.num_gpus} GPUs' if hw.num_gpus > 1 else ''}")
+    else:
+        link = f"{hw.num_gpus} GPUs over hardware.interconnect_gbs={hw.interconnect_gbs:g} GB/s"
+    share = thr.comm_s / thr.step_s if thr.step_s else 0.0
+    return (f"communication ({link}): ~{thr.comm_s * 1e3:,.1f} ms of each {thr.step_s * 1e3:,.0f} ms micro-batch "
+            f"step ({share:.0%}): " + ("FSDP's all-gathers of the frozen weights and the LoRA gradients' all-reduce"
+                                       if distributed == "fsdp" else "the LoRA gradients' all-reduce"))
 
 
 def _method_notes(cfg) -> list[str]:

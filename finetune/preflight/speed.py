@@ -18,8 +18,11 @@ Time of one micro-batch (forward + backward) on one GPU:
   separate fp16 product; modelled as ``INT8_EFFICIENCY`` of the bf16 rate plus the same
   weight dequantization as nf4 in backward;
 * a fixed launch/Python overhead per decoder layer and pass (``LAYER_OVERHEAD_S``);
-* FSDP all-gathers the frozen weights in forward, backward (and recompute) over the
-  interconnect; DDP all-reduces only the LoRA gradients (negligible).
+* FSDP all-gathers the frozen weights in forward, backward (and recompute), half of it hidden
+  behind compute; DDP (and FSDP) all-reduce the LoRA gradients once per optimizer step. A ring
+  collective moves (n-1)/n of the data over each link and runs at its slowest link: the
+  interconnect between the GPUs of a node, and across nodes (hardware.num_nodes > 1) the
+  network, hardware.internode_gbps per node shared by its GPUs.
 
 ``relative_speed`` divides a plan's tokens/s by the best this model could do on this card
 (unquantized, no checkpointing, a saturating micro-batch), so 1.0 is the ceiling.
@@ -60,6 +63,7 @@ class Throughput:
     tokens_per_s: float  # all GPUs together
     step_s: float  # one micro-batch on one GPU
     relative: float  # vs the best plan this model could have on this card
+    comm_s: float = 0.0  # of step_s: the collectives (all-gathers, the gradient all-reduce's share)
 
 
 def _flops_per_token(spec: ArchSpec, seq: int, causal: bool, rank: int, n_lora: int) -> tuple[float, float]:
@@ -73,9 +77,19 @@ def _flops_per_token(spec: ArchSpec, seq: int, causal: bool, rank: int, n_lora: 
     return 2.0 * weights + attn + lora, attn
 
 
+def link_gbs(choices: dict[str, Any], interconnect_gbs: float, internode_gbs: float) -> float:
+    """GB/s of the slowest link a ring collective over the run's GPUs crosses: the interconnect within a node,
+    the network across nodes (one node's bandwidth shared by the GPUs of the node that use it at once)."""
+    n = max(1, int(choices.get("num_gpus", 1)))
+    nodes = max(1, int(choices.get("num_nodes", 1)))
+    if nodes == 1:
+        return interconnect_gbs
+    return min(interconnect_gbs, internode_gbs) if n == nodes else min(interconnect_gbs, internode_gbs / (n // nodes))
+
+
 def throughput(spec: ArchSpec, choices: dict[str, Any], *, rank: int, n_lora_features: int,
                tflops: float | None, bandwidth_gbs: float | None, interconnect_gbs: float = 25.0,
-               best: float | None = None) -> Throughput:
+               internode_gbs: float = 12.5, best: float | None = None) -> Throughput:
     """Predicted training throughput of `choices` (see the module docstring for the model)."""
     tf = (tflops or DEFAULT_TFLOPS) * 1e12
     bw = (bandwidth_gbs or DEFAULT_BANDWIDTH) * 1e9 * BANDWIDTH_EFFICIENCY
@@ -101,20 +115,26 @@ def throughput(spec: ArchSpec, choices: dict[str, Any], *, rank: int, n_lora_fea
     overhead_s = spec.layers * passes * LAYER_OVERHEAD_S
     comm_s = 0.0
     n = int(choices.get("num_gpus", 1))
-    if choices.get("distributed") == "fsdp" and n > 1:
-        weight_bytes = quantized_weights * (0.5 if quant == "nf4" else 1 if quant == "int8" else 2)
-        comm_s = weight_bytes * (n - 1) / n * passes / (interconnect_gbs * 1e9) * 0.5  # half hidden by overlap
+    if n > 1:
+        link = link_gbs(choices, interconnect_gbs, internode_gbs) * 1e9
+        if choices.get("distributed") == "fsdp":
+            weight_bytes = quantized_weights * (0.5 if quant == "nf4" else 1 if quant == "int8" else 2)
+            comm_s += weight_bytes * (n - 1) / n * passes / link * 0.5  # half hidden by overlap
+        # the LoRA gradients' all-reduce (bf16 for a quantized base, else fp32), once per optimizer step
+        grad_bytes = rank * n_lora_features * (2 if quant != "none" else 4)
+        comm_s += 2 * grad_bytes * (n - 1) / n / link / max(1, int(choices.get("gradient_accumulation_steps", 1)))
     step_s = compute_s + dequant_s + overhead_s + comm_s
     tps = tokens / step_s * max(1, n)
     rel = tps / best if best else 1.0
-    return Throughput(tokens_per_s=tps, step_s=step_s, relative=rel)
+    return Throughput(tokens_per_s=tps, step_s=step_s, relative=rel, comm_s=comm_s)
 
 
 def ceiling(spec: ArchSpec, choices: dict[str, Any], **kwargs: Any) -> float:
     """Tokens/s of the best plan this model could have on this card: unquantized, no checkpointing,
     a micro-batch large enough to saturate the GPU."""
     ideal = dict(choices, quantization="none", gradient_checkpointing=False,
-                 micro_batch_size=max(1, 16384 // max(1, choices["max_seq_len"])), distributed="none", num_gpus=1)
+                 micro_batch_size=max(1, 16384 // max(1, choices["max_seq_len"])), distributed="none", num_gpus=1,
+                 num_nodes=1)
     per_gpu = throughput(spec, ideal, **kwargs).tokens_per_s
     return per_gpu * max(1, int(choices.get("num_gpus", 1)))
 

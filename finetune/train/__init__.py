@@ -62,11 +62,18 @@ class TrainResult:
 
 def check_world(cfg) -> None:
     """Before any work and before an MLflow run exists: a GPU plan has a GPU (pick_device: exit 5 without
-    one), and the launch matches hardware.num_gpus (the plan splits the effective batch over them)."""
+    one), and the launch matches hardware.num_gpus x hardware.num_nodes (the plan splits the effective batch
+    over them)."""
     pick_device(cfg)
     _, world_size = world()
-    if world_size != cfg.hardware.num_gpus:
-        raise ConfigError(f"hardware.num_gpus={cfg.hardware.num_gpus} but the launcher started {world_size} "
+    hw = cfg.hardware
+    if world_size != hw.world_size:
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", 0)) or hw.num_nodes  # torchrun's node count, when it set one
+        if hw.num_nodes > 1 or nodes > 1:
+            raise ConfigError(f"hardware.num_nodes={hw.num_nodes} x hardware.num_gpus={hw.num_gpus} is "
+                              f"{hw.world_size} processes, but the launcher started {world_size}: set both to the "
+                              "launch's --nnodes and --nproc_per_node (make train-multi NODES=N GPUS=G does)")
+        raise ConfigError(f"hardware.num_gpus={hw.num_gpus} but the launcher started {world_size} "
                           f"processes: set hardware.num_gpus={world_size} (make train-multi GPUS=N does)")
 
 
