@@ -30,16 +30,22 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from finetune.config import register_configs
 from finetune.errors import ConfigError, EnvError, FinetuneError
 from finetune.paths import free_bytes, recipes_dir
 
-# Exit codes of the jobs run by this process (one per job; several in a multirun).
+# Exit codes of the jobs run by this process (one per job; several in a multirun), and of a multirun's jobs
+# wherever its launcher ran them (read back from their job directories by SweepCallback).
 _EXIT_CODES: list[int] = []
-# Sweep directories of the multirun jobs run here: their MLflow parent run ends when all are done.
-_SWEEPS: set[str] = set()
+_SWEEP_CODES: list[int] = []
+SWEEP_JOB_FILE = "sweep_job.json"  # in a multirun job's directory: its exit code, objective and MLflow run
+# Sweep directories of multirun jobs run in this process, and those SweepCallback has ended: a sweep stopped by
+# Ctrl-C never reaches the callback, and its parent run is ended on the way out instead.
+_LOCAL_SWEEPS: set[str] = set()
+_ENDED_SWEEPS: set[str] = set()
 
 
 def _full_error() -> bool:
@@ -51,6 +57,14 @@ def print_error(message: str) -> None:
 
     sys.stderr.write(f"error: {mask(message)}\n")
     sys.stderr.flush()
+
+
+# Hydra's launcher and sweeper plugins for clusters (the `cluster` extra): the config group they add -> package
+CLUSTER_PLUGINS = {
+    "hydra/launcher/ray": "hydra-ray-launcher", "hydra/launcher/ray_aws": "hydra-ray-launcher",
+    "hydra/launcher/submitit_slurm": "hydra-submitit-launcher", "hydra/launcher/submitit_local": "hydra-submitit-launcher",
+    "hydra/sweeper/optuna": "hydra-optuna-sweeper",
+}
 
 
 def _available_recipes() -> list[str]:
@@ -70,6 +84,10 @@ def describe_config_error(ex: BaseException) -> str:
         if group == "recipe":
             return (f"no recipe named '{name}' (recipes: {recipes}; "
                     f"add your own with --config-dir DIR holding DIR/recipe/NAME.yaml)")
+        plugin = CLUSTER_PLUGINS.get(f"{group}/{name}")
+        if plugin is not None:
+            return (f"{group}={name} needs {plugin}, which is not installed: pip install "
+                    "'finetune-recipes[cluster]' (Ray, SLURM and Optuna for sweeps)")
         if group:
             options = f" (options: {', '.join(ex.options)})" if ex.options else ""
             return f"no {group} named '{name}'{options}"
@@ -172,8 +190,10 @@ def _hydra_errors_as_exit_codes() -> Iterator[None]:
         hydra_utils.run_and_report = original
 
 
-def _run_job(cfg: DictConfig) -> int:
-    """One job: validate the recipe, run the pipeline, turn expected errors into an exit code."""
+def _run_job(cfg: DictConfig) -> tuple[int, float | None]:
+    """One job: validate the recipe, run the pipeline, turn expected errors into an exit code. Returns the code
+    and, in a multirun, the job's objective (tracking.sweep_metric) for the sweeper; a multirun job also leaves
+    both in its directory (sweep_job.json), for the process that ends the sweep, wherever the job ran."""
     from hydra.core.hydra_config import HydraConfig
 
     from finetune.config import to_run_config
@@ -184,22 +204,53 @@ def _run_job(cfg: DictConfig) -> int:
     _mask_hydra_files(hydra_cfg, run_dir, multirun)
     sweep = _sweep_info(hydra_cfg) if multirun else None
     if sweep is not None:
-        _SWEEPS.add(sweep["dir"])
+        _LOCAL_SWEEPS.add(sweep["dir"])
+    code, objective, results, run_cfg = 0, None, {}, None
     try:
         run_cfg = to_run_config(cfg)
         from finetune.pipeline import run_pipeline
 
-        run_pipeline(run_cfg, run_dir, sweep=sweep)
-        return 0
+        results = run_pipeline(run_cfg, run_dir, sweep=sweep)
+        objective = _objective(run_cfg, results) if multirun else None
     except KeyboardInterrupt as ex:
         # Ctrl-C or SIGTERM: stop here, do not go on with the next job of a sweep.
         code = getattr(ex, "exit_code", 130)
         print_error(str(ex) or "interrupted")
+        if multirun:
+            _record_sweep_job(run_dir, code, None, results, run_cfg)
         sys.exit(code)
     except Exception as ex:
-        return report(ex)
+        code = report(ex)
     finally:
         _release_memory()
+    if multirun:
+        _record_sweep_job(run_dir, code, objective, results, run_cfg)
+    return code, objective
+
+
+def _objective(run_cfg, results: dict[str, Any]) -> float | None:
+    """tracking.sweep_metric of the job, from its eval report (None, with a warning, if it has none)."""
+    import logging
+
+    report = results.get("eval")
+    metrics = report.metrics() if report is not None else {}
+    value = metrics.get(run_cfg.tracking.sweep_metric)
+    if value is None:
+        logging.getLogger(__name__).warning(
+            "tracking.sweep_metric=%s: this job logged no such metric (%s); the sweeper gets no objective from it",
+            run_cfg.tracking.sweep_metric, ", ".join(sorted(metrics)) or "no eval stage ran")
+        return None
+    return float(value)
+
+
+def _record_sweep_job(run_dir: Path, code: int, objective: float | None, results: dict[str, Any], run_cfg) -> None:
+    import json
+
+    record = {"exit_code": code, "objective": objective, "run_id": results.get("run_id"),
+              "metric": run_cfg.tracking.sweep_metric if run_cfg else None,
+              "direction": run_cfg.tracking.sweep_direction if run_cfg else None}
+    with contextlib.suppress(OSError):
+        (run_dir / SWEEP_JOB_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _mask_hydra_files(hydra_cfg: Any, run_dir: Path, multirun: bool) -> None:
@@ -230,15 +281,34 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _end_sweeps() -> None:
-    """The parent MLflow run of each sweep ends once every job has: FINISHED, or FAILED if one failed."""
-    if not _SWEEPS:
-        return
-    from finetune.tracking import end_sweep_parent
+class SweepCallback(Callback):
+    """Hydra calls this in the process that launched a multirun, once every job is done, wherever the launcher
+    ran them (here, on a Ray cluster, on SLURM): the jobs' exit codes come back from their directories
+    (sweep_job.json, on the shared filesystem), the multirun exits with the worst, and the sweep's MLflow parent
+    run ends FINISHED (FAILED if a job failed) with its best job tagged (tracking.sweep_metric)."""
 
-    ok = all(code == 0 for code in _EXIT_CODES)
-    for sweep_dir in _SWEEPS:
-        end_sweep_parent(Path(sweep_dir), ok)
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        import json
+
+        from finetune.tracking import end_sweep_parent
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = []
+        for path in sorted(sweep_dir.glob(f"*/{SWEEP_JOB_FILE}")):
+            with contextlib.suppress(OSError, ValueError):
+                jobs.append(dict(json.loads(path.read_text()), dir=path.parent.name))
+        codes = [int(j["exit_code"]) for j in jobs] or [1]
+        _SWEEP_CODES.extend(codes)
+        scored = [j for j in jobs if j.get("objective") is not None and j.get("run_id")]
+        best = None
+        if scored:
+            pick = max if scored[0].get("direction") == "maximize" else min
+            best = pick(scored, key=lambda j: j["objective"])
+        _ENDED_SWEEPS.add(str(sweep_dir))
+        try:
+            end_sweep_parent(sweep_dir, ok=all(c == 0 for c in codes), best=best)
+        except Exception as e:  # the sweep's own results stand; say what could not be recorded
+            print_error(f"could not end the sweep's MLflow parent run ({type(e).__name__}: {e})")
 
 
 def _swept_keys() -> set[str]:
@@ -265,8 +335,11 @@ def _sweep_info(hydra_cfg: Any) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=str(recipes_dir()), config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
-    _EXIT_CODES.append(_run_job(cfg))
+def _hydra_main(cfg: DictConfig) -> float | None:
+    code, objective = _run_job(cfg)
+    _EXIT_CODES.append(code)
+    # what a sweeper optimizes (hydra/sweeper=optuna); NaN marks a job without one as failed to Optuna
+    return objective if objective is not None else float("nan")
 
 
 def main() -> None:
@@ -276,14 +349,25 @@ def main() -> None:
     mask_secrets_in_output()  # log records and stdout / stderr: credentials by value (finetune/redaction.py)
     install_process_handlers()
     register_configs()
-    _EXIT_CODES.clear()
-    _SWEEPS.clear()
+    for registry in (_EXIT_CODES, _SWEEP_CODES, _LOCAL_SWEEPS, _ENDED_SWEEPS):
+        registry.clear()
     try:
         with _hydra_errors_as_exit_codes():
             _hydra_main()
     finally:
-        _end_sweeps()
-    sys.exit(max(_EXIT_CODES, default=0))
+        _end_interrupted_sweeps()
+    sys.exit(max(_EXIT_CODES + _SWEEP_CODES, default=0))
+
+
+def _end_interrupted_sweeps() -> None:
+    """The parent runs of sweeps that stopped before Hydra's end-of-multirun callback (Ctrl-C, SIGTERM)."""
+    left = {d for d in _LOCAL_SWEEPS if d not in {str(Path(e)) for e in _ENDED_SWEEPS}}
+    if not left:
+        return
+    from finetune.tracking import end_sweep_parent
+
+    for sweep_dir in left:
+        end_sweep_parent(Path(sweep_dir), ok=False)
 
 
 if __name__ == "__main__":

@@ -403,6 +403,15 @@ class TrackingConfig:
     system_metrics: bool = True
     # Log the adapter as an MLflow model and register it under the recipe's name (a version per run).
     register_model: bool = True
+    # A sweep's objective: the metric each job hands its sweeper (hydra/sweeper=optuna searches on it) and by
+    # which the sweep's parent run names its best job; minimize or maximize (set hydra.sweeper.direction the
+    # same for Optuna).
+    sweep_metric: str = "eval/adapter_loss"
+    sweep_direction: str = "minimize"
+
+    def __post_init__(self) -> None:
+        _check(self.sweep_direction in ("minimize", "maximize"), "tracking.sweep_direction",
+               f"must be minimize or maximize, got {self.sweep_direction!r}")
 
 
 @dataclass

@@ -142,6 +142,17 @@ def test_multirun_exits_with_the_worst_jobs_code(run_cli, tmp_path):
     assert "adapter.rank" in proc.stderr
 
 
+def test_jobs_launched_in_other_processes_report_their_exit_codes(run_cli, tmp_path):
+    """Through submitit's local launcher (the SLURM launcher's twin: each job its own process), the job's exit
+    codes come back from their directories and the multirun exits with the worst."""
+    proc = run_cli("-m", "hydra/launcher=submitit_local", "+recipe=llama2-7b-medical", "stages=[preflight]",
+                   "adapter.rank=8,0")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [sweep] = (tmp_path / "outputs" / "llama2-7b-medical").glob("*-sweep")
+    codes = sorted(json.loads(p.read_text())["exit_code"] for p in sweep.glob("*/sweep_job.json"))
+    assert codes == [0, 2] and (sweep / "0" / "plan.json").is_file()
+
+
 def test_a_bare_target_preset_on_the_command_line(run_cli, tmp_path):
     proc = run_cli("+recipe=tiny-demo", "adapter.targets=attention", "stages=[data,preflight]")
     assert proc.returncode == 0, proc.stderr
@@ -242,3 +253,11 @@ def test_too_little_disk_for_the_checkpoints_is_caught_before_training(tmp_path,
         check_checkpoint_space(cfg, plan, tmp_path / "run")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * needed, 0, needed))
     check_checkpoint_space(cfg, plan, tmp_path / "run")
+
+
+def test_a_cluster_launcher_that_is_not_installed_is_one_line_naming_the_extra(run_cli):
+    proc = run_cli("-m", "hydra/launcher=ray", "+recipe=llama2-7b-medical", "stages=[preflight]", "adapter.rank=8,16")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["error: hydra/launcher=ray needs hydra-ray-launcher, which is not installed: pip install "
+                     "'finetune-recipes[cluster]' (Ray, SLURM and Optuna for sweeps)"], proc.stderr

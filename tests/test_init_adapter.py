@@ -80,20 +80,29 @@ def test_dpo_from_the_sft_adapter_trains_against_it_and_links_to_its_run(sft, tm
     assert json.loads((work / "lineage.json").read_text())["lineage"] == [sft["run_id"]]
 
 
-def test_a_beta_sweep_from_the_sft_adapter_lands_as_parent_and_children(sft, run_cli):
-    proc = run_cli("-m", "+recipe=tiny-dpo-demo", "train.beta=0.1,0.5", f"train.init_adapter={sft['run_dir']}",
-                   "train.max_steps=3", "train.save_steps=3", "stages=[data,preflight,train]",
-                   f"tracking.uri={sft['uri']}", "tracking.register_model=false", "tracking.system_metrics=false")
+def test_an_optuna_search_over_beta_from_the_sft_adapter_tags_its_best_trial(sft, run_cli):
+    """A sweep over train.beta (Hydra's Optuna sweeper, 3 trials) from the SFT adapter lands as an MLflow parent
+    with three FINISHED children; the best trial by tracking.sweep_metric is tagged on the parent and on itself."""
+    proc = run_cli("-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=0",
+                   "hydra.sweeper.direction=maximize", "+recipe=tiny-dpo-demo", "train.beta=interval(0.05,0.5)",
+                   f"train.init_adapter={sft['run_dir']}", "train.max_steps=3", "train.save_steps=3",
+                   "eval.generate_examples=0", "tracking.sweep_metric=eval/reward_margin",
+                   "tracking.sweep_direction=maximize", f"tracking.uri={sft['uri']}",
+                   "tracking.register_model=false", "tracking.system_metrics=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = _client(sft["uri"])
     runs = client.search_runs([client.get_experiment_by_name("finetune").experiment_id])
     [parent] = [r for r in runs if r.data.tags.get("sweep") == "true"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FINISHED" and len(children) == 2
-    assert sorted(r.data.params["train.beta"] for r in children) == ["0.1", "0.5"]
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    assert len({r.data.params["train.beta"] for r in children}) == 3
     assert all(r.info.status == "FINISHED" and r.data.tags["init_adapter_run_id"] == sft["run_id"]
                for r in children)  # the lineage is a tag; MLflow's parent stays the sweep's
-
+    best = max(children, key=lambda r: r.data.metrics["eval/reward_margin"])
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.data.tags["best_metric"] == "eval/reward_margin (maximize)"
+    assert parent.data.tags["best_overrides"].startswith("train.beta=")
+    assert [r.info.run_id for r in children if r.data.tags.get("best_in_sweep") == "true"] == [best.info.run_id]
 
 def test_the_plan_counts_the_init_adapters_shape_and_trls_reference_copy(sft, tmp_path):
     fresh = run_pipeline(compose(["+recipe=tiny-dpo-demo", "adapter.rank=8", "adapter.alpha=16",

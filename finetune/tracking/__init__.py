@@ -152,8 +152,10 @@ def sweep_parent(uri: str, experiment: str, sweep: dict[str, Any], name: str) ->
         return run.info.run_id
 
 
-def end_sweep_parent(sweep_dir: Path, ok: bool) -> None:
-    """Called once the multirun is over: the parent run ends FINISHED, or FAILED if a job failed."""
+def end_sweep_parent(sweep_dir: Path, ok: bool, best: dict[str, Any] | None = None) -> None:
+    """Called once the multirun is over: the parent run ends FINISHED, or FAILED if a job failed. `best` (a job's
+    sweep record: run_id, objective, metric, dir) is tagged on the parent (best_run_id, best_value, ...) and on
+    that child (best_in_sweep)."""
     record = sweep_dir / PARENT_FILE
     if not record.is_file():
         return
@@ -161,7 +163,16 @@ def end_sweep_parent(sweep_dir: Path, ok: bool) -> None:
 
     info = json.loads(record.read_text())
     uri = _PARENT_URIS.get(str(record.resolve()), info["tracking_uri"])
-    MlflowClient(uri).set_terminated(info["run_id"], status="FINISHED" if ok else "FAILED")
+    client = MlflowClient(uri)
+    if best is not None:
+        child = client.get_run(best["run_id"])
+        client.set_tag(info["run_id"], "best_run_id", best["run_id"])
+        client.set_tag(info["run_id"], "best_value", f"{best['objective']:.6g}")
+        client.set_tag(info["run_id"], "best_metric", f"{best['metric']} ({best.get('direction') or 'minimize'})")
+        client.set_tag(info["run_id"], "best_job", str(best.get("dir", "")))
+        client.set_tag(info["run_id"], "best_overrides", child.data.tags.get("sweep_overrides", ""))
+        client.set_tag(best["run_id"], "best_in_sweep", "true")
+    client.set_terminated(info["run_id"], status="FINISHED" if ok else "FAILED")
 
 
 class Tracker:
