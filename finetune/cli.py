@@ -62,6 +62,7 @@ def print_error(message: str) -> None:
 # Hydra's launcher and sweeper plugins for clusters (the `cluster` extra): the config group they add -> package
 CLUSTER_PLUGINS = {
     "hydra/launcher/ray": "hydra-ray-launcher", "hydra/launcher/ray_aws": "hydra-ray-launcher",
+    "hydra/launcher/ray_cluster": "hydra-ray-launcher",
     "hydra/launcher/submitit_slurm": "hydra-submitit-launcher", "hydra/launcher/submitit_local": "hydra-submitit-launcher",
     "hydra/sweeper/optuna": "hydra-optuna-sweeper",
 }

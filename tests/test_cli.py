@@ -256,6 +256,10 @@ def test_too_little_disk_for_the_checkpoints_is_caught_before_training(tmp_path,
 
 
 def test_a_cluster_launcher_that_is_not_installed_is_one_line_naming_the_extra(run_cli):
+    import importlib.util
+
+    if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None:
+        pytest.skip("the Ray launcher is installed here (make test-cluster)")
     proc = run_cli("-m", "hydra/launcher=ray", "+recipe=llama2-7b-medical", "stages=[preflight]", "adapter.rank=8,16")
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
