@@ -362,7 +362,8 @@ def main() -> None:
 
 def _end_interrupted_sweeps() -> None:
     """The parent runs of sweeps that stopped before Hydra's end-of-multirun callback (Ctrl-C, SIGTERM)."""
-    left = {d for d in _LOCAL_SWEEPS if d not in {str(Path(e)) for e in _ENDED_SWEEPS}}
+    ended = {str(Path(e)) for e in _ENDED_SWEEPS}
+    left = {d for d in _LOCAL_SWEEPS if str(Path(d)) not in ended}
     if not left:
         return
     from finetune.tracking import end_sweep_parent

@@ -374,8 +374,8 @@ def _lineage_tags(tracker, init, run_dir: Path, sweep) -> dict[str, str]:
         tags["init_adapter_run_id"] = init.run_id
     if init.lineage:
         tags["lineage"] = " > ".join(init.lineage)
-    (run_dir / LINEAGE_FILE).write_text(json.dumps({"init_adapter": init.spec, "lineage": init.lineage},
-                                                              indent=2) + "\n")
+    record = {"init_adapter": init.spec, "lineage": init.lineage}
+    (run_dir / LINEAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     if sweep is None and init.run_id and tracker.has_run(init.run_id):
         tags["mlflow.parentRunId"] = init.run_id
     return tags

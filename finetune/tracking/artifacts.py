@@ -60,10 +60,12 @@ def download_adapter(uri: str, tracking_uri: str, cache: Path) -> tuple[Path, st
     except Exception as e:
         raise ConfigError(f"train.init_adapter: {uri}: no such model in the registry at {mask(tracking_uri)} "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    key = hashlib.sha256(f"{mask(tracking_uri)}\n{uri}".encode()).hexdigest()[:16]
+    # keyed by the run that logged it too: an alias or "latest" that moves to another run is another entry, and a
+    # run's artifacts never change, so an entry, once complete, is reused as it is
+    key = hashlib.sha256(f"{mask(tracking_uri)}\n{uri}\n{run_id}".encode()).hexdigest()[:16]
     dest = cache / "adapters" / key
-    if dest.is_dir() and _find_adapter(dest) is not None and uri.startswith("runs:/"):
-        return _find_adapter(dest), run_id  # a run's artifacts never change; a model name's latest may
+    if dest.is_dir() and _find_adapter(dest) is not None:
+        return _find_adapter(dest), run_id
     tmp = dest.with_name(f".{key}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir(parents=True)
     try:
@@ -78,9 +80,11 @@ def download_adapter(uri: str, tracking_uri: str, cache: Path) -> tuple[Path, st
         if _find_adapter(tmp) is None:
             raise ConfigError(f"train.init_adapter: {uri} holds no adapter (no adapter_config.json in what MLflow "
                               "returned); give runs:/<run id>/adapter or a model registered by finetune")
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process (a rank of this run) put the same download there first: use that one
+            if _find_adapter(dest) is None:
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("train.init_adapter: %s downloaded to %s", uri, dest)
