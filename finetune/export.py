@@ -86,15 +86,13 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
            log_to_mlflow: bool = True, trust_remote_code: bool = False, progress: bool = True) -> dict[str, Any]:
     """Merge and write the GGUF files and the Modelfile; returns the export.json record."""
     from finetune.models import gguf_file
-    from finetune.models.adapters import WEIGHTS
+    from finetune.models.adapters import adapter_dir
     from finetune.models.merge import find_run
     from finetune.paths import free_bytes
 
     quants = _check_quants(list(quants))
     run = find_run(_run_dir(adapter, tracking_uri), trust_remote_code=trust_remote_code)
-    if not any((run.adapter_dir / w).is_file() for w in WEIGHTS):
-        raise ConfigError(f"{run.adapter_dir}: adapter_config.json but no weights ({' or '.join(WEIGHTS)}): an "
-                          "incomplete adapter; export the adapter/ of a finished run")
+    adapter_dir(run.adapter_dir, key="finetune-export")  # its weights are there too (not an incomplete copy)
     config = _base_config(run)
     gguf_file.check_supported(config)  # before anything is loaded: a refusal costs nothing
     recipe = _recipe(run.run_dir)

@@ -52,20 +52,21 @@ class InitAdapter:
                 "use_rslora": bool(c.get("use_rslora")), "use_dora": bool(c.get("use_dora"))}
 
 
-def adapter_dir(path: str | Path) -> Path:
-    """The adapter directory at `path`: itself, or a run directory's adapter/; ConfigError says what is missing."""
+def adapter_dir(path: str | Path, key: str = "train.init_adapter") -> Path:
+    """The adapter directory at `path`: itself, or a run directory's adapter/; ConfigError (naming `key`, the
+    setting or command that gave the path) says what is missing."""
     p = Path(path).expanduser()
     if (p / "adapter" / "adapter_config.json").is_file():
         p = p / "adapter"
     if not p.is_dir():
-        raise ConfigError(f"train.init_adapter: {path} does not exist (give an adapter directory, the run directory "
+        raise ConfigError(f"{key}: {path} does not exist (give an adapter directory, the run directory "
                           "that holds adapter/, or an MLflow runs:/ or models:/ URI)")
     if not (p / "adapter_config.json").is_file():
-        raise ConfigError(f"train.init_adapter: {path} holds no adapter (no adapter_config.json here or in "
+        raise ConfigError(f"{key}: {path} holds no adapter (no adapter_config.json here or in "
                           "adapter/); give the adapter directory of a finished run")
     if not any((p / w).is_file() for w in WEIGHTS):
-        raise ConfigError(f"train.init_adapter: {p} has adapter_config.json but no weights ({' or '.join(WEIGHTS)}): "
-                          "an incomplete copy; give the adapter/ of a finished run")
+        raise ConfigError(f"{key}: {p} has adapter_config.json but no weights ({' or '.join(WEIGHTS)}): an "
+                          "incomplete adapter; give the adapter/ of a finished run")
     return p.resolve()
 
 
@@ -123,15 +124,13 @@ def same_model(init: InitAdapter, model_cfg) -> bool:
 def attached(model, path: Path, name: str, quantized: bool):
     """`model` (a PeftModel) computing with the saved adapter at `path` instead of its own, for as long as the
     block lasts; the trained adapter is active again (and its parameters as trainable as before) afterwards."""
-    import torch
+    from finetune.models.loader import lora_to_bf16
 
     active = model.active_adapter
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     model.load_adapter(str(path), adapter_name=name, is_trainable=False, autocast_adapter_dtype=False)
-    if quantized:  # computes as it trained: TRL trains a quantized model's LoRA weights in bf16 (loader.py)
-        for n, p in model.named_parameters():
-            if f".{name}." in n and "lora_" in n and "magnitude" not in n:
-                p.data = p.data.to(torch.bfloat16)
+    if quantized:  # computes as it trained (loader.load_with_adapter)
+        lora_to_bf16(model, name)
     try:
         model.set_adapter(name)
         yield model

@@ -609,7 +609,6 @@ def load_with_adapter(model_cfg, choices: dict[str, Any], adapter_dir: Path | st
     weights in the base layer's dtype (fp32 on the CPU) whatever ``autocast_adapter_dtype``
     says, which shifts logits by ~1e-2. Casting them back to bf16 reproduces the trained model.
     """
-    import torch
     from peft import PeftConfig, PeftModel
 
     from finetune.models import experts
@@ -619,8 +618,16 @@ def load_with_adapter(model_cfg, choices: dict[str, Any], adapter_dir: Path | st
     experts.register_lora(config, base)  # LoRA on 4-bit experts: our ParamWrapper (finetune/models/experts.py)
     model = PeftModel.from_pretrained(base, str(adapter_dir), config=config, autocast_adapter_dtype=False)
     if choices["quantization"] != "none":
-        for name, param in model.named_parameters():
-            if "lora_" in name and "magnitude" not in name:
-                param.data = param.data.to(torch.bfloat16)
+        lora_to_bf16(model)
     model.eval()
     return model
+
+
+def lora_to_bf16(model, adapter: str | None = None) -> None:
+    """The LoRA weights (of `adapter`, or every adapter) in bf16, as TRL trains them on a quantized base; DoRA's
+    magnitude vector stays as it is (TRL keeps it in fp32)."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if "lora_" in name and "magnitude" not in name and (adapter is None or f".{adapter}." in name):
+            param.data = param.data.to(torch.bfloat16)
