@@ -110,14 +110,15 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
     merged, which, dtype = merged_model(run, from_quantized)
     state = merged.state_dict()
     names = gguf_file.tensor_names(config, state)
-    sizes = {q: gguf_file.estimated_bytes(state, q, names) for q in quants}
+    needed = sum(gguf_file.estimated_bytes(state, q, names) for q in quants) + _HEADROOM
     free = free_bytes(out)
-    if free < sum(sizes.values()) + _HEADROOM:
-        raise EnvError(f"{out}: the GGUF file{'s' if len(quants) > 1 else ''} need about "
-                       f"{(sum(sizes.values()) + _HEADROOM) / 2**20:,.0f} MiB and only {free / 2**20:,.0f} MiB are "
-                       "free there; free some space or pass --out on a bigger disk")
+    if free < needed:
+        raise EnvError(f"{out}: the GGUF file{'s' if len(quants) > 1 else ''} need about {needed / 2**20:,.0f} MiB "
+                       f"and only {free / 2**20:,.0f} MiB are free there; free some space or pass --out on a bigger "
+                       "disk")
     tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir, trust_remote_code=run.model_cfg.trust_remote_code)
     files: dict[str, Path] = {}
+    sizes: dict[str, int] = {}
     pending: list[tuple[Path, Path]] = []
     try:
         with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=out) as tok_dir:
@@ -129,7 +130,7 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
                 pending.append((tmp, target))
                 with _progress(f"GGUF {quant}", progress) as step:
                     gguf_file.write(tmp, config, state, Path(tok_dir), quant, name, progress=step)
-                files[quant] = target
+                files[quant], sizes[quant] = target, tmp.stat().st_size
         eval_cfg, data_cfg = recipe.get("eval") or {}, recipe.get("dataset") or {}
         first = quants[0]
         text, templated = modelfile(files[first].name, tokenizer, _stops(tokenizer),
@@ -141,7 +142,7 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
         record = {"adapter": str(run.adapter_dir), "base": which, "base_model": run.model_cfg.name_or_path,
                   "merged_dtype": str(dtype).removeprefix("torch."), "architecture": config.get("model_type"),
                   "files": {q: p.name for q, p in files.items()}, "modelfile": "Modelfile",
-                  "modelfile_template": templated, "run_dir": str(run.run_dir)}
+                  "modelfile_template": templated, "run_dir": str(run.run_dir), "sizes": sizes}
         tmp = out / f".{RECORD}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         pending.append((tmp, out / RECORD))
@@ -151,8 +152,6 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
         for tmp, _ in pending:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-    record["sizes"] = {q: files[q].stat().st_size for q in quants}
-    (out / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     if log_to_mlflow:
         from finetune.tracking.artifacts import log_export
 
