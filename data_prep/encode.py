@@ -32,6 +32,7 @@ import bisect
 import json
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from itertools import accumulate
 
 from data_prep.templates import Resolved
@@ -172,88 +173,225 @@ def _trusted_renderer(jinja_source: str, kwargs: dict):
         return None
 
 
-class ChatEncoder:
-    """Render conversations with a chat template and tokenize them with assistant-only labels."""
+@dataclass
+class Rendered:
+    """A conversation's training examples: (text, assistant character spans) each, and the policy that made them
+    (``whole``: one example, every answer; ``split``: one per answer; ``last``; ``full``)."""
 
-    def __init__(self, tokenizer, template: Resolved, train_on_inputs: bool = False):
-        from data_prep.templates import BUILTIN
+    examples: list[tuple[str, list[tuple[int, int]]]]
+    policy: str
+
+
+def _failure(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+class ChatEncoder:
+    """Render conversations with a chat template and tokenize them with assistant-only labels.
+
+    `multi_turn` (dataset.multi_turn) decides what a conversation with several answers becomes, for templates
+    that render earlier turns differently once later ones follow (Qwen3 drops reasoning from history and gives
+    the last answer a reasoning block): ``auto`` one example where the template preserves prefixes and ``split``
+    where it does not; ``split`` one example per answer, rendered as inference renders the conversation up to
+    it; ``last`` only the final answer; ``full`` one render with every answer trained as it appears in it.
+    """
+
+    def __init__(self, tokenizer, template: Resolved, train_on_inputs: bool = False, multi_turn: str = "auto",
+                 template_kwargs: dict | None = None):
+        from data_prep.templates import BUILTIN, rendered_end_of_turn
 
         self.tokenizer = tokenizer
         self.template = template
         self.train_on_inputs = train_on_inputs
+        self.multi_turn = multi_turn
         # What apply_chat_template hands the template: the special tokens (bos_token, eos_token, ...).
-        self.kwargs = dict(tokenizer.special_tokens_map)
+        self.kwargs = {**tokenizer.special_tokens_map, **(template_kwargs or {})}
         self.backend = _private_backend(tokenizer)
         self.nbytes = byte_lengths(self.backend)
         builtin = BUILTIN.get(template.name)
         self.fast_render = _trusted_renderer(template.jinja, self.kwargs) \
             if builtin is not None and builtin.jinja == template.jinja and template.masking == "markers" else None
+        self.end_of_turn = rendered_end_of_turn(tokenizer) or tokenizer.eos_token
 
     # ---- rendering --------------------------------------------------------------------------
 
-    def _render(self, conversations: list, add_generation_prompt: bool = False, spans: bool = False):
+    def _render(self, conversations: list, add_generation_prompt: bool = False, spans: bool = False,
+                tools: list | None = None):
         from transformers.utils.chat_template_utils import render_jinja_template
 
         return render_jinja_template(conversations=conversations, chat_template=self.template.jinja,
-                                     return_assistant_tokens_mask=spans,
+                                     return_assistant_tokens_mask=spans, tools=tools,
                                      add_generation_prompt=add_generation_prompt, **self.kwargs)
 
-    def _render_one_by_one(self, conversations: list, spans: bool):
-        out = []
-        for conv in conversations:
-            try:
-                texts, indices = self._render([conv], spans=spans)
-                out.append((texts[0], indices[0] if spans else []))
-            except Exception as e:  # jinja's raise_exception and friends
-                out.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        return out
+    def _one(self, conv: list, tools: list | None, add_generation_prompt: bool = False, spans: bool = False):
+        texts, indices = self._render([conv], add_generation_prompt, spans, tools)
+        return texts[0], (indices[0] if spans else [])
 
-    def render(self, conversations: list[list[dict[str, str]]]) -> list[tuple[str, list[tuple[int, int]]] | str]:
-        """(text, assistant character spans) per conversation, or why the template failed on it."""
+    def render(self, conversations: list[list[dict]], tools: list[list | None] | None = None
+               ) -> list[Rendered | str]:
+        """The examples of each conversation (`tools`: each one's tool definitions, or None), or why the template
+        failed on it."""
+        tools = tools if tools is not None else [None] * len(conversations)
         if self.template.masking == "prefixes":
-            return [self.prefix_spans(conv) for conv in conversations]
+            return [self._checked(conv, t, self.prefix_render) for conv, t in zip(conversations, tools, strict=True)]
+        if self.multi_turn == "split":
+            return [self._checked(conv, t, self._marker_split) for conv, t in zip(conversations, tools, strict=True)]
+        policy = "last" if self.multi_turn == "last" else "whole"
+        out: list[Rendered | str] = []
+        for r in self._marker_whole(conversations, tools):
+            if isinstance(r, str):
+                out.append(r)
+                continue
+            text, spans = r
+            out.append(Rendered([(text, spans[-1:] if policy == "last" else spans)], policy))
+        return [r if isinstance(r, str) else self._check_tools(conv, t, r)
+                for conv, t, r in zip(conversations, tools, out, strict=True)]
+
+    def _checked(self, conv, tools, how) -> Rendered | str:
+        try:
+            r = how(conv, tools)
+        except Exception as e:  # jinja's raise_exception and friends
+            return _failure(e)
+        return r if isinstance(r, str) else self._check_tools(conv, tools, r)
+
+    def _check_tools(self, conv, tools, r: Rendered) -> Rendered | str:
+        """A row with tools or tool calls: the template must render them (else a row error, not a silent loss)."""
+        if "reasoning_content" not in self.template.jinja and any(m.get("reasoning_content") for m in conv):
+            return ("template_no_reasoning: the chat template does not render reasoning_content, so the reasoning "
+                    "would be lost; put it in the answer's content as <think>...</think> if the model writes it so, "
+                    "or drop it from the row")
+        if not tools and not any(m.get("tool_calls") for m in conv):
+            return r
+        whole = r.examples[-1][0]
+        if tools:
+            plain = self._one(conv, None)[0]
+            if plain == whole:
+                return ("template_no_tools: the chat template ignores the row's tools (it renders no tool "
+                        "definitions); use a model whose template supports tool calling, or set model.chat_template")
+        for m in conv:
+            for call in m.get("tool_calls") or []:
+                name = (call.get("function") or call).get("name")
+                if name and not any(name in text for text, _ in r.examples):
+                    return (f"template_no_tool_calls: the chat template does not render the assistant's tool call "
+                            f"{name!r}; use a model whose template supports tool calling")
+        return r
+
+    def _marker_whole(self, conversations, tools) -> list[tuple[str, list[tuple[int, int]]] | str]:
+        if any(t for t in tools):  # tool definitions differ per row: one render each
+            out = []
+            for conv, t in zip(conversations, tools, strict=True):
+                try:
+                    out.append(self._one(conv, t, spans=True))
+                except Exception as e:
+                    out.append(_failure(e))
+            return out
         if self.fast_render is not None:
             out = []
             for conv in conversations:
                 try:
                     out.append(self.fast_render(conv))
                 except Exception as e:  # raise_exception in the template (roles out of order, ...)
-                    out.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    out.append(_failure(e))
             return out
         try:
             texts, indices = self._render(conversations, spans=True)
         except Exception:
             # One bad conversation fails the whole batch: find it by rendering them one at a time.
-            return self._render_one_by_one(conversations, spans=True)
+            out = []
+            for conv in conversations:
+                try:
+                    out.append(self._one(conv, None, spans=True))
+                except Exception as e:
+                    out.append(_failure(e))
+            return out
         return list(zip(texts, indices, strict=True))
 
-    def prefix_spans(self, conv: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]] | str:
+    def _marker_split(self, conv, tools) -> Rendered:
+        examples = []
+        for k, m in enumerate(conv):
+            if m["role"] == "assistant":
+                text, spans = self._one(conv[:k + 1], tools, spans=True)
+                examples.append((text, spans[-1:]))
+        return Rendered(examples, "split")
+
+    def _span(self, prompt: str, upto: str) -> tuple[int, int]:
+        """The answer in `upto` after `prompt`, through its end-of-turn token: what follows it (the newline
+        ChatML writes, or the next header that Llama 3's template always appends) is not the answer's."""
+        eot = self.end_of_turn
+        stop = upto.find(eot, len(prompt)) if eot else -1
+        end = stop + len(eot) if stop >= 0 else len(upto.rstrip())
+        return len(prompt), max(end, len(prompt) + 1)
+
+    def prefix_render(self, conv: list[dict], tools: list | None = None) -> Rendered | str:
         """Assistant spans of a template without markers, from prefix renderings.
 
         For assistant turn k: P = the conversation before it, rendered with the generation prompt;
-        Q = the conversation up to and including it. When both are prefixes of the whole
-        rendering (the template renders earlier turns the same whatever follows), the turn's
-        text is whole[len(P):len(Q)], less trailing whitespace after its end-of-turn token.
-        Rows where that does not hold are rejected (reason template_not_prefix_preserving).
+        Q = the conversation up to and including it, as inference renders it. Q starts with P, and the
+        answer is Q[len(P):] through its end-of-turn token (:meth:`_span`). When every P and Q, up to the
+        answer's end, is a prefix of the whole rendering (the template renders earlier turns the same whatever follows),
+        one example trains them all; otherwise `multi_turn` decides (see the class).
         """
-        try:
-            whole = self._render([conv])[0][0]
-            spans = []
-            for k, message in enumerate(conv):
-                if message["role"] != "assistant":
-                    continue
-                prompt = self._render([conv[:k]], add_generation_prompt=True)[0][0] if k else ""
-                upto = whole if k == len(conv) - 1 else self._render([conv[: k + 1]])[0][0]
-                if not whole.startswith(prompt) or not whole.startswith(upto) or len(upto) <= len(prompt):
-                    return ("template_not_prefix_preserving: the tokenizer's chat template renders earlier turns "
-                            "differently once later turns follow, so the answer's tokens cannot be located exactly; "
-                            "set model.chat_template to a built-in template or use a template with "
-                            "{% generation %} markers")
-                end = len(upto.rstrip())
-                spans.append((len(prompt), max(end, len(prompt) + 1)))
-            return whole, spans
-        except Exception as e:
-            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        whole = self._one(conv, tools)[0]
+        turns = []
+        for k, message in enumerate(conv):
+            if message["role"] != "assistant":
+                continue
+            prompt = self._one(conv[:k], tools, add_generation_prompt=True)[0] if k else ""
+            upto = whole if k == len(conv) - 1 else self._one(conv[:k + 1], tools)[0]
+            if not upto.startswith(prompt) or len(upto) <= len(prompt):
+                return ("template_error: the chat template's rendering of a conversation ending with an answer "
+                        "does not start with its rendering of the prompt for that answer (add_generation_prompt), "
+                        "so the answer's tokens cannot be located; set model.chat_template to a built-in template")
+            turns.append((k, prompt, upto))
+        # the template renders each answer the same whatever follows (up to the answer's end)
+        preserved = all(whole.startswith(u[:self._span(p, u)[1]]) for _, p, u in turns)
+        policy = self.multi_turn
+        if policy == "auto" or (policy == "full" and preserved):
+            policy = "whole" if preserved else "split"
+        if policy == "whole":
+            return Rendered([(whole, [self._span(p, u) for _, p, u in turns])], "whole")
+        if policy == "split":
+            return Rendered([(u, [self._span(p, u)]) for _, p, u in turns], "split")
+        if policy == "last":
+            _, p, u = turns[-1]
+            return Rendered([(u, [self._span(p, u)])], "last")
+        spans, cursor = [], 0
+        for k, p, u in turns:
+            span = self._span(p, u)
+            if not whole.startswith(u[:span[1]]):
+                span = self._locate(whole, u[len(p):span[1]], conv[k], cursor)
+            if span is None or span[0] < cursor:
+                return ("answer_not_found: dataset.multi_turn=full: an answer is not in the conversation's whole "
+                        "rendering as it was given (the template rewrites it); use multi_turn split or last")
+            spans.append(span)
+            cursor = span[1]
+        return Rendered([(whole, spans)], "full")
+
+    def _locate(self, whole: str, answer: str, message: dict, cursor: int) -> tuple[int, int] | None:
+        """Where an answer that the template rewrites in history (a reasoning block dropped) lies in `whole`:
+        its rendering as the last answer, that rendering after its reasoning block, or its content, each up to
+        and including the end-of-turn token that follows."""
+        candidates = [answer]
+        for marker in ("</think>", "</thinking>"):
+            if marker in answer:
+                candidates.append(answer.rsplit(marker, 1)[1].lstrip())
+        content = message.get("content") or ""
+        if content.strip():
+            candidates.append(content.strip())
+        for c in candidates:
+            if not c:
+                continue
+            at = whole.find(c, cursor)
+            if at < 0:
+                continue
+            end = at + len(c)
+            eot = self.end_of_turn
+            if eot and not c.endswith(eot):
+                stop = whole.find(eot, end)
+                if stop >= 0:
+                    end = stop + len(eot)
+            return at, end
+        return None
 
     # ---- tokenizing -------------------------------------------------------------------------
 

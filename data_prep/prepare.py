@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Example", "PreparedData", "RejectedRowsError", "fingerprint", "in_eval_split", "prepare"]
 
 # Bump when the processing changes what it produces (part of the fingerprint).
-PREP_VERSION = 4
+PREP_VERSION = 5
 MAX_REJECTED_EXAMPLES = 20
 REJECTED_EXAMPLES_PER_REASON = 3
 CHAT_BATCH = 1024  # conversations rendered and tokenized together
@@ -121,9 +121,16 @@ def source_specs(cfg) -> list[SourceSpec]:
 
 # ---- content keys: de-duplication, split and weights ---------------------------------------------
 
-def _chat_key(messages: list[dict[str, str]]) -> str:
-    """Roles and texts, lowercased, whitespace runs as one space: what de-duplication and the split compare."""
-    return "\x1e".join(m["role"] + "\x1f" + " ".join(m["content"].lower().split()) for m in messages)
+def _chat_key(messages: list[dict], tools: list | None = None) -> str:
+    """Roles and texts, lowercased, whitespace runs as one space: what de-duplication and the split compare
+    (with a turn's reasoning and tool calls, and the row's tools, where it has them)."""
+    def turn(m: dict) -> str:
+        key = m["role"] + "\x1f" + " ".join(m["content"].lower().split())
+        extra = {k: m[k] for k in ("reasoning_content", "tool_calls", "tool_call_id", "name") if k in m}
+        return key + ("\x1f" + json.dumps(extra, sort_keys=True, ensure_ascii=False) if extra else "")
+
+    key = "\x1e".join(map(turn, messages))
+    return key + ("\x1d" + json.dumps(tools, sort_keys=True, ensure_ascii=False) if tools else "")
 
 
 def _unit(digest: bytes, start: int) -> float:
@@ -198,7 +205,8 @@ def fingerprint(dataset_cfg, tokenizer, template: templates.Resolved, specs: lis
         "template": hashlib.sha256(template.jinja.encode()).hexdigest(),
         "masking": template.masking,
         "settings": [dataset_cfg.max_seq_len, dataset_cfg.eval_fraction, dataset_cfg.train_on_inputs,
-                     dataset_cfg.length_policy.value, dataset_cfg.dedup, packed],
+                     dataset_cfg.length_policy.value, dataset_cfg.dedup, packed, dataset_cfg.multi_turn.value,
+                     dataset_cfg.template_kwargs],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -273,6 +281,8 @@ class _Build:
         self.template_error: Exception | None = None
         self._text: TextEncoder | None = None
         self.control = control_token_pattern(tokenizer)
+        # A reserved token chosen as pad (finetune.models.loader.ensure_pad_token) must be one no example holds.
+        self.unused_pad = getattr(tokenizer, "finetune_pad_unused", None)
         # Only text corpora: every label equals its input id, so the store keeps no labels column.
         labels = any(s.format != "text" for s in specs)
         self.train_w = store.PackedWriter(out / "train.arrow", self.max_len, with_labels=labels) if packed \
@@ -289,7 +299,10 @@ class _Build:
         self.detected = False
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self.inflight: tuple[list, list, Future] | None = None
-        self.chat_batch: list[tuple[int, str, list[dict[str, str]], bool, int]] = []
+        self.chat_batch: list[tuple[int, str, list[dict], bool, int, list | None]] = []
+        self.policies: Counter[str] = Counter()  # dataset.multi_turn: the policy each kept conversation got
+        self.split_examples = 0  # examples made by splitting conversations
+        self.repeated_tokens = 0  # tokens those examples repeat (each answer's prefix again)
         self.text_batch: list[tuple[int, str, str, bool, int]] = []
         self.text_chars = 0
 
@@ -298,7 +311,9 @@ class _Build:
         if self._chat is None:
             if self.template_error is not None:
                 raise self.template_error
-            self._chat = ChatEncoder(self.tokenizer, self.template, self.cfg.train_on_inputs)
+            self._chat = ChatEncoder(self.tokenizer, self.template, self.cfg.train_on_inputs,
+                                     multi_turn=self.cfg.multi_turn.value,
+                                     template_kwargs=dict(self.cfg.template_kwargs or {}))
         return self._chat
 
     @property
@@ -347,9 +362,10 @@ class _Build:
                     raise formats.RowError("not_an_object", f"a text file in a {fmt} dataset (set dataset.format "
                                                             "to text, or move the file out of the dataset)")
                 messages = formats.CONVERTERS[fmt](raw.data)
+                tools = formats.row_tools(raw.data) if fmt == "messages" else None
                 if self.control is not None:
                     for m in messages:
-                        hit = self.control.search(m["content"])
+                        hit = self.control.search(m["content"]) or self.control.search(m.get("reasoning_content", ""))
                         if hit:
                             raise formats.RowError(
                                 "control_token", f"a {m['role']} turn holds the text '{hit.group()}', which the "
@@ -357,7 +373,7 @@ class _Build:
             except formats.RowError as e:
                 self.reject(src, raw.location, e.reason, e.detail)
                 continue
-            digest = hashlib.sha256(_chat_key(messages).encode("utf-8")).digest()
+            digest = hashlib.sha256(_chat_key(messages, tools).encode("utf-8")).digest()
             if dedup:
                 if digest[:16] in self.seen:
                     stats.duplicates += 1
@@ -368,7 +384,7 @@ class _Build:
             if copies == 0:
                 stats.weight_dropped += 1
                 continue
-            self.chat_batch.append((src, raw.location, messages, is_eval, copies))
+            self.chat_batch.append((src, raw.location, messages, is_eval, copies, tools))
             if len(self.chat_batch) >= CHAT_BATCH:
                 self._flush_chat()
 
@@ -391,8 +407,8 @@ class _Build:
         if not self.chat_batch:
             return
         batch, self.chat_batch = self.chat_batch, []
-        rendered = self.chat.render([messages for _, _, messages, _, _ in batch])
-        texts = [r if isinstance(r, str) else r[0] for r in rendered]
+        rendered = self.chat.render([row[2] for row in batch], [row[5] for row in batch])
+        texts = [text for r in rendered if not isinstance(r, str) for text, _ in r.examples]
         future = self.pool.submit(self.chat.tokenize, texts)  # tokenizes while we render the next batch
         self._drain()
         self.inflight = (batch, rendered, future)
@@ -402,46 +418,78 @@ class _Build:
             return
         batch, rendered, future = self.inflight
         self.inflight = None
-        encodings = future.result()
-        for (src, location, messages, is_eval, copies), r, enc in zip(batch, rendered, encodings, strict=True):
+        encodings = iter(future.result())
+        for (src, location, messages, is_eval, copies, _), r in zip(batch, rendered, strict=True):
             if isinstance(r, str):
-                reason = r.split(":", 1)[0] if r.startswith("template_not_prefix_preserving") else "template_error"
-                self.reject(src, location, reason, r)
+                reason = r.split(":", 1)[0]
+                self.reject(src, location, reason if reason.isidentifier() and reason.islower() else "template_error",
+                            r)
                 continue
-            ids, labels = self.chat.labels(r[0], r[1], enc)
-            self._emit_row(src, location, ids, labels, is_eval, copies, messages)
+            examples = []
+            n = len(r.examples)
+            for i, ((text, spans), enc) in enumerate(zip(r.examples, encodings, strict=False)):
+                ids, labels = self.chat.labels(text, spans, enc)
+                examples.append((f"{location} answer {i + 1}/{n}" if n > 1 else location, ids, labels))
+            self._emit_conversation(src, location, examples, is_eval, copies, messages, r.policy)
 
-    def _emit_row(self, src, location, ids, labels, is_eval, copies, messages) -> None:
+    def _fit(self, ids, labels):
+        """(ids, labels) within max_seq_len, or the rejection (reason, detail)."""
         n = len(ids)
         if n > self.max_len:
             if not self.truncate:
-                self.reject(src, location, "too_long", f"{n} tokens > dataset.max_seq_len={self.max_len} "
-                                                       "(dataset.length_policy=truncate keeps the start instead)")
-                return
+                return "too_long", (f"{n} tokens > dataset.max_seq_len={self.max_len} "
+                                    "(dataset.length_policy=truncate keeps the start instead)")
             ids, labels = ids[:self.max_len], labels[:self.max_len]
-            n = self.max_len
-            if labels.count(-100) == n:
-                self.reject(src, location, "too_long", f"nothing to learn is left after truncating to "
-                                                       f"dataset.max_seq_len={self.max_len} tokens")
+            if labels.count(-100) == self.max_len:
+                return "too_long", f"nothing to learn is left after truncating to dataset.max_seq_len={self.max_len} " \
+                                   "tokens"
+        if len(ids) - labels.count(-100) == 0:
+            return "no_answer_tokens", "the template left no assistant tokens to train on"
+        return ids, labels
+
+    def _emit_conversation(self, src, location, examples, is_eval, copies, messages, policy: str) -> None:
+        """A conversation's examples (one, or one per answer under multi_turn split): all kept, or the row rejected."""
+        fitted = []
+        truncated = False
+        for where, ids, labels in examples:
+            self._check_pad(where, ids)
+            fit = self._fit(ids, labels)
+            if isinstance(fit[0], str):
+                self.reject(src, location, fit[0], fit[1] if len(examples) == 1 else f"{where}: {fit[1]}")
                 return
-            self.truncated += 1
-        trained = n - labels.count(-100)
-        if not trained:
-            self.reject(src, location, "no_answer_tokens", "the template left no assistant tokens to train on")
-            return
+            truncated |= len(fit[0]) < len(ids)
+            fitted.append((where, *fit))
+        self.truncated += truncated
+        self.policies[policy] += 1
+        if len(fitted) > 1:
+            self.split_examples += len(fitted)
+            self.repeated_tokens += sum(len(ids) for _, ids, _ in fitted) - max(len(ids) for _, ids, _ in fitted)
         stats = self.sources[src]
         stats.rows_kept += 1
-        self.lengths.append(n)
-        self.trained += trained
         if is_eval:
             stats.eval_rows += 1
-            self.eval_w.add(ids, labels, location, json.dumps(messages, ensure_ascii=False))
-            return
-        stats.train_rows += 1
-        for _ in range(copies):
-            stats.train_examples += 1
-            self.train_lengths.append(n)
-            self.train_w.add(ids, labels, location)
+        else:
+            stats.train_rows += 1
+        last = len(fitted) - 1
+        for i, (where, ids, labels) in enumerate(fitted):
+            n = len(ids)
+            self.lengths.append(n)
+            self.trained += n - labels.count(-100)
+            if is_eval:
+                # the conversation (for generation evals) once, with its last example
+                self.eval_w.add(ids, labels, where, json.dumps(messages, ensure_ascii=False) if i == last else "")
+                continue
+            for _ in range(copies):
+                stats.train_examples += 1
+                self.train_lengths.append(n)
+                self.train_w.add(ids, labels, where)
+
+    def _check_pad(self, location: str, ids: list[int]) -> None:
+        if self.unused_pad is not None and self.unused_pad in ids:
+            token = self.tokenizer.convert_ids_to_tokens(self.unused_pad)
+            raise DataError(f"{location}: the prepared example holds {token!r} (id {self.unused_pad}), the reserved "
+                            "token chosen as pad because the tokenizer has none; set pad_token in the model's "
+                            "tokenizer_config.json to a token the data never holds")
 
     # -- text documents
 
@@ -512,6 +560,7 @@ class _Build:
                 self._emit_block(src, location, block, is_eval, copies)
 
     def _emit_block(self, src: int, location: str, ids: list[int], is_eval: bool, copies: int) -> None:
+        self._check_pad(location, ids)
         n = len(ids)
         self.lengths.append(n)
         self.trained += n
@@ -542,6 +591,9 @@ class _Build:
             format_detected=self.detected,
             chat_template=template_name if formats_used != ["text"] else "none (text)",
             masking=self.template.masking if formats_used != ["text"] else "none",
+            multi_turn={"setting": self.cfg.multi_turn.value, "applied": dict(sorted(self.policies.items())),
+                        "split_examples": self.split_examples, "repeated_prefix_tokens": self.repeated_tokens}
+            if self.policies else {},
             rows_read=sum(s.rows_read for s in self.sources),
             rows_kept=sum(s.rows_kept for s in self.sources),
             rejected=dict(sorted(self.rejections.counts.items())),

@@ -31,6 +31,15 @@ def render(example: Example, tokenizer):
     return text
 
 
+def multi_turn_line(report) -> str:
+    """dataset.multi_turn as applied: which policy each conversation got, and what splitting cost."""
+    m = report.multi_turn
+    applied = ", ".join(f"{policy} {n}" for policy, n in m.get("applied", {}).items())
+    cost = (f"; split made {m['split_examples']} examples, repeating {m['repeated_prefix_tokens']} prefix tokens"
+            if m.get("split_examples") else "")
+    return f"multi-turn: dataset.multi_turn={m.get('setting')}: conversations by policy: {applied}{cost}"
+
+
 def show(data, tokenizer, count: int, console) -> None:
     """Print the first `count` training examples (and say how many tokens of each are trained)."""
     from rich.panel import Panel
@@ -41,6 +50,8 @@ def show(data, tokenizer, count: int, console) -> None:
     legend = Text.assemble(("trained", TRAINED), " (loss)  ", ("not trained", IGNORED), " (labels -100)")
     console.print(Text.assemble(f"preview: {len(examples)} of {r.train_rows} training examples, template ",
                                 (r.chat_template, "bold"), f", masking {r.masking}: ", legend))
+    if r.multi_turn:
+        console.print(multi_turn_line(r))
     for ex in examples:
         trained = sum(1 for label in ex.labels if label != -100)
         title = f"{ex.location} - {len(ex.input_ids)} tokens, {trained} trained"

@@ -79,8 +79,13 @@ class DataReport:
     sources: list[SourceStats] = field(default_factory=list)
     documents: int = 0  # text corpora: documents kept
     files_skipped: list[dict[str, str]] = field(default_factory=list)  # files in a directory that are not data
-    # special tokens of the model's tokenizer that loading fixed (finetune.models.loader.fix_special_tokens)
+    # special tokens of the model's tokenizer that loading fixed (finetune.models.loader.fix_special_tokens),
+    # and the pad token it chose when the tokenizer had none distinct from its end tokens
     tokenizer_fixes: list[str] = field(default_factory=list)
+    # dataset.multi_turn: the setting, how many conversations each policy applied to (whole: one example
+    # with every answer; split: one example per answer; last; full), the examples splitting made and the
+    # tokens they repeat (each answer's prefix again: the cost of split)
+    multi_turn: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     cache_hit: bool = False
     seconds: float = 0.0  # time to prepare (or to load from the cache)

@@ -144,8 +144,58 @@ def resolve(name: str | None, tokenizer) -> Resolved:
 
 
 def end_of_turn_token(name: str, tokenizer) -> str:
-    """The token that ends an assistant turn under template `name` (generation stops there)."""
+    """The token that ends an assistant turn under template `name` (generation stops there): a built-in
+    template's own, else the one the tokenizer's current chat template writes after an answer
+    (:func:`rendered_end_of_turn`), else the tokenizer's EOS."""
     template = BUILTIN.get(name)
     if template is not None and template.end_of_turn:
         return template.end_of_turn
-    return tokenizer.eos_token
+    return rendered_end_of_turn(tokenizer) or tokenizer.eos_token
+
+
+ANSWER_SENTINEL = "Zq7 answer sentinel"
+
+
+def rendered_end_of_turn(tokenizer) -> str | None:
+    """The first special token the tokenizer's chat template writes after an assistant's answer
+    (``<|eot_id|>`` for Llama 3, ``<|im_end|>`` for ChatML and Qwen, ``<end_of_turn>`` for Gemma, ``</s>``
+    for Llama 2), read off a rendering; None when there is no template or it writes none."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ANSWER_SENTINEL}], tokenize=False)
+    except Exception:  # a template that needs more than this (a system turn, tools): fall back to EOS
+        return None
+    at = text.rfind(ANSWER_SENTINEL) if isinstance(text, str) else -1
+    if at < 0:
+        return None
+    rest = text[at + len(ANSWER_SENTINEL):]
+    tokens = sorted((t for t in tokenizer.added_tokens_encoder if t.strip()), key=len, reverse=True)
+    if not tokens:
+        return None
+    hit = re.search("|".join(map(re.escape, tokens)), rest)
+    return hit.group() if hit else None
+
+
+def stop_token_ids(tokenizer, name: str = "") -> list[int]:
+    """Every id generation stops at: EOS and the template's end-of-turn token (sorted, no UNK)."""
+    eot = end_of_turn_token(name, tokenizer)
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(eot) if eot else None}
+    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
+
+
+def write_generation_config(tokenizer, directory, base=None, name: str = "") -> list[int]:
+    """generation_config.json in `directory` naming every stop (``eos_token_id`` a list holding the end-of-turn
+    token) and the pad, on top of `base` (the model's own GenerationConfig) when given. Returns the stops."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
+    own = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    stops = sorted({*stop_token_ids(tokenizer, name), *(i for i in own if isinstance(i, int))})
+    config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.bos_token_id is not None:
+        config.bos_token_id = tokenizer.bos_token_id
+    config.save_pretrained(directory)
+    return stops

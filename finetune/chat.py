@@ -27,7 +27,7 @@ class Chat:
         import torch
         from transformers import AutoTokenizer
 
-        from data_prep.templates import end_of_turn_token
+        from data_prep.templates import stop_token_ids
         from finetune.models.loader import load_with_adapter
         from finetune.models.merge import find_run
 
@@ -40,9 +40,7 @@ class Chat:
         self.system = system
         self.max_new_tokens = max_new_tokens
         template_name = _template_name(run.run_dir)
-        stop = {self.tokenizer.eos_token_id,
-                self.tokenizer.convert_tokens_to_ids(end_of_turn_token(template_name, self.tokenizer))}
-        self.stop_ids = sorted(t for t in stop if t is not None and t != self.tokenizer.unk_token_id)
+        self.stop_ids = stop_token_ids(self.tokenizer, template_name)  # EOS and the end-of-turn token
         self.history: list[dict[str, str]] = []
 
     def prompt_text(self, message: str) -> str:

@@ -52,6 +52,15 @@ class LengthPolicy(Enum):
     truncate = "truncate"
 
 
+class MultiTurn(Enum):
+    """How a conversation with several answers becomes training examples (data_prep.encode.ChatEncoder)."""
+
+    auto = "auto"  # one example per conversation where the template preserves prefixes, split where it does not
+    split = "split"  # one example per answer, rendered as inference renders the conversation up to it
+    last = "last"  # only each conversation's final answer is trained
+    full = "full"  # one render of the whole conversation, every answer trained as it appears in it
+
+
 class Quantization(Enum):
     nf4 = "nf4"
     int8 = "int8"
@@ -153,6 +162,11 @@ class DatasetConfig:
     cache: bool = True
     # Print this many rendered examples with the trained tokens highlighted (stages=[data] to only look).
     preview: int = 0
+    # Conversations with several answers, for templates that render earlier turns differently once later
+    # ones follow (Qwen3, QwQ and DeepSeek-R1 drop reasoning from history): auto, split, last or full.
+    multi_turn: MultiTurn = MultiTurn.auto
+    # Extra variables handed to the chat template, e.g. {enable_thinking: false} for Qwen3.
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(not (self.path and self.sources), "dataset.sources",
@@ -164,6 +178,15 @@ class DatasetConfig:
                f"must be in [0, 1], got {self.max_rejected_fraction}")
         _check(bool(self.text_column), "dataset.text_column", "must name a column")
         _check(self.preview >= 0, "dataset.preview", f"must be 0 or more examples, got {self.preview}")
+        if not isinstance(self.multi_turn, MultiTurn):
+            _check(self.multi_turn in MultiTurn._value2member_map_, "dataset.multi_turn",
+                   f"must be one of {', '.join(m.value for m in MultiTurn)}, got {self.multi_turn!r}")
+            self.multi_turn = MultiTurn(self.multi_turn)
+        taken = sorted(set(self.template_kwargs or {}) & {"messages", "tools", "documents", "add_generation_prompt",
+                                                          "bos_token", "eos_token", "pad_token", "unk_token"})
+        _check(not taken, "dataset.template_kwargs",
+               f"{', '.join(taken)} {'is' if len(taken) == 1 else 'are'} set by the data stage itself; remove "
+               f"{'it' if len(taken) == 1 else 'them'}")
 
     def check_source(self) -> None:
         """A composed recipe names its data (run by RunConfig: the schema's own default has none)."""

@@ -78,7 +78,7 @@ def _stops(tokenizer) -> list[str]:
     from data_prep.templates import BUILTIN, end_of_turn_token
 
     name = next((n for n, t in BUILTIN.items() if t.jinja == tokenizer.chat_template), "tokenizer")
-    return [end_of_turn_token(name, tokenizer), tokenizer.eos_token]
+    return list(dict.fromkeys([end_of_turn_token(name, tokenizer), tokenizer.eos_token]))
 
 
 def export(adapter: str, out: str | Path | None = None, quants: list[str] | tuple[str, ...] = ("q8_0",),
@@ -129,7 +129,8 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
                 tmp = out / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
                 pending.append((tmp, target))
                 with _progress(f"GGUF {quant}", progress) as step:
-                    gguf_file.write(tmp, config, state, Path(tok_dir), quant, name, progress=step)
+                    gguf_file.write(tmp, config, state, Path(tok_dir), quant, name, progress=step,
+                                    eot_id=tokenizer.convert_tokens_to_ids(_stops(tokenizer)[0]))
                 files[quant], sizes[quant] = target, tmp.stat().st_size
         eval_cfg, data_cfg = recipe.get("eval") or {}, recipe.get("dataset") or {}
         first = quants[0]

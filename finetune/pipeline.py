@@ -138,9 +138,11 @@ def run_data_stage(cfg: RunConfig, run_dir: Path):
     """Prepare (or reuse) the dataset; writes data_report.json and token_lengths.png into the run directory."""
     from data_prep.prepare import RejectedRowsError, prepare
     from data_prep.report import write_histogram
+    from data_prep.templates import BUILTIN
     from finetune.models.loader import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model, _model_vocab_size(cfg))
+    builtin = BUILTIN.get(cfg.model.chat_template or "")
+    tokenizer = load_tokenizer(cfg.model, _model_vocab_size(cfg), builtin.jinja if builtin else None)
     _remove_orphaned_builds()
     model_config = _model_config(cfg) if cfg.dataset.packing and not cfg.preference else None
     try:
@@ -170,6 +172,10 @@ def run_data_stage(cfg: RunConfig, run_dir: Path):
              "max %d; template %s%s%s", r.rows_read, r.format, " detected" if r.format_detected else "", r.rows_kept,
              rejected, r.duplicates, r.train_rows, r.eval_rows, r.tokens.p50, r.tokens.p95, r.tokens.max,
              r.chat_template, packing, " (reused from the cache)" if r.cache_hit else "")
+    if r.multi_turn.get("split_examples") or r.multi_turn.get("setting") not in (None, "auto"):
+        from data_prep.preview import multi_turn_line
+
+        log.info("data: %s", multi_turn_line(r))
     if r.packing.requested and not r.packing.enabled:
         log.warning("data: dataset.packing is on but %s", r.packing.reason)
     if cfg.dataset.preview:

@@ -201,19 +201,68 @@ def test_tokenizers_own_template_without_markers_masks_exactly(chatml_tokenizer,
     assert [(e.input_ids, e.labels) for e in got.train] == [(e.input_ids, e.labels) for e in expected.train]
 
 
-def test_own_template_that_is_not_prefix_preserving_rejects_its_rows(tokenizer, tmp_path):
-    # Renders the last answer differently from earlier ones: earlier answers cannot be located exactly.
-    tokenizer.chat_template = (
-        "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}{{ ' FINAL: ' + m['content'] + "
-        "eos_token }}{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}{% else %}"
-        "{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}{% endif %}{% endfor %}")
+# Renders the last answer differently from earlier ones (as Qwen3 and QwQ give only the last answer a reasoning
+# block): a conversation's earlier answers read differently once later turns follow.
+REWRITING = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}{{ ' FINAL: ' + m['content'] + "
+    "eos_token }}{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}{% else %}"
+    "{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}{% endif %}{% endfor %}")
+
+
+def _as_messages(row):
+    return [{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]}
+            for t in row["conversations"]]
+
+
+def _answer_ids(tok, conv, k):
+    """What inference trains toward for answer k: the rendering up to it, less the prompt rendering before it."""
+    full = tok.apply_chat_template(conv[:k + 1], tokenize=True, return_dict=False)
+    prompt = tok.apply_chat_template(conv[:k], tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert full[:len(prompt)] == prompt
+    return full, full[len(prompt):]
+
+
+@pytest.mark.parametrize("policy", ["auto", "split", "last", "full"])
+def test_template_that_rewrites_history_loses_no_row_under_each_multi_turn_policy(tokenizer, tmp_path, policy):
+    tokenizer.chat_template = REWRITING
     rows = _conversations(20, seed=3)
     path = _write_jsonl(tmp_path / "chats.jsonl", rows)
-    data = prepare(_cfg(path, format=DatasetFormat.sharegpt, eval_fraction=0.0, max_rejected_fraction=1.0),
-                   tokenizer, None)
-    multi = sum(1 for r in rows if sum(t["from"] == "gpt" for t in r["conversations"]) > 1)
-    assert data.report.rejected == {"template_not_prefix_preserving": multi}
-    assert data.report.rows_kept == len(rows) - multi
+    data = prepare(_cfg(path, format=DatasetFormat.sharegpt, eval_fraction=0.0, multi_turn=policy), tokenizer, None)
+    r = data.report
+    assert r.rejected == {} and r.rows_kept == len(rows)  # no row is rejected for how the template renders
+    convs = [_as_messages(row) for row in rows]
+    multi = [c for c in convs if sum(m["role"] == "assistant" for m in c) > 1]
+    examples = list(data.train)
+    if policy in ("auto", "split"):
+        # one example per answer where the template rewrites history, each exactly as inference renders it
+        expected = []
+        for conv in convs:
+            answers = [k for k, m in enumerate(conv) if m["role"] == "assistant"]
+            if policy == "auto" and len(answers) == 1:
+                expected.append(_answer_ids(tokenizer, conv, answers[0]))
+            else:
+                expected += [_answer_ids(tokenizer, conv, k) for k in answers]
+        assert [(e.input_ids, _trained_runs(e)) for e in examples] == [(ids, [tail]) for ids, tail in expected]
+        assert r.multi_turn["applied"] == ({"split": len(multi), "whole": len(convs) - len(multi)} if policy == "auto"
+                                           else {"split": len(convs)})
+        assert r.multi_turn["split_examples"] == sum(len([m for m in c if m["role"] == "assistant"]) for c in multi)
+        assert r.multi_turn["repeated_prefix_tokens"] > 0
+        assert any("answer 2/2" in e.location for e in examples)
+    elif policy == "last":
+        assert len(examples) == len(convs)
+        for e, conv in zip(examples, convs, strict=True):
+            assert (e.input_ids, _trained_runs(e)) == (lambda f: (f[0], [f[1]]))(_answer_ids(tokenizer, conv,
+                                                                                                len(conv) - 1))
+    else:  # full: one render of the conversation, every answer trained as it appears in it
+        assert len(examples) == len(convs)
+        for e, conv in zip(examples, convs, strict=True):
+            whole = tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False)
+            assert e.input_ids == whole
+            answers = [m["content"] for m in conv if m["role"] == "assistant"]
+            runs = [tokenizer.decode(run) for run in _trained_runs(e)]
+            assert len(runs) == len(answers)
+            for text, answer in zip(runs, answers, strict=True):
+                assert answer.strip() in text and text.endswith(tokenizer.eos_token)
 
 
 def test_base_model_without_template_needs_one(tokenizer):
@@ -308,7 +357,7 @@ def test_messages_format_and_its_errors(tokenizer, tmp_path):
     bad = [
         {"messages": [{"role": "assistant", "content": "first"}, {"role": "user", "content": "then"}]},
         {"messages": [{"role": "user", "content": "no content"}, {"role": "assistant"}]},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]},
         {"text": "no messages key"},
     ]
     path = _write_jsonl(tmp_path / "messages.jsonl", ok + bad)

@@ -488,7 +488,8 @@ def test_a_tokenizer_listing_eos_for_every_special_token_is_fixed_and_reported(l
     assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (sp.bos_id(), sp.eos_id(), sp.unk_id())
     assert tok.pad_token_id not in (tok.bos_token_id, tok.eos_token_id)
     assert tok("a").input_ids[0] == sp.bos_id()
-    assert len(tok.finetune_fixes) == 3 and str(d / "tokenizer_config.json") in tok.finetune_fixes[0]
+    assert len(tok.finetune_fixes) == 4 and str(d / "tokenizer_config.json") in tok.finetune_fixes[0]
+    assert tok.finetune_fixes[3] == "the tokenizer has no pad token; pad is '<unk>' (id 0), the unknown token"
 
     data, _ = _write_chats(tmp_path / "chats.jsonl")
     cfg = compose(["+recipe=tiny-demo", f"model.name_or_path={d}", "stages=[data]", "dataset.format=messages",
@@ -507,6 +508,17 @@ def test_a_tokenizer_listing_eos_for_every_special_token_is_fixed_and_reported(l
     assert ids[0] == sp.bos_id() and ids[-1] == sp.eos_id()
 
 
+def test_a_pad_token_that_is_bos_is_replaced_and_reported(llama_dir, tmp_path):
+    """pad = BOS would mask BOS out of the loss: the unknown token pads instead, and the fix is listed."""
+    d = _all_eos_dir(llama_dir, tmp_path / "pad-bos")
+    (d / "tokenizer_config.json").write_text(json.dumps({**ALL_EOS, "bos_token": "<s>", "pad_token": "<s>"}))
+    tok = loader.load_tokenizer(ModelConfig(name_or_path=str(d), chat_template="llama-2"),
+                                model_vocab_size=TINY_CONFIG["vocab_size"])
+    assert tok.pad_token == "<unk>"
+    assert "the tokenizer's pad token '<s>' is one the model learns (BOS, EOS or the end of a turn); pad is '<unk>' (id 0), the unknown token" \
+        in tok.finetune_fixes
+
+
 def test_a_sound_tokenizer_is_left_alone():
     tok = loader.load_tokenizer(ModelConfig(name_or_path="tiny:llama"), model_vocab_size=2048)
     assert tok.finetune_fixes == []
@@ -514,7 +526,6 @@ def test_a_sound_tokenizer_is_left_alone():
 
 @pytest.mark.parametrize("config_update, special, needle", [
     ({"bos_token_id": 5000}, {}, "bos_token"),  # BOS = EOS, and config.json's BOS id is not in the vocabulary
-    ({}, {"bos_token": "<s>", "pad_token": "<s>"}, "pad token"),  # pad = BOS: masked out of the loss
 ])
 def test_special_tokens_that_cannot_be_fixed_are_one_line(config_update, special, needle, llama_dir, tmp_path,
                                                           capsys):

@@ -119,11 +119,10 @@ def generations(cfg, data, model, tokenizer) -> GenerationReport | None:
     conversations = list(data.eval_messages)[: cfg.eval.generate_examples]
     if not conversations:
         return None
-    from data_prep.templates import end_of_turn_token
+    from data_prep.templates import stop_token_ids
 
-    stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn_token(data.template_name, tokenizer))}
     generation = generation_eval(model, tokenizer, conversations, max_new_tokens=cfg.eval.max_new_tokens,
-                                 batch_size=cfg.eval.batch_size, stop_ids=sorted(t for t in stop if t is not None),
+                                 batch_size=cfg.eval.batch_size, stop_ids=stop_token_ids(tokenizer, data.template_name),
                                  compare_base=cfg.eval.compare_base)
     g = generation
     log.info("eval: %d generated answers: adapter ROUGE-L %.3f, token F1 %.3f, chrF %.1f%s", g.examples,

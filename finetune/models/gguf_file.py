@@ -195,9 +195,11 @@ def _add_tokenizer(gguf, writer, tokenizer_dir: Path, vocab_size: int) -> None:
 
 
 def write(path: Path, config: dict[str, Any], state: dict[str, Any], tokenizer_dir: Path, quant: str,
-          name: str, progress=None) -> None:
+          name: str, progress=None, eot_id: int | None = None) -> None:
     """Write the GGUF of `state` (the merged model's state dict) to `path`; `tokenizer_dir` holds the tokenizer's
-    files with its chat template and the model's config.json. `progress(done, total)` after each tensor."""
+    files with its chat template and the model's config.json. `progress(done, total)` after each tensor.
+    `eot_id`: the chat template's end-of-turn token, written as tokenizer.ggml.eot_token_id (llama.cpp stops
+    there as at EOS)."""
     import numpy as np
     import torch
 
@@ -235,6 +237,8 @@ def write(path: Path, config: dict[str, Any], state: dict[str, Any], tokenizer_d
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
         _add_tokenizer(gguf, writer, tokenizer_dir, vocab_size)
+        if eot_id is not None and 0 <= eot_id < vocab_size:
+            writer.add_eot_token_id(eot_id)
 
         for i, (hf_name, new) in enumerate(names.items()):
             t = state[hf_name].detach().to(device="cpu", dtype=torch.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import re
@@ -50,24 +51,96 @@ def base_model_dir(model_cfg) -> str:
     return snapshot_download(name, revision=model_cfg.revision, local_files_only=True)
 
 
-def ensure_pad_token(tokenizer, model_vocab_size: int | None = None) -> None:
-    """Give the tokenizer a pad token distinct from EOS, so that EOS is never masked as padding.
+# Names a tokenizer gives a token made for padding (normalized: lowercase, no <>|[]_▁ and fullwidth bars):
+# <pad>, [PAD], <|pad|>, <|finetune_right_pad_id|> (Llama 3.1-3.3), <｜▁pad▁｜> (DeepSeek).
+PAD_NAMES = frozenset({"pad", "padding", "finetunerightpadid", "padtoken"})
+# Reserved tokens made to be repurposed: <|reserved_special_token_N|> (Llama 3), <｜place▁holder▁no▁N｜>
+# (DeepSeek), <unusedN> (Gemma), [unusedN] (BERT).
+RESERVED = re.compile(r"reserved|placeholder|^unused\d*$")
 
-    Keeps a distinct existing pad token; else uses UNK (what Llama recipes do); else adds
-    ``<pad>`` when the embedding matrix has a spare row for it. Never resizes embeddings
-    (that would put the embedding matrix into the adapter).
+
+def _normalized(token: str) -> str:
+    return re.sub(r"[<>|\[\]_\u2581\uff5c\s]", "", token).lower()
+
+
+def _declared_pad(config: dict[str, Any] | None) -> int | None:
+    """pad_token_id from config.json or generation_config.json (first of a list)."""
+    for cfg in (config or {}), (config or {}).get("_generation_config") or {}:
+        value = cfg.get("pad_token_id")
+        if isinstance(value, list) and value:
+            value = value[0]
+        if _single_id(value) is not None:
+            return value
+    return None
+
+
+def end_tokens(tokenizer) -> set[int]:
+    """Ids pad must never be: EOS, BOS, and every added token the chat template writes (its end-of-turn
+    token among them: <|eot_id|>, <|im_end|>, <end_of_turn> ...)."""
+    out = {t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id) if t is not None}
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = " ".join(v for v in template.values() if isinstance(v, str))
+    if isinstance(template, str) and template:
+        for token, index in tokenizer.added_tokens_encoder.items():
+            if token.strip() and token in template:
+                out.add(index)
+    return out
+
+
+def ensure_pad_token(tokenizer, model_vocab_size: int | None = None, config: dict[str, Any] | None = None,
+                     chat_template: str | None = None) -> str | None:
+    """Give the tokenizer a pad token that is not an end token, so that EOS (or the end of a turn) is never
+    masked as padding; never by resizing the embeddings (that would put them into the adapter).
+
+    In this order: a distinct existing pad; the model's own declared pad (``pad_token_id`` in config.json or
+    generation_config.json, when it names a special token), or a token named for padding (``<|finetune_right_pad_id|>``, ``<pad>``, ...);
+    UNK; an unused reserved special token (``<|reserved_special_token_0|>``, ...) that lies inside the
+    embedding matrix; ``<pad>`` added when the matrix has a spare row. Never EOS, BOS, or a token the chat
+    template writes (`chat_template`: the template training uses, when it is not the tokenizer's own).
+    The data stage checks that the chosen pad occurs in no prepared example. Returns the line that says
+    what was chosen (None when the tokenizer's own pad is kept).
     """
-    eos = tokenizer.eos_token_id
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
-        return
-    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != eos:
-        tokenizer.pad_token = tokenizer.unk_token
-        return
-    if model_vocab_size is not None and len(tokenizer) < model_vocab_size:
+    avoid = end_tokens(tokenizer)
+    if chat_template:
+        avoid |= {i for t, i in tokenizer.added_tokens_encoder.items() if t.strip() and t in chat_template}
+    rows = model_vocab_size or _single_id((config or {}).get("vocab_size")) or len(tokenizer)
+    size = len(tokenizer)
+
+    def usable(index: int | None) -> bool:
+        return index is not None and 0 <= index < min(rows, size) and index not in avoid
+
+    had = tokenizer.pad_token
+    if tokenizer.pad_token_id is not None and usable(tokenizer.pad_token_id):
+        return None
+    was = f"the tokenizer's pad token {had!r} is one the model learns (BOS, EOS or the end of a turn)" if had is not None else "the tokenizer has no pad token"
+
+    def use(index: int, why: str) -> str:
+        token = tokenizer.convert_ids_to_tokens(index)
+        tokenizer.pad_token = token
+        return f"{was}; pad is {token!r} (id {index}), {why}"
+
+    declared = _declared_pad(config)
+    # only a special token: a config's pad_token_id that names an ordinary piece (a byte, a word) is a slip
+    if usable(declared) and declared in tokenizer.added_tokens_decoder:
+        return use(declared, "the model's own pad_token_id")
+    added = sorted(tokenizer.added_tokens_encoder.items(), key=lambda kv: kv[1])
+    for token, index in added:
+        if _normalized(token) in PAD_NAMES and usable(index):
+            return use(index, "a token the tokenizer has for padding")
+    if usable(tokenizer.unk_token_id):
+        return use(tokenizer.unk_token_id, "the unknown token")
+    for token, index in added:
+        if RESERVED.search(_normalized(token)) and usable(index):
+            tokenizer.finetune_pad_unused = index  # the data stage checks that no prepared example holds it
+            return use(index, "an unused reserved special token inside the embedding matrix (checked to occur "
+                              "in no prepared example)")
+    if model_vocab_size is not None and size < model_vocab_size:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
-        return
-    raise ConfigError("model.name_or_path: the tokenizer has no pad or unk token distinct from EOS and no spare "
-                      "embedding row to add one; use a tokenizer with a pad token")
+        return f"{was}; added <pad> (id {tokenizer.pad_token_id}) in a spare embedding row"
+    raise ConfigError("model.name_or_path: the tokenizer has no pad token that is not an end token, no UNK, no unused "
+                      "reserved token and no spare embedding row to add one; set pad_token in its "
+                      "tokenizer_config.json to a token the model never produces")
 
 
 def _hub_kwargs(model_cfg) -> dict[str, Any]:
@@ -87,8 +160,9 @@ def local_model_dir(model_cfg) -> Path | None:
     return catalog.local_dir(model_cfg.name_or_path)
 
 
-def load_tokenizer(model_cfg, model_vocab_size: int | None = None):
-    """The model's fast tokenizer, with a pad token distinct from EOS and right padding.
+def load_tokenizer(model_cfg, model_vocab_size: int | None = None, template: str | None = None):
+    """The model's fast tokenizer, with a pad token that is no end token (:func:`ensure_pad_token`) and right
+    padding. `template`: the Jinja of the chat template training will use, when it is not the tokenizer's own.
 
     A local directory is checked first, so that what transformers would report as a traceback
     (or, for some broken files, not at all) is one line naming the file: see :func:`check_tokenizer_files`.
@@ -110,7 +184,14 @@ def load_tokenizer(model_cfg, model_vocab_size: int | None = None):
                           "(the loss mask needs character offsets)")
     config = _model_config_or_none(model_cfg, local)
     fixes = fix_special_tokens(tokenizer, config, str(local or model_cfg.name_or_path))
-    ensure_pad_token(tokenizer, model_vocab_size)
+    if local is not None and config is not None and (local / "generation_config.json").is_file():
+        try:
+            config = {**config, "_generation_config": json.loads((local / "generation_config.json").read_text())}
+        except (OSError, ValueError):
+            pass
+    pad = ensure_pad_token(tokenizer, model_vocab_size, config, template)
+    if pad is not None:
+        fixes.append(pad)
     check_pad_token(tokenizer, str(local or model_cfg.name_or_path))
     for line in fixes:
         log.warning("tokenizer: %s", line)

@@ -188,9 +188,13 @@ def merge(adapter: str | Path, out: str | Path, from_quantized: bool = False, fo
     tmp.mkdir()
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
-        # With the chat template of training.
-        AutoTokenizer.from_pretrained(run.adapter_dir, trust_remote_code=run.model_cfg.trust_remote_code
-                                      ).save_pretrained(tmp)
+        # With the chat template of training, and a generation_config.json whose eos_token_id lists the
+        # template's end-of-turn token (Llama 3's <|eot_id|> where its config names only <|end_of_text|>).
+        from data_prep.templates import write_generation_config
+
+        tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir, trust_remote_code=run.model_cfg.trust_remote_code)
+        tokenizer.save_pretrained(tmp)
+        write_generation_config(tokenizer, tmp, getattr(merged, "generation_config", None))
         record = {"adapter": str(run.adapter_dir), "base": which, "base_model": run.model_cfg.name_or_path,
                   "dtype": str(dtype).removeprefix("torch."), "run_dir": str(run.run_dir)}
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")

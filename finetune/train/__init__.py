@@ -282,6 +282,10 @@ def save_adapter(model, tokenizer, target: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    from data_prep.templates import write_generation_config
+
+    # generation_config.json beside it: every stop (EOS and the template's end-of-turn token) and the pad
+    write_generation_config(tokenizer, tmp, getattr(model, "generation_config", None))
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
