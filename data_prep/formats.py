@@ -156,7 +156,7 @@ def _tool_names(tools: Any) -> list[str]:
         name = spec.get("name") if isinstance(spec, dict) else None
         if not isinstance(name, str) or not name:
             raise RowError("bad_tools", f"tools[{i}] has no function name (expected {{type: function, function: "
-                                        "{name, description, parameters}}})")
+                                        "{name, description, parameters}})")
         names.append(name)
     return names
 

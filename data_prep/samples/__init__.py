@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from data_prep.samples import corpus, medical
+from data_prep.samples import corpus, medical, tools
 
 # name -> (file or directory name in the cache, writer)
 SAMPLES: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "medical-qa": ("medical_qa.jsonl", medical.write),
     "medical-notes": (f"medical_notes-v{corpus.VERSION}", corpus.write),
     "medical-pairs": ("medical_pairs.jsonl", medical.write_pairs),
+    "tool-calls": ("tool_calls.jsonl", tools.write),
 }
 
 PREFIX = "sample:"
