@@ -79,14 +79,35 @@ ALPACA = ChatTemplate(
     ),
 )
 
-# ChatML (<|im_start|>role\ncontent<|im_end|>), for tokenizers that have its two tokens.
+# ChatML (<|im_start|>role\ncontent<|im_end|>), for tokenizers that have its two tokens. With a row's
+# `tools`, the system turn lists their JSON schemas and the assistant calls one as
+# <tool_call>{"name": ..., "arguments": ...}</tool_call> (the convention of Qwen2.5 and Hermes); a tool's
+# result comes back in a user turn inside <tool_response>. The calls are trained, the results are not.
 CHATML = ChatTemplate(
     name="chatml",
     jinja=(
-        "{%- for message in messages -%}"
+        "{%- if tools -%}"
+        "{{ '<|im_start|>system\\n' }}"
+        "{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\\n\\n' }}{%- endif -%}"
+        "{{ '# Tools\\n\\nYou may call one or more functions. Their signatures, within <tools></tools>:\\n<tools>' }}"
+        "{%- for tool in tools -%}{{ '\\n' + (tool | tojson) }}{%- endfor -%}"
+        "{{ '\\n</tools>\\n\\nTo call one, answer with <tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+        "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+        "{%- set loop_messages = messages[1:] if messages[0]['role'] == 'system' else messages -%}"
+        "{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}"
+        "{%- for message in loop_messages -%}"
         "{%- if message['role'] == 'assistant' -%}"
         "{{ '<|im_start|>assistant\\n' }}"
-        "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+        "{% generation %}{{ message['content'] }}"
+        "{%- for call in message['tool_calls'] or [] -%}"
+        "{%- set fn = call['function'] if call['function'] is defined else call -%}"
+        "{{ '\\n' if message['content'] or not loop.first else '' }}"
+        "{{ '<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' }}"
+        "{{ fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson) }}{{ '}\\n</tool_call>' }}"
+        "{%- endfor -%}"
+        "{{ '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+        "{%- elif message['role'] == 'tool' -%}"
+        "{{ '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
         "{%- else -%}"
         "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
         "{%- endif -%}"

@@ -48,8 +48,9 @@ def tokenizer(tiny_model_dir):
 
 @pytest.fixture
 def chatml_tokenizer(tiny_model_dir):
+    # The tiny tokenizer ships the ChatML markers as special tokens (models.tiny.CHATML_TOKENS).
     tok = load_tokenizer(ModelConfig(name_or_path="tiny:llama"), model_vocab_size=2048)
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    assert tok.convert_tokens_to_ids("<|im_end|>") != tok.unk_token_id
     return tok
 
 
@@ -272,9 +273,13 @@ def test_base_model_without_template_needs_one(tokenizer):
     assert "model.chat_template" in str(info.value)
 
 
-def test_chatml_needs_its_tokens(tokenizer):
+def test_chatml_needs_its_tokens(tmp_path):
+    # Llama 2's published tokenizer has no <|im_start|>/<|im_end|> (the tiny one now ships them).
+    import real_tokenizers
+
+    llama2 = load_tokenizer(ModelConfig(name_or_path=str(real_tokenizers.model_dir("llama2", tmp_path / "l2"))))
     with pytest.raises(ConfigError) as info:
-        prepare(_cfg("sample:medical-qa"), tokenizer, "chatml")
+        prepare(_cfg("sample:medical-qa"), llama2, "chatml")
     assert "<|im_start|>" in str(info.value)
 
 

@@ -31,7 +31,7 @@ PREFIX = "tiny:"
 
 # Embedding rows; the trained tokenizer may use fewer (the rest stay unused, as in many real models).
 TINY_VOCAB = 2048
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 PRETRAIN_STEPS = 300
 PRETRAIN_BATCH = 8
 PRETRAIN_LR = 3e-3
@@ -161,6 +161,8 @@ PRETRAIN_STEPS_BY_MODEL = {"llama": PRETRAIN_STEPS, "mamba": 40, "rwkv": 100}
 PRETRAIN_STEPS_OTHERS = 150
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, as in _COMMON
+# ChatML's control tokens (ids 4, 5), so `model.chat_template: chatml` (and its tool calls) works on the tiny models.
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 
 def is_tiny(name_or_path: str) -> bool:
@@ -195,9 +197,17 @@ def _tokenizer_corpus() -> list[str]:
     texts = list(encyclopedia())
     for row in generate_rows():
         texts.extend([row["instruction"], row["input"], row["output"]])
+    # The function-calling sample's schemas and calls as the templates write them (JSON), so a prompt with
+    # tools fits the tiny model's context.
+    from data_prep.samples.tools import generate_rows as tool_rows
+
+    for row in tool_rows()[:40]:
+        texts.extend(json.dumps(tool) for tool in row["tools"])
+        texts.extend(json.dumps(m.get("tool_calls") or m["content"]) for m in row["messages"])
     # Chat-template markers of the built-in templates, so they become single tokens or short runs.
     texts += ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "### Instruction:", "### Input:", "### Response:",
-              "<|im_start|>", "<|im_end|>", "user", "assistant", "system",
+              "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "<tool_call>", "</tool_call>",
+              "<tool_response>", "</tool_response>", "<tools>", "</tools>",
               "Below is an instruction that describes a task. Write a response that appropriately completes the request."]
     return [t for t in texts if t]
 
@@ -211,7 +221,7 @@ def _build_tokenizer(out_dir: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=TINY_VOCAB,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + CHATML_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -222,18 +232,35 @@ def _build_tokenizer(out_dir: Path) -> None:
                                                        special_tokens=[("<s>", 1)])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                  unk_token="<unk>", pad_token="<pad>", model_max_length=1024)
+    hf.add_special_tokens({"additional_special_tokens": CHATML_TOKENS})
     hf.save_pretrained(out_dir)
 
 
+def _json_documents(n: int = 12) -> list[str]:
+    """Tool schemas, calls and results as plain JSON lines: a real base model has read JSON before anyone
+    teaches it to call tools (the function-calling demo needs a base that can write it)."""
+    from data_prep.samples.tools import generate_rows as tool_rows
+
+    docs = []
+    for row in tool_rows(seed=1)[:n]:
+        lines = [json.dumps(tool) for tool in row["tools"]]
+        for m in row["messages"]:
+            lines.extend(json.dumps(call["function"]) for call in m.get("tool_calls") or [])
+            if m["role"] == "tool":
+                lines.append(m["content"])
+        docs.append("\n".join(lines))
+    return docs
+
+
 def _pretrain(model, tokenizer, steps: int) -> float:
-    """Plain causal-LM training on the encyclopedia entries; returns the last loss."""
+    """Plain causal-LM training on the encyclopedia entries and a few JSON documents; returns the last loss."""
     import random
 
     import torch
 
     from data_prep.samples.medical import encyclopedia
 
-    docs = [tokenizer(d).input_ids + [tokenizer.eos_token_id] for d in encyclopedia()]
+    docs = [tokenizer(d).input_ids + [tokenizer.eos_token_id] for d in encyclopedia() + _json_documents()]
     rng = random.Random(0)
     opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
