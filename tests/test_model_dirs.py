@@ -454,10 +454,25 @@ def test_unknown_model_type_in_preflight_is_one_line_exit_2(llama_dir, tmp_path)
     assert code == 2 and "llamazoid" in line and "transformers" in line
 
 
+def _clear_transformers_availability_caches():
+    from transformers.utils import import_utils
+
+    for value in vars(import_utils).values():
+        if callable(getattr(value, "cache_clear", None)):
+            value.cache_clear()
+
+
 def test_missing_bitsandbytes_at_training_load_is_exit_5(weights_dir, capsys, monkeypatch):
+    # transformers caches "is bitsandbytes available" per process: clear it on both sides, so that the
+    # simulated absence is seen here and not by the tests that run after this one
+    _clear_transformers_availability_caches()
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    with pytest.raises(EnvError) as info:
-        loader.load_model(ModelConfig(name_or_path=str(weights_dir)), {**CHOICES, "quantization": "nf4"}, "cpu")
+    try:
+        with pytest.raises(EnvError) as info:
+            loader.load_model(ModelConfig(name_or_path=str(weights_dir)), {**CHOICES, "quantization": "nf4"}, "cpu")
+    finally:
+        monkeypatch.undo()
+        _clear_transformers_availability_caches()
     code, line = _reported(info.value, capsys)
     assert code == 5 and "bitsandbytes" in line and "pip install" in line
 
