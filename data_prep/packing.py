@@ -8,7 +8,7 @@ block-diagonal causal mask from the restarting position ids, so no token attends
 another example. That only holds for models whose attention mask is built from the position ids, which
 is a property of the installed transformers release, not of the architecture (5.23's
 Falcon built its mask without them; 5.24's uses them; BLOOM's ALiBi biases come from
-the attention mask). So it is measured, not listed: finetune.models.capabilities runs a
+the attention mask). So it is measured, not listed: finetune.probes.packing runs a
 tiny random-weight copy of the model's architecture packed and unpacked on the
 installed release and compares the logits (cached per release). Where packing is not
 exact, or cannot be measured, the data stage falls back to ordinary padded batches and
@@ -23,26 +23,31 @@ memory (in batches of the map's batch size).
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
-def decide(requested: bool, model_type: str | None, model_config: dict[str, Any] | None = None) -> tuple[bool, str]:
+def decide(requested: bool, model_type: str | None, model_config: dict[str, Any] | None = None,
+           probe: Callable[[dict[str, Any]], Any] | None = None) -> tuple[bool, str]:
     """(pack?, why) for dataset.packing and the model's architecture: `model_config` is its config.json
-    (structural flags such as ALiBi matter), else the defaults of `model_type`'s config class."""
+    (structural flags such as ALiBi matter), else the defaults of `model_type`'s config class. `probe` answers
+    whether padding-free packing is exact for a config (an object with ``exact`` and ``detail``): the pipeline
+    hands over finetune.probes.packing.padding_free_packing, so that the data stage imports nothing of the
+    model layers."""
     if not requested:
         return False, "dataset.packing is false"
     if model_type is None:
         return False, "the model's architecture is unknown, so padding-free packing cannot be verified; " \
                       "training uses padded batches"
-    from finetune.models.capabilities import padding_free_packing
-
+    if probe is None:
+        return False, "no packing probe was given, so padding-free packing cannot be verified; training uses " \
+                      "padded batches"
     config = dict(model_config) if model_config else _default_config(model_type)
     if config is None:
         return False, (f"padding-free packing cannot be verified for '{model_type}' (transformers has no "
                        "config class for it); training uses padded batches")
     config.setdefault("model_type", model_type)
-    probe = padding_free_packing(config)
+    probe = probe(config)
     if not probe.exact:
         return False, f"padding-free packing is not exact for '{model_type}' ({probe.detail}); " \
                       "training uses padded batches instead"

@@ -658,12 +658,13 @@ def _check(report: DataReport, cfg) -> None:
 
 
 def prepare(dataset_cfg, tokenizer, chat_template: str | None, model_type: str | None = None,
-            progress: bool = True, model_config: dict | None = None) -> PreparedData:
+            progress: bool = True, model_config: dict | None = None, packing_probe=None) -> PreparedData:
     """Run the data stage for `dataset_cfg` with `tokenizer` (whose chat_template is set here).
 
     `model_type` (the model's config.json ``model_type``; `model_config`, the whole config.json, when
-    known) decides whether dataset.packing can pack exactly (data_prep.packing measures it on the
-    installed transformers); without it, packing falls back to padded batches.
+    known) and `packing_probe` (the pipeline's finetune.probes.packing.padding_free_packing, which measures
+    it on the installed transformers) decide whether dataset.packing can pack exactly; without them, packing
+    falls back to padded batches.
     """
     from finetune.paths import cache_dir
 
@@ -676,7 +677,7 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None, model_type: str |
         template, template_error = templates.Resolved("none", "", "none"), e
     specs = source_specs(dataset_cfg)
     listings = [readers.list_source(s.path, s.format) for s in specs]
-    packed, why = decide(dataset_cfg.packing, model_type, model_config)
+    packed, why = decide(dataset_cfg.packing, model_type, model_config, packing_probe)
     fp = fingerprint(dataset_cfg, tokenizer, template, specs, listings, packed)
     final = cache_dir() / "datasets" / fp
 

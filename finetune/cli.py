@@ -4,7 +4,7 @@
     finetune +recipe=llama2-7b-medical stages=[preflight] hardware=rtx4090
     finetune -m +recipe=tiny-demo adapter.rank=8,16
 
-Exit codes (contract, ../shared/DESIGN.md): 0 success, 2 recipe/config error,
+Exit codes (contract, docs/DESIGN.md): 0 success, 2 recipe/config error,
 3 data error, 4 does not fit, 5 environment, 130/143 interrupted, 1 anything else.
 A multirun exits with the worst (highest) code of its jobs.
 

@@ -1,4 +1,4 @@
-"""Expected errors and the exit codes they map to (contract: ../shared/DESIGN.md).
+"""Expected errors and the exit codes they map to (contract: docs/DESIGN.md).
 
 Every error a user can fix is one of these. The CLI prints ``error: <message>`` on
 one line, without a traceback, and exits with the class's code.

@@ -22,7 +22,7 @@ def cache_dir() -> Path:
 
 def cached_entry(filename: str, key: str) -> Any | None:
     """The entry `key` of the JSON table `filename` in the cache directory (measurements made once per
-    installed release: finetune/models/capabilities.py, finetune/preflight/trace.py), or None."""
+    installed release: finetune/probes/packing.py, finetune/probes/trace.py), or None."""
     try:
         return json.loads((cache_dir() / filename).read_text()).get(key)
     except (OSError, ValueError, AttributeError):

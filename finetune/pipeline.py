@@ -64,7 +64,7 @@ def _versions() -> dict[str, str]:
 
 
 def _model_vocab_size(cfg: RunConfig) -> int | None:
-    from finetune.preflight import catalog
+    from finetune.architectures import catalog
 
     try:
         return int(catalog.model_config(cfg.model.name_or_path)[0]["vocab_size"])
@@ -74,7 +74,7 @@ def _model_vocab_size(cfg: RunConfig) -> int | None:
 
 def _model_config(cfg: RunConfig) -> dict | None:
     """The model's config.json, offline when the catalog knows it; None if it cannot be read."""
-    from finetune.preflight import catalog
+    from finetune.architectures import catalog
 
     try:
         return catalog.model_config(cfg.model.name_or_path)[0]
@@ -155,8 +155,12 @@ def run_data_stage(cfg: RunConfig, run_dir: Path):
                                   f"rejected), but {cfg.dataset.path or 'dataset.sources'} holds unpaired completion "
                                   "+ label rows: use train.method=kto, or pair the rows")
         else:
+            from finetune.probes.packing import padding_free_packing
+
+            # the facts about the model the data stage needs, handed over (data_prep imports no model layer)
             data = prepare(cfg.dataset, tokenizer, cfg.model.chat_template,
-                           model_type=(model_config or {}).get("model_type"), model_config=model_config)
+                           model_type=(model_config or {}).get("model_type"), model_config=model_config,
+                           packing_probe=padding_free_packing)
     except RejectedRowsError as e:
         if is_leader():
             e.report.write(run_dir / "data_report.json")  # the rejected rows, with their locations, for the user
@@ -218,7 +222,7 @@ def _refuse_interrupted_run_dir(run_dir: Path) -> None:
     """A run directory given twice (hydra.run.dir, a multi-node RUN_ID reused) that holds an interrupted run:
     starting fresh there would overwrite its recipe and, step by step, its checkpoints. train.resume=auto
     continues runs found beside this one; this one itself is continued only when asked by name."""
-    from finetune.train.resume import complete_checkpoints, is_finished
+    from finetune.runs import complete_checkpoints, is_finished
 
     done = complete_checkpoints(run_dir) if run_dir.is_dir() else []
     if done and not is_finished(run_dir):
@@ -234,7 +238,7 @@ def _claim_run_dir(run_dir: Path, held: contextlib.ExitStack) -> Path:
     second get the same timestamped directory from Hydra; or one explicit hydra.run.dir given
     twice), this run moves to the first new `<dir>-2`, `<dir>-3`, ... beside it. Under torchrun
     the ranks were all given that directory, so there it is an error instead."""
-    from finetune.train.resume import claim, describe_holder, lock_record
+    from finetune.runs import claim, describe_holder, lock_record
 
     lock = claim(run_dir)
     if lock is None:
@@ -308,7 +312,7 @@ def _run_stages(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None,
 
     resume_point = None
     if Stage.train.value in stages:
-        from finetune.train.resume import resolve
+        from finetune.runs import resolve
 
         # A sweep's jobs are different recipes side by side: they start fresh (auto-resume is for single runs).
         mode = "never" if (sweep is not None and cfg.train.resume == "auto") else cfg.train.resume
@@ -351,7 +355,7 @@ def _run_stages(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None,
     with tracker:
         results["run_id"] = tracker.run_id
         if leader:
-            from finetune.train.resume import dead_runs
+            from finetune.runs import dead_runs
 
             # Runs of this recipe whose process died (kill -9, a crash) without ending their MLflow run.
             tracker.end_dead_runs(dead_runs(run_dir.parent, exclude=[run_dir, work_dir]), found_by=run_dir)

@@ -17,7 +17,7 @@ capability of the installed library, never from a frozen list elsewhere:
   only modules whose type *is* nn.Linear through the verified release, so Falcon's
   ``FalconLinear`` stays bf16 under ``load_in_4bit``.
 * padding-free packing exactness per architecture is measured on the installed
-  transformers itself (``finetune.models.capabilities``) and cached per version.
+  transformers itself (``finetune.probes.packing``) and cached per version.
 
 ``tests/test_versions.py`` and the tests that hold each rule against the real library
 (tests/test_preflight_arch.py, tests/test_data_packing.py) name the rule that drifted

@@ -92,7 +92,8 @@ def test_every_recipe_plans_offline(name, tmp_path):
     names a local checkpoint directory: a GPT-2 config.json stands in for the user's."""
     import json
 
-    from finetune.preflight import catalog, run_preflight
+    from finetune.architectures import catalog
+    from finetune.preflight import run_preflight
 
     overrides = []
     if name == "gpt2-local":
@@ -133,8 +134,9 @@ def test_bad_adapter_targets_name_the_key(override):
 
 
 def test_a_bad_target_names_the_modules_the_model_has():
-    from finetune.preflight import arch, catalog
+    from finetune.architectures import catalog
+    from finetune.probes import spec_of
 
-    spec = arch.from_config(catalog.model_config("tiny:llama")[0])
+    spec = spec_of(catalog.model_config("tiny:llama")[0])
     with pytest.raises(ConfigError, match=r"adapter.targets: qkv_proj is not among .*q_proj, k_proj, v_proj"):
         spec.lora_targets(compose(["+recipe=tiny-demo", "adapter.targets=qkv_proj"]).adapter.targets)

@@ -10,6 +10,7 @@ from data_prep.prepare import RejectedRowsError, prepare
 from data_prep.samples import medical
 from finetune.config import DatasetConfig, DatasetFormat, ModelConfig
 from finetune.models.loader import load_tokenizer
+from finetune.probes.packing import padding_free_packing
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def test_what_changes_the_fingerprint(tokenizer, tmp_path, change):
         cfg = _cfg(path, packing=True)
     elif change == "eval_fraction":
         cfg = _cfg(path, eval_fraction=0.3)
-    again = prepare(cfg, tokenizer, template, model_type=model_type)
+    again = prepare(cfg, tokenizer, template, packing_probe=padding_free_packing, model_type=model_type)
     assert not again.report.cache_hit and again.report.fingerprint != base.report.fingerprint
 
 

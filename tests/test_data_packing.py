@@ -1,7 +1,7 @@
 """Packing: exact where position ids separate the examples, padded batches elsewhere.
 
 Whether packing is exact is measured on the installed transformers
-(finetune.models.capabilities): a tiny random-weight model of each family runs several
+(finetune.probes.packing): a tiny random-weight model of each family runs several
 sequences packed into one row exactly as TRL's padding-free collator hands them to the
 model during training, and the same sequences alone. These tests hold that probe to
 what the verified release does (finetune.versions.VERIFIED); on a newer release
@@ -19,8 +19,9 @@ from data_prep.packing import best_fit_decreasing, decide
 from data_prep.prepare import prepare
 from finetune import versions
 from finetune.config import DatasetConfig, DatasetFormat, ModelConfig
-from finetune.models import capabilities
 from finetune.models.loader import load_tokenizer
+from finetune.probes import packing as capabilities
+from finetune.probes.packing import padding_free_packing
 
 VOCAB = 256
 LAYERS = dict(num_hidden_layers=2)
@@ -78,11 +79,11 @@ def test_padding_free_exactness_per_architecture_is_measured(family):
 
 
 def test_packing_decision_per_architecture():
-    assert decide(True, "llama")[0] and decide(True, "qwen2")[0] and decide(True, "falcon")[0]
-    packs, why = decide(True, "bloom")
+    assert decide(True, "llama", probe=padding_free_packing)[0] and decide(True, "qwen2", probe=padding_free_packing)[0] and decide(True, "falcon", probe=padding_free_packing)[0]
+    packs, why = decide(True, "bloom", probe=padding_free_packing)
     assert not packs and "attends to the ones before it" in why and "padded batches" in why
     for model_type in ("some_new_arch", None):
-        packs, why = decide(True, model_type)
+        packs, why = decide(True, model_type, probe=padding_free_packing)
         assert not packs and "padded batches" in why
     assert not decide(False, "llama")[0]
 
@@ -94,7 +95,7 @@ def test_packing_decision_uses_the_models_own_config():
     small = capabilities.shrink(config)
     assert small["alibi"] is True and small["hidden_size"] == 64 and small["num_hidden_layers"] == 2
     assert "architectures" not in small and small["vocab_size"] == capabilities.VOCAB
-    assert decide(True, "falcon", config)[0] == EXACT_ON_VERIFIED["falcon-alibi"]
+    assert decide(True, "falcon", config, padding_free_packing)[0] == EXACT_ON_VERIFIED["falcon-alibi"]
 
 
 def test_probe_is_cached_per_transformers_release(monkeypatch):
@@ -142,7 +143,7 @@ def tokenizer(tiny_model_dir):
 def test_packed_rows_hold_the_same_examples(tokenizer):
     cfg = dict(path="sample:medical-qa", format=DatasetFormat.alpaca, max_seq_len=256, eval_fraction=0.15)
     plain = prepare(DatasetConfig(**cfg), tokenizer, "llama-2")
-    packed = prepare(DatasetConfig(packing=True, **cfg), tokenizer, "llama-2", model_type="llama")
+    packed = prepare(DatasetConfig(packing=True, **cfg), tokenizer, "llama-2", packing_probe=padding_free_packing, model_type="llama")
     assert packed.packed and not plain.packed
     p = packed.report.packing
     assert p.enabled and p.architecture == "llama" and "exact" in p.reason
@@ -167,7 +168,7 @@ def test_packed_rows_hold_the_same_examples(tokenizer):
 @pytest.mark.parametrize("model_type", ["bloom", "some_new_arch", None])
 def test_packing_falls_back_to_padded_batches(tokenizer, model_type):
     data = prepare(DatasetConfig(path="sample:medical-qa", format=DatasetFormat.alpaca, max_seq_len=256,
-                                 packing=True), tokenizer, "llama-2", model_type=model_type)
+                                 packing=True), tokenizer, "llama-2", packing_probe=padding_free_packing, model_type=model_type)
     assert not data.packed and "seq_lengths" not in data.to_dataset("train").column_names
     p = data.report.packing
     assert p.requested and not p.enabled and "padded batches" in p.reason and p.rows == 0
@@ -184,7 +185,7 @@ def test_the_trainer_gets_padding_free_batches_from_packed_rows(tokenizer, tmp_p
     from finetune.train import sft_config
 
     data = prepare(DatasetConfig(path="sample:medical-qa", format=DatasetFormat.alpaca, max_seq_len=256,
-                                 packing=True), tokenizer, "llama-2", model_type="llama")
+                                 packing=True), tokenizer, "llama-2", packing_probe=padding_free_packing, model_type="llama")
     from finetune.preflight import run_preflight
 
     cfg = compose(["+recipe=tiny-demo", "preflight.pin.micro_batch_size=2"])
@@ -205,7 +206,7 @@ def test_the_trainer_gets_padding_free_batches_from_packed_rows(tokenizer, tmp_p
 
 def test_report_and_store_survive_json(tokenizer):
     data = prepare(DatasetConfig(path="sample:medical-qa", format=DatasetFormat.alpaca, max_seq_len=256,
-                                 packing=True), tokenizer, "llama-2", model_type="llama")
+                                 packing=True), tokenizer, "llama-2", packing_probe=padding_free_packing, model_type="llama")
     on_disk = json.loads((data.store_dir / "report.json").read_text())
     assert on_disk["packing"]["enabled"] is True and on_disk["fingerprint"] == data.report.fingerprint
     assert len(data.lengths) == data.report.rows_kept

@@ -8,6 +8,7 @@ from data_prep.prepare import prepare
 from finetune.config import compose
 from finetune.models.loader import load_tokenizer
 from finetune.paths import recipes_dir
+from finetune.probes.packing import padding_free_packing
 
 DATASETS = sorted(p.stem for p in (recipes_dir() / "dataset").glob("*.yaml"))
 LOCAL = ["medical-demo", "medical-notes", "medical-mixed-demo"]
@@ -30,7 +31,7 @@ def test_every_dataset_config_composes(name):
 def test_local_dataset_configs_prepare(name, tiny_model_dir):
     cfg = compose(["+recipe=tiny-demo", f"dataset={name}"])
     tokenizer = load_tokenizer(cfg.model, 2048)
-    data = prepare(cfg.dataset, tokenizer, cfg.model.chat_template, model_type="llama")
+    data = prepare(cfg.dataset, tokenizer, cfg.model.chat_template, packing_probe=padding_free_packing, model_type="llama")
     r = data.report
     assert r.rows_kept > 0 and not r.rejected and len(data.train) == r.train_rows > 0
     assert r.rows_read == r.rows_kept + r.duplicates + sum(s.weight_dropped for s in r.sources)

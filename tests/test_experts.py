@@ -15,8 +15,10 @@ import contextlib
 
 import pytest
 
+from finetune.architectures import catalog
 from finetune.config import compose
-from finetune.preflight import arch, catalog, memory, run_preflight
+from finetune.preflight import memory, run_preflight
+from finetune.probes import spec_of
 
 GIB = 2**30
 # fms-acceleration scripts/benchmarks/refs/a100_80gb.csv: Mixtral-8x7B QLoRA (nf4 + double quant, LoRA r16 on
@@ -45,10 +47,10 @@ def _lora(model, family: str, seed: int = 0):
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from finetune.architectures.targets import resolve
     from finetune.models import experts, tiny
-    from finetune.models.targets import resolve
 
-    targets = resolve(dict(tiny.SPECS[family]), ["all-linear"])
+    targets = resolve(spec_of(dict(tiny.SPECS[family])), ["all-linear"])
     config = LoraConfig(r=8, lora_alpha=16, target_modules=list(targets.modules),
                         target_parameters=list(targets.parameters) or None)
     experts.register_lora(config, model)
@@ -163,7 +165,7 @@ def test_mixtral_recipe_fits_one_48gb_card_with_experts_4bit():
     assert plan["fits"] and plan["choices"]["quantization"] == "nf4" and plan["choices"]["quantized_experts"]
     assert any("experts 4-bit" in line for line in plan["explanation"])
     assert plan["model"]["lora_targets"][-2:] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    spec = arch.from_config(catalog.model_config("mistralai/Mixtral-8x7B-v0.1")[0])
+    spec = spec_of(catalog.model_config("mistralai/Mixtral-8x7B-v0.1")[0])
     # the experts are in the quantized weights (nf4 + double quant: ~0.52 bytes a weight), not in the bf16 ones
     packed = plan["breakdown_bytes"]["weights_quantized"] + plan["breakdown_bytes"]["quant_constants"]
     assert packed > 0.5 * spec.expert_matrix_params
@@ -181,14 +183,14 @@ def test_mixtral_qlora_plans_within_10_percent_of_the_published_quantized_expert
     if micro_batch == 4:
         assert allocated <= 40  # on one 48 GB card
     # bitsandbytes alone (bf16 experts) needed a datacenter card for the same run
-    bf16_experts = memory.estimate(arch.from_config(catalog.model_config("mistralai/Mixtral-8x7B-v0.1")[0]),
+    bf16_experts = memory.estimate(spec_of(catalog.model_config("mistralai/Mixtral-8x7B-v0.1")[0]),
                                    dict(plan["choices"], quantized_experts=False), rank=16, targets=["attention"])
     assert bf16_experts.peak_allocated > 90 * GIB
 
 
 @pytest.mark.slow
 def test_traced_moe_families_plan_their_experts_4bit():
-    spec = arch.from_config(catalog.model_config("Qwen/Qwen3-30B-A3B")[0])  # traced: no hand-written rules
+    spec = spec_of(catalog.model_config("Qwen/Qwen3-30B-A3B")[0])  # traced: no hand-written rules
     assert spec.traced is not None and spec.experts == 128
     c = dict(quantization="nf4", double_quant=True, compute_dtype="bf16", optimizer="adamw", attention="sdpa",
              packing=False, num_gpus=1, distributed="none", gradient_checkpointing=True, micro_batch_size=1,

@@ -77,7 +77,7 @@ def test_the_gguf_gives_the_merged_models_logits_tokens_and_template(trained, ex
 def test_the_modelfile_renders_what_the_chat_template_renders(trained, exported):
     from transformers import AutoTokenizer
 
-    from finetune.models.modelfile import read_shape
+    from finetune.export.modelfile import read_shape
 
     out = trained["run_dir"] / "export"
     text = (out / "Modelfile").read_text()
@@ -121,7 +121,7 @@ def test_bad_input_is_one_line_and_leaves_nothing_half_written(trained, tmp_path
     import shutil
 
     from finetune import export as export_mod
-    from finetune.models import gguf_file
+    from finetune.export import gguf_file
 
     with pytest.raises(SystemExit) as e:
         export_mod.main([str(trained["run_dir"]), "--quant", "q5_k", "--no-mlflow"])
@@ -162,7 +162,7 @@ def test_gemma_is_written_in_llama_cpps_layout(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from finetune.models import gguf_file
+    from finetune.export import gguf_file
     from finetune.models.tiny import ensure_built
 
     base = ensure_built("tiny:gemma")
@@ -194,7 +194,7 @@ def test_mistral_and_qwen2_round_trip_through_transformers(family, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.models import gguf_file
+    from finetune.export import gguf_file
     from finetune.models.tiny import ensure_built
 
     base = ensure_built(f"tiny:{family}")

@@ -26,10 +26,10 @@ import pytest
 
 from data_prep.samples.medical import encyclopedia, generate_rows
 from finetune import cli
+from finetune.architectures import catalog
 from finetune.config import ModelConfig, compose
 from finetune.errors import ConfigError, EnvError, FinetuneError
 from finetune.models import loader, tiny
-from finetune.preflight import catalog
 
 SP_VOCAB = 1000
 # The tiny Llama's config.json (finetune/models/tiny.py): its embedding has 2048 rows, more than the

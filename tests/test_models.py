@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from finetune.architectures.targets import resolve as resolve_spec
 from finetune.config import compose
 from finetune.errors import ConfigError
 from finetune.models import tiny
 from finetune.models.loader import load_model
-from finetune.models.targets import resolve as resolve_config
+from finetune.probes import spec_of
 
 
 def resolve(family: str, targets: list[str]):
-    return resolve_config(dict(tiny.SPECS[family]), targets)
+    return resolve_spec(spec_of(dict(tiny.SPECS[family])), targets)
 
 
 @pytest.mark.parametrize("double_quant", [True, False])

@@ -7,11 +7,14 @@ import re
 
 import pytest
 
+from finetune.architectures import catalog
+from finetune.architectures import spec as arch
 from finetune.config import compose
 from finetune.errors import ConfigError, DoesNotFitError
-from finetune.preflight import arch, catalog, memory, run_preflight
+from finetune.preflight import memory, run_preflight
 from finetune.preflight.memory import GiB, Settings
 from finetune.preflight.planner import hardware_catalog
+from finetune.probes import spec_of as derive_spec
 
 CHOICE_KEYS = {"quantization", "double_quant", "compute_dtype", "gradient_checkpointing", "micro_batch_size",
                "gradient_accumulation_steps", "max_seq_len", "seq_len_source", "packing", "optimizer",
@@ -19,7 +22,7 @@ CHOICE_KEYS = {"quantization", "double_quant", "compute_dtype", "gradient_checkp
 
 
 def spec_of(hub_id: str) -> arch.ArchSpec:
-    return arch.from_config(catalog.model_config(hub_id)[0])
+    return derive_spec(catalog.model_config(hub_id)[0])
 
 
 def plan(*overrides: str):
@@ -115,7 +118,7 @@ def test_tiny_model_count_matches_torch(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    spec = arch.from_config(catalog.model_config("tiny:llama")[0])
+    spec = derive_spec(catalog.model_config("tiny:llama")[0])
     assert spec.params_total == sum(p.numel() for p in model.parameters())
 
 
@@ -128,7 +131,7 @@ def test_unknown_lora_target_names_the_modules():
 def test_architecture_transformers_cannot_build_is_one_line(tmp_path):
     # (with every choice pinned it still runs, unpredicted: tests/test_preflight_trace.py)
     with pytest.raises(ConfigError) as info:
-        arch.from_config({"model_type": "mystery_lm", "hidden_size": 64})
+        derive_spec({"model_type": "mystery_lm", "hidden_size": 64})
     message = str(info.value)
     assert message.startswith("model.name_or_path") and "mystery_lm" in message and "\n" not in message
     assert "transformers" in message and "cannot build it" in message
@@ -490,13 +493,13 @@ def test_packed_rows_are_planned_at_their_length():
 def test_flash_attention_only_where_it_runs(monkeypatch):
     from finetune.preflight import planner
 
-    spec = arch.from_config(catalog.model_config("meta-llama/Llama-2-7b-hf")[0])
+    spec = derive_spec(catalog.model_config("meta-llama/Llama-2-7b-hf")[0])
     gpu = compose(["+recipe=llama2-7b-medical"])
     cpu = compose(["+recipe=tiny-demo"])
     monkeypatch.setattr(planner, "flash_attention_installed", lambda: True)
     assert planner.attention_for(spec, gpu) == "flash2"
     assert planner.attention_for(spec, cpu) == "sdpa", "no flash kernels on the CPU"
-    bloom = arch.from_config(catalog.model_config("bigscience/bloom-7b1")[0])
+    bloom = derive_spec(catalog.model_config("bigscience/bloom-7b1")[0])
     assert planner.attention_for(bloom, gpu) == bloom.attention, "BLOOM's ALiBi keeps its own attention"
     monkeypatch.setattr(planner, "flash_attention_installed", lambda: False)
     assert planner.attention_for(spec, gpu) == "sdpa"

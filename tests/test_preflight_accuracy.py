@@ -23,8 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune.preflight import arch, catalog, memory
+from finetune.architectures import catalog
+from finetune.preflight import memory
 from finetune.preflight.memory import GiB, MiB, Settings
+from finetune.probes import spec_of
 
 DATA = Path(__file__).parent / "data"
 
@@ -82,7 +84,7 @@ def choices_for(row: dict[str, str]) -> dict:
 
 def estimate_row(row: dict[str, str]) -> tuple[float, float, memory.Estimate]:
     """(predicted, measured) in bytes for the row's metric, and the estimate."""
-    spec = arch.from_config(catalog.model_config(HUB_IDS[row["model"]])[0])
+    spec = spec_of(catalog.model_config(HUB_IDS[row["model"]])[0])
     targets = [t for t in row["targets"].split("+") if t != "lm_head"]
     est = memory.estimate(spec, choices_for(row), rank=int(row["rank"]), targets=targets,
                           settings=settings_for(row))
@@ -170,7 +172,7 @@ def test_estimates_match_our_own_gpu_measurements(capsys):
         pytest.skip("no GPU measurements committed yet (make bench-gpu on a CUDA machine writes them)")
     errors, lines = [], []
     for row in rows:
-        spec = arch.from_config(catalog.model_config(row["model"])[0])
+        spec = spec_of(catalog.model_config(row["model"])[0])
         est = memory.estimate(spec, row["choices"], rank=row.get("rank", 16), targets=["all-linear"],
                               settings=Settings(lora_dropout=row.get("dropout", 0.05)))
         measured = row["measured"]["peak_allocated_bytes"]

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune.preflight import arch, catalog
+from finetune.architectures import catalog
+from finetune.architectures import spec as arch
 from finetune.preflight.memory import _Ctx, layer_bytes_per_token
+from finetune.probes import spec_of
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -95,7 +97,7 @@ def test_catalog_counts_equal_transformers_on_the_meta_device(hub_id):
     config = catalog.model_config(hub_id)[0]
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(_config(config))
-    assert arch.from_config(config).params_total == sum(p.numel() for p in model.parameters())
+    assert spec_of(config).params_total == sum(p.numel() for p in model.parameters())
 
 
 def _lora_config(spec: arch.ArchSpec, targets: list[str], dropout: float = 0.0):
@@ -114,7 +116,7 @@ def _lora_config(spec: arch.ArchSpec, targets: list[str], dropout: float = 0.0):
 def test_lora_counts_equal_peft(family, targets):
     from peft import LoraConfig, get_peft_model
 
-    spec = arch.from_config(TINY[family])
+    spec = spec_of(TINY[family])
     model = transformers.AutoModelForCausalLM.from_config(_config(TINY[family]))
     if targets == "first-two":
         targets = spec.linear_names()[:2]
@@ -132,7 +134,7 @@ def test_lora_counts_equal_peft(family, targets):
 def test_bitsandbytes_replaces_exactly_the_quantizable_layers(family):
     import bitsandbytes as bnb
 
-    spec = arch.from_config(TINY[family])
+    spec = spec_of(TINY[family])
     model = _load(_saved_dir(TINY[family]), "nf4")
     quantized = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert quantized == {lin.name for lin in spec.linears if lin.quantizable}
@@ -181,7 +183,7 @@ def test_autograd_keeps_what_the_estimator_says(family, quant, dropout):
     from peft import get_peft_model
 
     config = TINY[family]
-    spec = arch.from_config(config)
+    spec = spec_of(config)
     model = _load(_saved_dir(config), quant)
     model = get_peft_model(model, _lora_config(spec, ["all-linear"], dropout))
     if quant != "none":  # what TRL 1.16 does to the trainable parameters of a quantized model
@@ -219,7 +221,7 @@ def test_architectures_csv_agrees_with_the_catalog():
     with open(Path(__file__).parent / "data" / "architectures.csv", newline="") as f:
         rows = {r["model"]: r for r in csv.DictReader(f)}
     for name, hub_id in hub.items():
-        r, spec = rows[name], arch.from_config(catalog.model_config(hub_id)[0])
+        r, spec = rows[name], spec_of(catalog.model_config(hub_id)[0])
         assert (spec.layers, spec.hidden, spec.heads, spec.kv_heads, spec.vocab, spec.intermediate) == (
             int(r["layers"]), int(r["hidden"]), int(r["heads"]), int(r["kv_heads"]), int(r["vocab"]),
             int(r["intermediate"])), name

@@ -1,4 +1,4 @@
-"""The tracer (finetune/preflight/trace.py): any architecture transformers builds gets a plan.
+"""The tracer (finetune/probes/trace.py): any architecture transformers builds gets a plan.
 
 What proves it: for every family arch.py describes by hand, the inventory the tracer derives on
 its own -- parameters from the meta device, activations measured on scaled-down 4-bit/LoRA copies
@@ -17,9 +17,12 @@ import time
 
 import pytest
 
+from finetune.architectures import catalog
+from finetune.architectures import spec as arch
 from finetune.config import compose
 from finetune.errors import ConfigError
-from finetune.preflight import arch, catalog, memory, run_preflight, trace
+from finetune.preflight import memory, run_preflight
+from finetune.probes import spec_of, trace
 
 pytest.importorskip("torch")
 
@@ -61,7 +64,7 @@ def _config(hub_id: str) -> dict:
 @pytest.mark.parametrize("hub_id", HAND_WRITTEN)
 def test_traced_inventory_agrees_with_the_hand_written_rules(hub_id):
     config = _config(hub_id)
-    hand = arch.from_config(config)
+    hand = arch.from_config(config)  # hand-written rules only
     # the same attention as the hand-written rules (GPT-J's SDPA path, new in transformers 5.24, is not in them)
     traced = dataclasses.replace(trace.derive(config), attention=hand.attention)
     assert traced.traced is not None and hand.traced is None
@@ -95,7 +98,7 @@ def test_every_current_model_plans_offline(hub_id):
     assert sum(v for k, v in breakdown.items() if k != "cuda_context") == plan["predicted"]["peak_allocated_bytes"]
     if hub_id in PUBLISHED:
         assert plan["model"]["params_total"] == PUBLISHED[hub_id]
-    spec = arch.from_config(_config(hub_id))
+    spec = spec_of(_config(hub_id))
     if spec.traced is not None:
         assert any("traced on scaled-down copies" in line for line in plan["explanation"])
         assert plan["model"]["architecture_source"] == "traced" and plan["model"]["trace"]["seconds"] >= 0
@@ -104,7 +107,7 @@ def test_every_current_model_plans_offline(hub_id):
 
 
 def test_gemma2_plans_the_eager_attention_transformers_trains_it_with():
-    spec = arch.from_config(_config("google/gemma-2-9b"))
+    spec = spec_of(_config("google/gemma-2-9b"))
     assert spec.attention == "eager"  # soft-capped attention: transformers' default for Gemma 2
     c = dict(QLORA, gradient_checkpointing=False, micro_batch_size=1)
     short, long = (memory.estimate(spec, dict(c, max_seq_len=n), rank=16, targets=["all-linear"])
@@ -114,26 +117,26 @@ def test_gemma2_plans_the_eager_attention_transformers_trains_it_with():
 
 
 def test_moe_experts_are_counted_and_targeted_as_parameters():
-    spec = arch.from_config(_config("Qwen/Qwen3-30B-A3B"))
+    spec = spec_of(_config("Qwen/Qwen3-30B-A3B"))
     assert spec.experts == 128 and spec.experts_per_token == 8
     assert set(spec.expert_parameter_names()) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
     assert spec.lora_params(["all-linear"], 8) > spec.lora_params(["attention"], 8)
 
 
 def test_presets_resolve_to_each_familys_own_modules_and_attention_free_models_refuse_attention():
-    from finetune.models.targets import resolve
+    from finetune.architectures.targets import resolve
 
-    gpt2 = resolve(_config("openai-community/gpt2"), ["attention"])
+    gpt2 = resolve(spec_of(_config("openai-community/gpt2")), ["attention"])
     assert set(gpt2.modules) == {"c_attn", "c_proj"}
     # peft 0.21 refuses LoRA on a Mamba mixer's out_proj (and conv1d): all-linear leaves it out, naming it says why
-    mamba = resolve(_config("state-spaces/mamba-130m-hf"), ["all-linear"])
+    mamba = resolve(spec_of(_config("state-spaces/mamba-130m-hf")), ["all-linear"])
     assert set(mamba.modules) == {"in_proj", "x_proj", "dt_proj"}
     with pytest.raises(ConfigError, match="adapter.targets: out_proj cannot carry LoRA.*peft"):
-        resolve(_config("state-spaces/mamba-130m-hf"), ["out_proj"])
+        resolve(spec_of(_config("state-spaces/mamba-130m-hf")), ["out_proj"])
     with pytest.raises(ConfigError, match="adapter.targets.*selects no layer"):
-        resolve(_config("state-spaces/mamba-130m-hf"), ["attention"])
+        resolve(spec_of(_config("state-spaces/mamba-130m-hf")), ["attention"])
     # Mamba's mixer reads dt_proj.weight directly: the 4-bit plan keeps that layer in the compute dtype
-    spec = arch.from_config(_config("state-spaces/mamba-130m-hf"))
+    spec = spec_of(_config("state-spaces/mamba-130m-hf"))
     assert [lin.name for lin in spec.linears if not lin.quantizable] == ["dt_proj"]
     cfg = compose(["+recipe=llama2-7b-medical", "model.name_or_path=state-spaces/mamba-130m-hf",
                    "preflight.pin.quantization=nf4", "stages=[preflight]"])
@@ -161,7 +164,7 @@ def test_remote_code_architecture_is_one_line():
     config = {k: v for k, v in _config("Qwen/Qwen-7B").items()}
     config["model_type"] = "qwen_custom"
     with pytest.raises(ConfigError) as info:
-        arch.from_config(config)
+        spec_of(config)
     assert "\n" not in str(info.value) and "qwen_custom" in str(info.value)
 
 

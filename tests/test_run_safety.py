@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune import runs as resume
 from finetune.config import TrackingConfig, compose
 from finetune.errors import ConfigError
-from finetune.train import resume
 
 REPO = Path(__file__).resolve().parents[1]
 # Short CLI runs: no eval, no model registry, no system-metrics sampler.
@@ -108,7 +108,7 @@ def test_auto_resume_leaves_a_live_run_alone_and_says_so(tmp_path, caplog):
     other = resume.claim(live)  # another process's run, training there now
     assert other is not None
     try:
-        with caplog.at_level(logging.WARNING, logger="finetune.train.resume"):
+        with caplog.at_level(logging.WARNING, logger="finetune.runs"):
             assert resume.resolve("auto", tmp_path, current, recipe, "fp") is None
         lines = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
         assert len(lines) == 1 and str(live) in lines[0] and f"pid {os.getpid()}" in lines[0]
@@ -158,7 +158,7 @@ def test_other_ranks_count_their_leaders_lock_as_theirs(tmp_path):
 
 def test_a_lock_is_freed_when_its_process_is_killed(tmp_path):
     run = tmp_path / "run"
-    code = ("import sys, time; from pathlib import Path; from finetune.train import resume; "
+    code = ("import sys, time; from pathlib import Path; from finetune import runs as resume; "
             "lock = resume.claim(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:

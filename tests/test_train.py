@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from finetune.config import compose
 from finetune.errors import ConfigError, DoesNotFitError, Interrupted
 from finetune.pipeline import run_pipeline
+from finetune.runs import COMPLETE, complete_checkpoints, recipe_changes
 from finetune.train import callbacks as train_callbacks
 from finetune.train.oom import next_plan
-from finetune.train.resume import COMPLETE, complete_checkpoints, recipe_changes
 
 pytestmark = pytest.mark.slow
 

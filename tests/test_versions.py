@@ -125,12 +125,13 @@ def test_rule_fused_lm_head_picks_the_memory_model(monkeypatch):
 
 
 def test_rule_linear_subclasses_decides_falcon_quantization(monkeypatch):
-    from finetune.preflight import arch, catalog
+    from finetune.architectures import catalog
+    from finetune.probes import spec_of
 
     falcon = catalog.model_config("tiiuae/falcon-7b")[0]
-    assert not any(lin.quantizable for lin in arch.from_config(falcon).linears)
+    assert not any(lin.quantizable for lin in spec_of(falcon).linears)
     monkeypatch.setattr(versions, "QUANTIZES_LINEAR_SUBCLASSES_SINCE", "5.24")
-    assert all(lin.quantizable for lin in arch.from_config(falcon).linears)
+    assert all(lin.quantizable for lin in spec_of(falcon).linears)
 
 
 def test_rule_eager_attention_families_and_reloads_use_the_plans_attention():
@@ -139,13 +140,14 @@ def test_rule_eager_attention_families_and_reloads_use_the_plans_attention():
     computes as training did whatever transformers' default is."""
     import transformers
 
+    from finetune.architectures import catalog
     from finetune.models.loader import ATTENTION
-    from finetune.preflight import arch, catalog
+    from finetune.probes import spec_of
 
-    bloom = arch.from_config(catalog.model_config("bigscience/bloom-7b1")[0])
+    bloom = spec_of(catalog.model_config("bigscience/bloom-7b1")[0])
     assert bloom.attention == "eager"
     assert not transformers.BloomPreTrainedModel._supports_sdpa, (
         f"rule drifted: transformers {versions.installed('transformers')} has an SDPA path for BLOOM "
         f"(none through {versions.VERIFIED['transformers']}); the memory model could plan it")
-    assert arch.from_config(catalog.model_config("EleutherAI/gpt-j-6b")[0]).attention == "eager"
+    assert spec_of(catalog.model_config("EleutherAI/gpt-j-6b")[0]).attention == "eager"
     assert ATTENTION["eager"] == "eager" and ATTENTION["flash2"] == "flash_attention_2"

@@ -117,7 +117,7 @@ def evaluate(cfg, data, model, tokenizer, init_adapter: Path | None = None,
     """Score `model` (base + adapter), the base (adapter off) and, with `init_adapter`, the adapter training
     started from, on the held-out pairs."""
     from finetune.evaluate import held_out
-    from finetune.train.preference import method_args
+    from finetune.methods import method_args
 
     rows, notes = held_out(cfg, data)
     beta = float(method_args(cfg).get("beta", 0.1))

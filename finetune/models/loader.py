@@ -153,7 +153,7 @@ def local_model_dir(model_cfg) -> Path | None:
     """The model's local directory (the tiny model's build or a local path), or None for a hub id.
 
     A local path that does not exist is a ConfigError, the same one the preflight gives."""
-    from finetune.preflight import catalog
+    from finetune.architectures import catalog
 
     if tiny.is_tiny(model_cfg.name_or_path):
         return tiny.ensure_built(model_cfg.name_or_path)
@@ -202,7 +202,7 @@ def load_tokenizer(model_cfg, model_vocab_size: int | None = None, template: str
 
 def _model_config_or_none(model_cfg, local: Path | None) -> dict[str, Any] | None:
     """The model's config.json (local directory, tiny model or catalog), or None when only the hub has it."""
-    from finetune.preflight import catalog
+    from finetune.architectures import catalog
 
     try:
         return catalog.model_config(str(local) if local is not None and not tiny.is_tiny(model_cfg.name_or_path)
@@ -380,7 +380,7 @@ def check_tokenizer_files(local: Path) -> None:
       a few tokens, which would turn every text into <unk>); a tiktoken tokenizer.model (Llama 3's
       original checkpoints): tiktoken is installed.
     """
-    from finetune.preflight import catalog
+    from finetune.architectures import catalog
 
     if (local / "config.json").is_file():
         catalog.read_local_config(local)
@@ -438,7 +438,7 @@ def _tokenizer_error(model_cfg, local: Path | None, e: Exception) -> Exception |
         return ConfigError(f"model.name_or_path: {local} has no tokenizer files (tokenizer.json, or tokenizer.model "
                            "for a SentencePiece tokenizer); copy the model's tokenizer files into it "
                            f"(huggingface-cli download ID --include 'tokenizer*' --local-dir {local})")
-    from finetune.preflight import catalog
+    from finetune.architectures import catalog
 
     for name in ("tokenizer.json", "added_tokens.json", "chat_template.json"):
         if (local / name).is_file():
@@ -480,10 +480,12 @@ def quantization_config(choices: dict[str, Any]):
 def download_size(model_cfg) -> int | None:
     """Bytes of the checkpoint a hub id would download (its parameters in its stored dtype), when the
     catalog knows the model; None otherwise."""
-    from finetune.preflight import arch, catalog
+    from finetune.architectures import catalog
+    from finetune.architectures import spec as arch
 
     try:
         config, _ = catalog.model_config(model_cfg.name_or_path)
+        # the hand-written families only: a traced one would need torch and a trace here, before the download
         params = arch.from_config(config).params_total
     except ConfigError:
         return None
@@ -528,7 +530,7 @@ QUANTIZED_CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {"rwkv": {"rescale_every
 
 
 def _quantized_overrides(model_cfg) -> dict[str, Any]:
-    from finetune.preflight import catalog
+    from finetune.architectures import catalog
 
     try:
         model_type = catalog.model_config(model_cfg.name_or_path)[0].get("model_type")
@@ -596,7 +598,7 @@ def check_model_files(local: Path, trust_remote_code: bool = False) -> None:
     Found here, a missing shard or an architecture this transformers does not know is one line
     before loading starts (a 70B checkpoint takes minutes to quantize), not a traceback after.
     """
-    from finetune.preflight import catalog
+    from finetune.architectures import catalog
 
     config = catalog.read_local_config(local)
     cfg_file = local / "config.json"

@@ -1,13 +1,12 @@
 """Preflight: will this run fit, and how? Pure arithmetic on the model config; imports no torch for the
-families arch.py describes (others are traced once, finetune/preflight/trace.py).
+families finetune/architectures/spec.py describes (others are traced once, finetune/probes/trace.py).
 
     plan = run_preflight(cfg, data_report)   # finetune.preflight.planner.Plan
-    write_plan(plan, run_dir)                # run_dir/plan.json (contract: ../shared/DESIGN.md)
+    write_plan(plan, run_dir)                # run_dir/plan.json (contract: docs/DESIGN.md)
 
-The pieces: arch.py (config.json -> layer shapes), catalog.py and models.json (offline
-configs by hub id), memory.py (the memory model), speed.py (the cost model), planner.py
-(candidates, choice, what would fit), show.py (rich tables), measured.py (prediction vs
-measurement after training).
+The pieces: finetune.architectures (config.json -> layer shapes, offline configs by hub id), memory.py
+(the memory model), speed.py (the cost model), planner.py (candidates, choice, what would fit), show.py
+(rich tables), measured.py (prediction vs measurement after training).
 """
 
 from __future__ import annotations
@@ -16,9 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finetune.preflight import arch, catalog
+from finetune.architectures import catalog
+from finetune.architectures.spec import Untraceable
 from finetune.preflight.planner import Plan, make_plan, unpredicted_plan
-from finetune.preflight.trace import Untraceable
 
 __all__ = ["Plan", "run_preflight", "write_plan"]
 
@@ -41,7 +40,10 @@ def run_preflight(cfg, data_report: Any | None = None) -> Plan:
         notes.append(f"sequence length {seq_len} exceeds the model's max_position_embeddings ({max_pos}): "
                      "quality degrades past what it was trained on")
     try:
-        spec = arch.from_config(config)
+        # hand-written rules where the family has them (no torch), traced otherwise (finetune.probes)
+        from finetune.probes import spec_of
+
+        spec = spec_of(config)
         return make_plan(cfg, spec, seq_len, source, data_report=data_report, extra_notes=notes)
     except Untraceable as e:  # no memory model for it: runs only as fully pinned, unpredicted
         return unpredicted_plan(cfg, str(config.get("model_type")), seq_len, source, str(e))

@@ -70,7 +70,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from finetune.preflight.arch import ATTN_IN, ATTN_OUT, MLP_IN, MLP_MID, ArchSpec, Linear
+from finetune.architectures.spec import ATTN_IN, ATTN_OUT, MLP_IN, MLP_MID, ArchSpec, Linear
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -349,7 +349,7 @@ def layer_bytes_per_token(spec: ArchSpec, ctx: _Ctx, seq_len: int, r_in: int) ->
     and bytes per layer that do not scale with tokens (kept, and again transient in backward).
 
     `r_in` is the residual stream's dtype bytes at the layer input. A traced architecture answers from its
-    measured profile (finetune/preflight/trace.py) instead of these rules.
+    measured profile (finetune/probes/trace.py) instead of these rules.
     """
     if spec.traced is not None:
         return spec.traced.layer(spec, ctx, seq_len, r_in)
@@ -451,7 +451,7 @@ def layer_bytes_per_token(spec: ArchSpec, ctx: _Ctx, seq_len: int, r_in: int) ->
     # every adapter's rank-wide lora_A output, kept by lora_B
     kept += len(ctx.targets) * ctx.rank * (2 if ctx.autocast else ctx.lora_bytes)
     # residual dropout (Phi-2's resid_pdrop) on the attention and the MLP output: a bool mask each (CUDA's
-    # fused dropout; found by tracing the family, finetune/preflight/trace.py)
+    # fused dropout; found by tracing the family, finetune/probes/trace.py)
     kept += spec.resid_dropouts * h
     r_out = max(r_in, attn_res, mlp_res)
     transient = r_out * h + max(mlp_transient, attn_transient)

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune import versions
+from finetune.architectures.spec import ArchSpec
 from finetune.errors import ConfigError, DoesNotFitError
 from finetune.preflight import memory, speed
-from finetune.preflight.arch import ArchSpec
 from finetune.preflight.memory import GiB, Settings
-from finetune.preflight.trace import FIT_TOLERANCE, keep_unquantized
+from finetune.probes.trace import FIT_TOLERANCE, keep_unquantized
 
 SCHEMA_VERSION = 1
 N_ALTERNATIVES = 8
@@ -52,7 +52,7 @@ FSDP_GPU_COUNTS = (2, 4, 8, 16, 32, 64)
 
 @dataclass
 class Plan:
-    """plan.json (contract: ../shared/DESIGN.md). `details` is for the display only, not written."""
+    """plan.json (contract: docs/DESIGN.md). `details` is for the display only, not written."""
 
     model: dict[str, Any]
     choices: dict[str, Any]
@@ -198,7 +198,7 @@ def candidates(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, *, pins: 
                 # finetune/models/experts.py quantizes the fused experts' 3-D parameters with the rest
                 out[-1]["quantized_experts"] = True
             if keep and quant != "none":
-                # bitsandbytes' llm_int8_skip_modules for the load (finetune/preflight/trace.py found the family
+                # bitsandbytes' llm_int8_skip_modules for the load (finetune/probes/trace.py found the family
                 # reads these layers' weights directly)
                 out[-1]["keep_unquantized"] = keep
     return out
@@ -579,7 +579,7 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
     if drift:
         explanation.insert(0, drift)
     predicted = chosen.est.predicted()
-    # where the architecture's inventory came from: arch.py's rules, or traced (finetune/preflight/trace.py);
+    # where the architecture's inventory came from: arch.py's rules, or traced (finetune/probes/trace.py);
     # read after planning, since the trace runs on first use
     model["architecture_source"] = "hand-written" if spec.traced is None else "traced"
     if spec.traced is not None:
@@ -592,7 +592,7 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
 
 
 def unpredicted_plan(cfg, model_type: str, seq_len: int, seq_len_source: str, reason: str) -> Plan:
-    """The plan for an architecture the preflight cannot model (finetune/preflight/trace.py could not build or
+    """The plan for an architecture the preflight cannot model (finetune/probes/trace.py could not build or
     train a copy): only when the recipe pins every choice, which then runs as pinned, with no prediction.
     Otherwise the reason, and what to pin, in one line (ConfigError, exit 2)."""
     pin = cfg.preflight.pin

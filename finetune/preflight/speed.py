@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from finetune.preflight.arch import ArchSpec
+from finetune.architectures.spec import ArchSpec
 
 # Fraction of peak dense tensor FLOP/s a transformers + peft training step reaches at a large
 # micro-batch. From fms-acceleration's A100-80GB reference (Mistral-7B, LoRA r16 on q/k/v/o,

@@ -236,10 +236,10 @@ class Tracker:
         return self
 
     def end_dead_runs(self, runs: list[tuple[Path, dict[str, Any]]], found_by: Path) -> list[str]:
-        """End the MLflow runs of dead run directories (finetune.train.resume.dead_runs: no process
+        """End the MLflow runs of dead run directories (finetune.runs.dead_runs: no process
         holds them) that are still RUNNING in this store: KILLED, ended when the directory last
         changed (about when the process died), tagged ``ended_by``. Returns their ids."""
-        from finetune.train.resume import last_change
+        from finetune.runs import last_change
 
         ours = {self.uri, mask(self.uri)}
         ended = []

@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune import runs as resume_mod
 from finetune.distributed import world
 from finetune.errors import ConfigError, DoesNotFitError, EnvError, Interrupted
-from finetune.train import resume as resume_mod
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ def check_checkpoint_space(cfg, plan: dict[str, Any], run_dir: Path) -> None:
 def lora_config(cfg, model_config: dict[str, Any]):
     from peft import LoraConfig
 
-    from finetune.models.targets import resolve
-    from finetune.preflight import catalog
+    from finetune.architectures import catalog
+    from finetune.architectures.targets import resolve
 
     try:
         # the config the preflight planned with (catalog entry, local or tiny config.json): the same layers,
@@ -129,7 +129,13 @@ def lora_config(cfg, model_config: dict[str, Any]):
         planned = catalog.model_config(cfg.model.name_or_path)[0]
     except ConfigError:
         planned = model_config
-    targets = resolve(planned, list(cfg.adapter.targets))
+    from finetune.probes import Untraceable, spec_of
+
+    try:
+        spec = spec_of(planned)
+    except Untraceable:
+        spec = None  # no picture of its layers: peft's own all-linear, or the module names given
+    targets = resolve(spec, list(cfg.adapter.targets), str(planned.get("model_type")))
     return LoraConfig(
         r=cfg.adapter.rank,
         lora_alpha=cfg.adapter.alpha,
@@ -392,13 +398,13 @@ class _Attempt:
 
         # The training arguments before the model: building them starts the process group and sets this
         # rank's device, which decide where this rank's model goes (rank_placement).
-        if cfg.preference:  # DPO / ORPO / KTO / SimPO: TRL's trainer for the method (finetune/train/preference.py)
-            from finetune.train import preference
+        if cfg.preference:  # DPO / ORPO / KTO / SimPO: TRL's trainer for the method (finetune/methods.py)
+            from finetune import methods
 
-            train_ds, eval_ds = preference.datasets(cfg, data)
-            args = preference.training_args(cfg, choices, run_dir / resume_mod.CHECKPOINTS, device,
-                                            has_eval=eval_ds is not None)
-            trainer_class = _trainer_class(preference.trainer_base(cfg.train.method.value))
+            train_ds, eval_ds = methods.datasets(cfg, data)
+            args = methods.training_args(cfg, common_args(cfg, choices, run_dir / resume_mod.CHECKPOINTS, device,
+                                                          has_eval=eval_ds is not None))
+            trainer_class = _trainer_class(methods.trainer_base(cfg.train.method.value))
         else:
             train_ds = data.to_dataset("train")  # memory-mapped Arrow from the data stage (packed rows when packed)
             eval_ds = data.to_dataset("eval") if len(data.eval) else None
@@ -494,7 +500,7 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
           init_adapter: Path | None = None):
     """Train the adapter in `run_dir`; returns (TrainResult, the trained peft model).
 
-    `plan` is the Plan (or its dict); `resume_point` (train/resume.py) continues a checkpoint; `init_adapter`
+    `plan` is the Plan (or its dict); `resume_point` (finetune/runs.py) continues a checkpoint; `init_adapter`
     (a local adapter directory: train.init_adapter resolved by the pipeline) is the adapter training starts from.
     """
     import torch

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from finetune.runs import mark_complete
 from finetune.signals import GracefulStop
-from finetune.train.resume import mark_complete
 
 # Trainer's end-of-run summary: logged once, without a step, under names of their own
 # ("train_loss" is the mean over the run, not a step's loss).
@@ -140,7 +140,7 @@ class StopOnSignalCallback(TrainerCallback):
 
 
 class CheckpointMarkerCallback(TrainerCallback):
-    """Mark checkpoint-N complete once the Trainer has finished writing it (see train/resume.py)."""
+    """Mark checkpoint-N complete once the Trainer has finished writing it (see finetune/runs.py)."""
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:  # the process that writes checkpoints (rank 0)

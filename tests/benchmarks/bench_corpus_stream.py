@@ -37,10 +37,11 @@ sys.path.insert(0, {repo!r})
 from data_prep.prepare import prepare
 from finetune.config import DatasetConfig, DatasetFormat, ModelConfig
 from finetune.models.loader import load_tokenizer
+from finetune.probes.packing import padding_free_packing
 tokenizer = load_tokenizer(ModelConfig(name_or_path="tiny:llama"), 2048)
 cfg = DatasetConfig(path={corpus!r}, format=DatasetFormat.text, max_seq_len=1024, eval_fraction=0.01, packing=True)
 t = time.perf_counter()
-data = prepare(cfg, tokenizer, None, model_type="llama", progress=False)
+data = prepare(cfg, tokenizer, None, packing_probe=padding_free_packing, model_type="llama", progress=False)
 r = data.report
 print(json.dumps({{"seconds": time.perf_counter() - t, "report": {{
     "rows_read": r.rows_read, "documents": r.documents, "rejected": r.rejected, "duplicates": r.duplicates,

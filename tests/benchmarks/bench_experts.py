@@ -37,8 +37,9 @@ def _run(path: str, quantized_experts: bool, device: str) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from finetune.architectures.targets import resolve
     from finetune.models import experts
-    from finetune.models.targets import resolve
+    from finetune.probes import spec_of
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
@@ -53,7 +54,7 @@ def _run(path: str, quantized_experts: bool, device: str) -> dict:
     else:
         stored = bf16 = sum(p.untyped_storage().nbytes() for _, m in experts.experts_modules(model)
                             for p in m.parameters(recurse=False) if p.dim() == 3)
-    targets = resolve(CONFIG, ["all-linear"])
+    targets = resolve(spec_of(CONFIG), ["all-linear"])
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=list(targets.modules),
                       target_parameters=list(targets.parameters))
     experts.register_lora(lora, model)

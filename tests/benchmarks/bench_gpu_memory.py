@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# a hand-written family of each size, and one the preflight traces (finetune/preflight/trace.py)
+# a hand-written family of each size, and one the preflight traces (finetune/probes/trace.py)
 DEFAULT_MODELS = ["Qwen/Qwen2.5-1.5B", "meta-llama/Llama-2-7b-hf", "google/gemma-3-1b-pt"]
 
 
@@ -39,8 +39,8 @@ def _model_dir(name: str, root: Path) -> str:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from finetune.architectures import catalog
     from finetune.models import tiny
-    from finetune.preflight import catalog
 
     tok_src = tiny.ensure_built("tiny:llama")
     if tiny.is_tiny(name):

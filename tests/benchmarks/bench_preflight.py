@@ -42,9 +42,11 @@ def _median_of(fn, n: int) -> float:
 
 def main() -> int:
     sys.path.insert(0, str(REPO))
+    from finetune.architectures import catalog
     from finetune.config import compose
-    from finetune.preflight import arch, catalog, memory, run_preflight
+    from finetune.preflight import memory, run_preflight
     from finetune.preflight.planner import candidates
+    from finetune.probes import spec_of
 
     with tempfile.TemporaryDirectory() as cwd:
         python_start = _median_of(lambda: _wall([sys.executable, "-c", "pass"], cwd), RUNS)
@@ -54,7 +56,7 @@ def main() -> int:
                                                  "stages=[preflight]", "hardware=rtx4070"], cwd), RUNS)
 
     cfg = compose(["+recipe=llama2-70b-plan"])
-    spec = arch.from_config(catalog.model_config(cfg.model.name_or_path)[0])
+    spec = spec_of(catalog.model_config(cfg.model.name_or_path)[0])
     cands = candidates(cfg, spec, cfg.dataset.max_seq_len, "recipe")
 
     def one_estimate() -> float:

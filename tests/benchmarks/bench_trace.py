@@ -4,7 +4,7 @@
 
 For each model, `finetune +recipe=qwen3-8b model.name_or_path=MODEL stages=[preflight]` runs in a fresh
 process twice against an empty trace cache: the first run derives the structure on the meta device and
-traces the planned settings on scaled-down copies (finetune/preflight/trace.py); the second reads both
+traces the planned settings on scaled-down copies (finetune/probes/trace.py); the second reads both
 from the cache and imports no torch. A hand-written family's dry run is measured beside them, in the same
 run, as the baseline. Writes tests/benchmarks/results/trace_latency.json.
 """

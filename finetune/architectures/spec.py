@@ -17,7 +17,6 @@ transformers on the meta device and holds these counts to the real model's.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +29,7 @@ ATTN_OUT = "attn_out"  # the attention output (o_proj, dense)
 MLP_IN = "mlp_in"  # the normed input of the MLP (gate/up, fc_in)
 MLP_MID = "mlp_mid"  # the MLP's inner activation (down_proj, fc_out)
 OTHER = "other"  # neither attention nor MLP (a state-space mixer's projections): traced families only
-# adapter.targets presets -> the groups of linear layers they select (as finetune/models/targets.py)
+# adapter.targets presets -> the groups of linear layers they select (as finetune/architectures/targets.py)
 PRESETS = {"all-linear": (ATTN_IN, ATTN_OUT, MLP_IN, MLP_MID, OTHER), "attention": (ATTN_IN, ATTN_OUT),
            "mlp": (MLP_IN, MLP_MID)}
 
@@ -92,7 +91,7 @@ class ArchSpec:
     extra_params: int = 0  # outside the blocks: BLOOM's embedding LayerNorm
     resid_dropouts: int = 0  # dropouts on the residual branches per block (Phi: resid_pdrop > 0 gives two)
     extra: dict[str, Any] = field(default_factory=dict)
-    # traced families (finetune/preflight/trace.py): the experts' 3-D parameters as counted on the meta device
+    # traced families (finetune/probes/trace.py): the experts' 3-D parameters as counted on the meta device
     # (name under the block, the two dimensions LoRA's factors span), and the measured activation profile
     expert_param_count: int | None = None
     expert_shapes: tuple[tuple[str, int, int], ...] = ()
@@ -242,7 +241,7 @@ class ArchSpec:
             return self.kv_heads  # flash and SDPA with enable_gqa take grouped heads
         # the math kernel broadcasts k and v in its matmuls, and torch.matmul materializes a broadcast batch
         # dimension (expand + reshape copies): the expanded k and v are what its bmm keeps (found by tracing
-        # Falcon-7B, finetune/preflight/trace.py)
+        # Falcon-7B, finetune/probes/trace.py)
         return self.heads
 
 
@@ -502,25 +501,33 @@ FAMILIES = {
 }
 
 
-_TRACED: dict[str, ArchSpec] = {}
+class Untraceable(ConfigError):
+    """transformers cannot build the architecture (custom code, no causal-LM class) or its copy does not train:
+    the preflight cannot plan it, and a fully pinned recipe may still run it unplanned."""
+
+
+class NotHandWritten(ConfigError):
+    """The family has no hand-written rules here: finetune.probes.spec_of traces it (torch)."""
+
+
+def is_hand_written(config: dict[str, Any]) -> bool:
+    return config.get("model_type") in FAMILIES
 
 
 def from_config(config: dict[str, Any]) -> ArchSpec:
-    """The architecture of `config` (a config.json dict): hand-written rules for the families above (no torch),
-    else derived from transformers' own model and traced (finetune/preflight/trace.py: torch on a model's first
-    plan, the trace cache after). One spec per config in a process, so its traced settings are measured once."""
+    """The architecture of `config` (a config.json dict) by the hand-written rules of the families above: pure
+    arithmetic, no torch. Another family raises NotHandWritten; finetune.probes.spec_of derives it from
+    transformers' own model instead (traced)."""
     model_type = config.get("model_type")
     if not model_type:
         raise ConfigError("model config: config.json has no model_type")
     if model_type not in FAMILIES:
-        key = json.dumps(config, sort_keys=True, default=str)
-        if key not in _TRACED:
-            from finetune.preflight import trace
+        raise NotHandWritten(f"model config: '{model_type}' has no hand-written rules (finetune.probes traces it)")
+    return checked(FAMILIES[model_type](config))
 
-            _TRACED[key] = trace.derive(config)
-        spec = _TRACED[key]
-    else:
-        spec = FAMILIES[model_type](config)
+
+def checked(spec: ArchSpec) -> ArchSpec:
+    """`spec` if its dimensions are plausible, else a ConfigError naming them."""
     if spec.layers < 1 or spec.hidden < 1 or spec.heads < 1 or spec.vocab < 1:
         raise ConfigError(f"model config: implausible dimensions in config.json ({spec.layers} layers, hidden "
                           f"{spec.hidden}, {spec.heads} heads, vocabulary {spec.vocab})")

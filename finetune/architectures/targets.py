@@ -14,14 +14,14 @@ neither bitsandbytes' ``load_in_4bit`` (they stay in the compute dtype) nor peft
 parameter), so that ``all-linear`` and ``mlp`` mean the same thing for an MoE model as
 for a dense one; ``attention`` gives attention-only adapters.
 
-No torch here: the layer tables are the preflight's.
+No torch here: the layer tables are the architecture's (spec.py, or traced by finetune.probes).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from finetune.architectures.spec import PRESETS, ArchSpec
 from finetune.errors import ConfigError
 
 
@@ -31,26 +31,19 @@ class Targets:
     parameters: tuple[str, ...] = ()
 
 
-def resolve(config: dict[str, Any], targets: list[str]) -> Targets:
-    """The peft targets for `adapter.targets` on the architecture of `config` (a config.json dict).
-
-    The architecture's linear layers and presets are the preflight's (finetune/preflight/arch.py):
-    one table, so the adapter that trains is the one the plan counted. ConfigError names what is unknown.
+def resolve(spec: ArchSpec | None, targets: list[str], model_type: str = "") -> Targets:
+    """The peft targets for `adapter.targets` on the architecture `spec` (finetune.probes.spec_of of the
+    config the preflight planned with): one table, so the adapter that trains is the one the plan counted.
+    `spec` None: no picture of its layers (Untraceable: custom code, run unpredicted), so peft's own
+    all-linear or the module names given. ConfigError names what is unknown.
     """
-    from finetune.preflight import arch
-    from finetune.preflight.trace import Untraceable
-
-    try:
-        spec = arch.from_config(config)
-    except Untraceable as untraceable:
-        # no picture of its layers (custom code, run unpredicted): peft's own all-linear, or the names given
+    if spec is None:
         if list(targets) == ["all-linear"]:
             return Targets(modules=("all-linear",))
-        presets = [t for t in targets if t in arch.PRESETS]
+        presets = [t for t in targets if t in PRESETS]
         if presets:
             raise ConfigError(f"adapter.targets: {presets[0]} needs the architecture's layers, which the preflight "
-                              f"cannot read for '{config.get('model_type')}'; use all-linear or name the modules"
-                              ) from untraceable
+                              f"cannot read for '{model_type}'; use all-linear or name the modules")
         return Targets(modules=tuple(targets))
     modules = tuple(dict.fromkeys(lin.name for lin in spec.lora_targets(list(targets))))
     parameters = tuple(name for name, *_ in spec.lora_param_targets(list(targets), 1))

@@ -1,4 +1,5 @@
-"""Preference methods (train.method: dpo | orpo | kto | simpo) on TRL's own trainers.
+"""The training methods beside SFT (train.method: dpo | orpo | kto | simpo) on TRL's own trainers: each one's
+TRL config and trainer class, and its own config fields; the train and evaluate stages both use it.
 
 The train stage is the same as for SFT (finetune/train/__init__.py: the plan's batch and precision, complete-only
 checkpoints, resume, signals, out-of-memory re-planning); only the TRL config and trainer class differ, chosen
@@ -11,7 +12,6 @@ of the weights); ORPO and SimPO need none.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import Any
 
 # method -> (module, TRL config class, TRL trainer class); ORPO and CPO (SimPO's trainer) live in
@@ -49,11 +49,11 @@ def method_args(cfg) -> dict[str, Any]:
     return args
 
 
-def training_args(cfg, choices: dict[str, Any], output_dir: Path, device: str, has_eval: bool):
-    from finetune.train import common_args
-
+def training_args(cfg, common: dict[str, Any]):
+    """The method's TRL config: `common`, the arguments every method shares (finetune.train.common_args: the
+    plan's batch, precision, checkpoints), and the method's own fields."""
     config_class, _ = _classes(cfg.train.method.value)
-    return config_class(**common_args(cfg, choices, output_dir, device, has_eval), **method_args(cfg))
+    return config_class(**common, **method_args(cfg))
 
 
 def datasets(cfg, data):

@@ -5,8 +5,8 @@
 
 The adapter is merged into its base as ``finetune-merge`` does (the original weights, or with --from-quantized
 the dequantized 4-bit base that was trained; it says which), then written as one GGUF per quant with the
-tokenizer, its special tokens and the chat template of training (finetune/models/gguf_file.py), and a
-``Modelfile`` beside it (finetune/models/modelfile.py). Everything is written under temporary names and renamed
+tokenizer, its special tokens and the chat template of training (finetune/export/gguf_file.py), and a
+``Modelfile`` beside it (finetune/export/modelfile.py). Everything is written under temporary names and renamed
 at the end: a failure leaves nothing half-written under the output names. The files and their sizes are logged
 to the MLflow run that trained the adapter.
 """
@@ -56,7 +56,7 @@ def _recipe(run_dir: Path) -> dict[str, Any]:
 
 
 def _check_quants(quants: list[str]) -> list[str]:
-    from finetune.models.gguf_file import QUANTS
+    from finetune.export.gguf_file import QUANTS
 
     bad = [q for q in quants if q not in QUANTS]
     if bad:
@@ -85,7 +85,7 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
            from_quantized: bool = False, name: str | None = None, tracking_uri: str = "sqlite:///mlflow.db",
            log_to_mlflow: bool = True, trust_remote_code: bool = False, progress: bool = True) -> dict[str, Any]:
     """Merge and write the GGUF files and the Modelfile; returns the export.json record."""
-    from finetune.models import gguf_file
+    from finetune.export import gguf_file
     from finetune.models.adapters import adapter_dir
     from finetune.models.merge import find_run
     from finetune.paths import free_bytes
@@ -104,8 +104,8 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
 
     from transformers import AutoTokenizer
 
+    from finetune.export.modelfile import modelfile
     from finetune.models.merge import merged_model
-    from finetune.models.modelfile import modelfile
 
     merged, which, dtype = merged_model(run, from_quantized)
     state = merged.state_dict()
@@ -177,7 +177,7 @@ def _progress(label: str, show: bool):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from finetune.models.gguf_file import QUANTS
+    from finetune.export.gguf_file import QUANTS
 
     parser = argparse.ArgumentParser(prog="finetune-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("adapter", help="the adapter directory, its run directory, or an MLflow URI (models:/NAME/N, "

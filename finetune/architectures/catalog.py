@@ -11,8 +11,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from finetune.architectures import tiny
 from finetune.errors import ConfigError
-from finetune.models import tiny
 
 _HERE = Path(__file__).resolve().parent
 

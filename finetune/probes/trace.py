@@ -1,6 +1,6 @@
 """Architectures without hand-written rules: their inventory measured on a scaled-down copy.
 
-arch.py describes 14 families by hand. For any other ``model_type`` transformers can build,
+finetune/architectures/spec.py describes some families by hand. For any other ``model_type`` transformers can build,
 this module derives the same picture from the installed stack itself:
 
 Structure and parameters (exact)
@@ -39,7 +39,7 @@ Activations (measured, then fitted)
 Results are cached per (configuration structure, settings, transformers / torch / peft /
 bitsandbytes versions) under the user cache (``traces.json``): the first plan of a new
 architecture takes a few seconds, the next one about a second without importing torch (the
-structure is cached too). A family arch.py knows never comes here, so its dry run imports no torch.
+structure is cached too). A family spec.py knows never comes here, so its dry run imports no torch.
 An architecture that cannot be built or trained here raises :class:`Untraceable`: the recipe may
 still run it with every choice pinned and no prediction (planner.unpredicted_plan).
 
@@ -64,9 +64,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune import versions
+from finetune.architectures import spec as arch
+from finetune.architectures.spec import Untraceable
 from finetune.errors import ConfigError
-from finetune.models.capabilities import fit_token_ids
 from finetune.paths import cached_entry, store_entry
+from finetune.probes.packing import fit_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +99,6 @@ _MLP_WORDS = ("mlp", "feed_forward", "ffn", "moe", "block_sparse_moe")
 _ATTN_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "output", "proj")
 
 
-class Untraceable(ConfigError):
-    """transformers cannot build the architecture (custom code, no causal-LM class) or its copy does not train:
-    the preflight cannot plan it, and a fully pinned recipe may still run it unplanned."""
 
 
 def _first(config: dict[str, Any], keys: tuple[str, ...]) -> Any:
@@ -213,7 +212,6 @@ def _blocks(model, n_layers: int):
 # -- structure from the meta device -----------------------------------------------------------
 
 def _group(path: str, name: str, in_f: int, out_f: int, hidden: int, first_in_attention: bool) -> str:
-    from finetune.preflight import arch
 
     parts = path.split(".")[:-1]
     if any(any(w in p for w in _ATTENTION_WORDS) for p in parts):
@@ -230,7 +228,6 @@ def derive(config: dict[str, Any]):
     traced activation profile. ConfigError (one line) when transformers cannot build it as a causal LM.
 
     The structure is cached with the traces: a second plan of the same model imports no torch."""
-    from finetune.preflight import arch
 
     key = _structure_key(config)
     hit = _cached(key)
@@ -251,7 +248,6 @@ def derive(config: dict[str, Any]):
 
 
 def _derive(config: dict[str, Any]):
-    from finetune.preflight import arch
 
     model_type = config.get("model_type")
     try:
