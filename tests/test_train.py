@@ -27,7 +27,7 @@ from finetune.runs import COMPLETE, complete_checkpoints, recipe_changes
 from finetune.train import callbacks as train_callbacks
 from finetune.train.oom import next_plan
 
-pytestmark = pytest.mark.slow
+# the tests that train (or start processes) are marked slow one by one; the pure ones stay in make test-fast
 
 STEPS = 16
 BASE = ["+recipe=tiny-demo", f"train.max_steps={STEPS}", "train.save_steps=4", "stages=[data,preflight,train]"]
@@ -65,6 +65,7 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_the_uninterrupted_one(workdir, interrupt_at):
     straight = run_pipeline(compose(BASE), workdir / "a" / "tiny-demo" / "run")
 
@@ -102,6 +103,7 @@ def test_resumed_run_equals_the_uninterrupted_one(workdir, interrupt_at):
     assert sorted(set(history)) == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_same_seed_same_loss_curve(workdir):
     one = run_pipeline(compose(BASE + ["train.max_steps=8"]), workdir / "x" / "tiny-demo" / "run")
     two = run_pipeline(compose(BASE + ["train.max_steps=8"]), workdir / "y" / "tiny-demo" / "run")
@@ -111,6 +113,7 @@ def test_same_seed_same_loss_curve(workdir):
     assert other["train"].loss_history != one["train"].loss_history
 
 
+@pytest.mark.slow
 def test_changed_recipe_is_refused_with_the_list_of_changes(workdir, interrupt_at):
     interrupt_at(5)
     first = workdir / "tiny-demo" / "first"
@@ -170,6 +173,7 @@ def oom_when(monkeypatch):
     return arm
 
 
+@pytest.mark.slow
 def test_out_of_memory_continues_with_a_smaller_plan(workdir, oom_when):
     # Micro-batches above 4 sequences "do not fit", from step 5 on.
     oom_when(lambda trainer, inputs: trainer.state.global_step >= 5 and inputs["input_ids"].shape[0] > 4)
@@ -198,6 +202,7 @@ def test_out_of_memory_continues_with_a_smaller_plan(workdir, oom_when):
     assert replan["next"] == final
 
 
+@pytest.mark.slow
 def test_out_of_memory_frees_the_old_model_before_the_next_plan_loads(workdir, oom_when, monkeypatch):
     """After an out-of-memory error nothing keeps the failed plan's model alive (not the exception's
     traceback, not the Trainer, its callbacks or its Accelerator): on a GPU, loading the next plan's
@@ -237,6 +242,7 @@ def test_out_of_memory_frees_the_old_model_before_the_next_plan_loads(workdir, o
     assert all(e["error"].startswith("CUDA out of memory") for e in train.oom_replans), "the message is kept"
 
 
+@pytest.mark.slow
 def test_out_of_memory_with_no_smaller_plan_exits_4(workdir, oom_when):
     oom_when(lambda trainer, inputs: True)
     cfg = compose(BASE + ["preflight.pin.micro_batch_size=1", "preflight.pin.gradient_checkpointing=true"])
@@ -280,6 +286,7 @@ def _wait_for(predicate, timeout: float, proc=None) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     """The real thing: `kill -TERM` on a training process, then the same command again."""
     env = dict(os.environ)
@@ -321,6 +328,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_train_the_adapter_of_one_node_with_two_processes(tmp_path):
     """torchrun with 2 gloo processes on one node (accelerate launch --cpu --num_processes 2 silently runs one),
     then 2 torchrun "nodes" of one process each on 127.0.0.1 (--nnodes 2, c10d rendezvous): the same seed gives
