@@ -22,14 +22,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
 from finetune.architectures import catalog
 from finetune.architectures import spec as arch
 from finetune.preflight.memory import _Ctx, layer_bytes_per_token
 from finetune.probes import spec_of
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 TINY = {
     "llama": dict(model_type="llama", hidden_size=64, intermediate_size=192, num_hidden_layers=2,

@@ -24,8 +24,6 @@ from finetune.errors import ConfigError
 from finetune.preflight import memory, run_preflight
 from finetune.probes import spec_of, trace
 
-pytest.importorskip("torch")
-
 pytestmark = pytest.mark.slow
 
 HAND_WRITTEN = ["meta-llama/Llama-2-7b-hf", "mistralai/Mistral-7B-v0.1", "mistralai/Mixtral-8x7B-v0.1",
