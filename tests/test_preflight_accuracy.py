@@ -151,38 +151,6 @@ def test_the_fp32_upcast_is_a_setting_not_a_factor():
     assert e3.breakdown["weights_unquantized"] > e5.breakdown["weights_unquantized"]
 
 
-def _own_measurements() -> list[dict]:
-    """Rows of `make bench-gpu` (tests/benchmarks/results/gpu_memory_*.json): this project's own stack."""
-    import json
-
-    rows = []
-    for path in sorted((Path(__file__).parent / "benchmarks" / "results").glob("gpu_memory_*.json")):
-        data = json.loads(path.read_text())
-        if data.get("device", "cpu") == "cpu":
-            continue  # a smoke run: resident memory, not GPU allocator peaks
-        rows += [dict(r, device=data["device"]) for r in data["rows"] if "peak_allocated_bytes" in r.get("measured", {})]
-    return rows
-
-
-def test_estimates_match_our_own_gpu_measurements(capsys):
-    """Measurements taken with this project's stack outrank published ones: same targets as the hf rows.
-    The estimate is recomputed with the current memory model from each row's recorded choices."""
-    rows = _own_measurements()
-    if not rows:
-        pytest.skip("no GPU measurements committed yet (make bench-gpu on a CUDA machine writes them)")
-    errors, lines = [], []
-    for row in rows:
-        spec = spec_of(catalog.model_config(row["model"])[0])
-        est = memory.estimate(spec, row["choices"], rank=row.get("rank", 16), targets=["all-linear"],
-                              settings=Settings(lora_dropout=row.get("dropout", 0.05)))
-        measured = row["measured"]["peak_allocated_bytes"]
-        err = est.peak_allocated / measured - 1
-        errors.append(abs(err))
-        lines.append(f"{row['device']:28} {row['model']:28} {row['quantization']:5} ckpt={row['gradient_checkpointing']!s:5} "
-                     f"seq={row['seq_len']:5} measured {measured / GiB:6.2f} GiB predicted "
-                     f"{est.peak_allocated / GiB:6.2f} GiB {err:+.1%}")
-    text = "\n".join(lines + [f"median |error| {statistics.median(errors):.1%}, worst {max(errors):.1%}"])
-    with capsys.disabled():
-        print("\n" + text)
-    assert statistics.median(errors) <= 0.10, text
-    assert max(errors) <= 0.25, text
+# This project's own GPU measurements (make bench-gpu) are compared with the prediction by the benchmark
+# itself (tests/benchmarks/bench_gpu_memory.py: committed_accuracy), which says "not measured" while none is
+# committed: a test that could only skip here proved nothing.

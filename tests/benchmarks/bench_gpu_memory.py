@@ -141,6 +141,40 @@ def run_point(args) -> dict:
             "torch": torch.__version__}
 
 
+def committed_accuracy(results: Path) -> str:
+    """The preflight's prediction against this project's own GPU measurements (the gpu_memory_<device>.json
+    files `make bench-gpu` commits), recomputed with the current memory model from each row's recorded choices;
+    "not measured" while none from a CUDA machine is committed (a CPU smoke run measures resident memory, not
+    GPU allocator peaks). Published measurements are held by tests/test_preflight_accuracy.py."""
+    import statistics
+
+    from finetune.architectures import catalog
+    from finetune.preflight import memory
+    from finetune.probes import spec_of
+
+    rows = []
+    for path in sorted(results.glob("gpu_memory_*.json")):
+        data = json.loads(path.read_text())
+        if data.get("device", "cpu") != "cpu":
+            rows += [dict(r, device=data["device"]) for r in data["rows"]
+                     if "peak_allocated_bytes" in r.get("measured", {})]
+    if not rows:
+        return "own GPU measurements: not measured (no gpu_memory_<device>.json from a CUDA machine committed)"
+    errors, lines = [], []
+    for row in rows:
+        spec = spec_of(catalog.model_config(row["model"])[0])
+        est = memory.estimate(spec, row["choices"], rank=row.get("rank", 16), targets=["all-linear"],
+                              settings=memory.Settings(lora_dropout=row.get("dropout", 0.05)))
+        measured = row["measured"]["peak_allocated_bytes"]
+        err = est.peak_allocated / measured - 1
+        errors.append(abs(err))
+        lines.append(f"{row['device']:28} {row['model']:28} {row['quantization']:5} "
+                     f"ckpt={row['gradient_checkpointing']!s:5} seq={row['seq_len']:5} measured "
+                     f"{measured / memory.GiB:6.2f} GiB predicted {est.peak_allocated / memory.GiB:6.2f} GiB {err:+.1%}")
+    return "\n".join(lines + [f"own GPU measurements: median |error| {statistics.median(errors):.1%}, "
+                               f"worst {max(errors):.1%} over {len(rows)} plans"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
@@ -167,6 +201,7 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
     if device is None:
         print("bench_gpu_memory: no CUDA device here; nothing measured (--device cpu runs a smoke test)")
+        print(committed_accuracy(Path(__file__).parent / "results"))
         return
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     rows = []
