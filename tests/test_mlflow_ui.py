@@ -1,8 +1,8 @@
 """Comparing runs in the real MLflow UI: a real tracking server, a real 2-job sweep, headless Chromium.
 
 Also: what happens when the tracking server is not there, and that no secret reaches MLflow.
-The browser comes from Debian's packages (chromium, chromium-driver), installed here when
-missing; this test must run, not skip.
+The browser comes from Debian's packages (chromium, chromium-driver), which `make browser` installs
+(the first step of `make test`); this test must run, not skip.
 """
 
 from __future__ import annotations
@@ -34,18 +34,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def chromium() -> tuple[str, str]:
-    """Debian's chromium and chromedriver, installed by apt when missing."""
-    browser, driver = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    if not (Path(browser).exists() and Path(driver).exists()):
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        install = ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
-        proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
-        if proc.returncode != 0:  # stale package lists on a fresh machine
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True, env=env, timeout=900)
-            proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
-        if proc.returncode != 0:
-            pytest.fail(f"could not install chromium and chromium-driver with apt-get: {proc.stderr[-1500:]}")
-        browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    """Debian's chromium and chromedriver, which `make browser` (the first step of `make test`) installs."""
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.fail("chromium and chromedriver are not installed: run `make browser` (apt-get install chromium "
+                    "chromium-driver); make test does it first")
     return browser, driver
 
 
