@@ -128,3 +128,18 @@ def test_disk_space_is_checked_before_a_download(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**13, 0, 10**13))
     loader.check_disk_space(model, tmp_path / "hub")  # room enough: no error
     loader.check_disk_space(ModelConfig(name_or_path="tiny:llama"), tmp_path / "hub")  # local: never checked
+
+
+def test_disk_space_of_a_traced_family_is_sized_by_the_plan(tmp_path, monkeypatch):
+    from finetune.preflight import run_preflight
+
+    plan = run_preflight(compose(["+recipe=qwen3-8b"])).to_dict()  # Qwen3: traced, no hand-written rules
+    model = ModelConfig(name_or_path=plan["model"]["name"])
+    params = plan["model"]["params_total"]
+    assert loader.download_size(model) is None  # the models layer alone knows only the hand-written families
+    assert loader.download_size(model, params) == 2 * params  # bf16 on the hub
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 10**9, 10**9))
+    with pytest.raises(EnvError) as info:
+        loader.check_disk_space(model, tmp_path / "hub", params_total=params)
+    assert "1 GB" in str(info.value) and "HF_HOME" in str(info.value)

@@ -477,23 +477,24 @@ def quantization_config(choices: dict[str, Any]):
     return None
 
 
-def download_size(model_cfg) -> int | None:
+def download_size(model_cfg, params_total: int | None = None) -> int | None:
     """Bytes of the checkpoint a hub id would download (its parameters in its stored dtype), when the
-    catalog knows the model; None otherwise."""
+    catalog knows the model: `params_total` as the plan counted it (traced families too), else the
+    hand-written rules' count; None otherwise."""
     from finetune.architectures import catalog
     from finetune.architectures import spec as arch
 
     try:
         config, _ = catalog.model_config(model_cfg.name_or_path)
-        # the hand-written families only: a traced one would need torch and a trace here, before the download
-        params = arch.from_config(config).params_total
+        # without the plan's count, the hand-written families only (a traced one needs finetune.probes)
+        params = params_total if params_total else arch.from_config(config).params_total
     except ConfigError:
         return None
     stored = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     return params * (4 if stored == "float32" else 2)
 
 
-def check_disk_space(model_cfg, cache_dir: Path | None = None) -> None:
+def check_disk_space(model_cfg, cache_dir: Path | None = None, params_total: int | None = None) -> None:
     """Before a download: is there room for the checkpoint in the Hugging Face cache?
 
     Checked only for hub ids that are not cached yet and whose size the catalog knows; a
@@ -504,7 +505,7 @@ def check_disk_space(model_cfg, cache_dir: Path | None = None) -> None:
     name = model_cfg.name_or_path
     if tiny.is_tiny(name) or Path(name).expanduser().exists():
         return
-    size = download_size(model_cfg)
+    size = download_size(model_cfg, params_total)
     if size is None:
         return
     for index in ("model.safetensors.index.json", "model.safetensors"):

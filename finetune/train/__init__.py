@@ -515,6 +515,10 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
     check_world(cfg)
     if rank == 0:
         check_checkpoint_space(cfg, plan_dict, run_dir)
+        from finetune.models.loader import check_disk_space
+
+        # room for the download, sized by the plan's parameter count (traced families too)
+        check_disk_space(cfg.model, params_total=(plan_dict.get("model") or {}).get("params_total"))
     checkpoint = str(resume_point.checkpoint) if resume_point is not None else None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
