@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from finetune.architectures import catalog
+from finetune.architectures.catalog import ResolvedModel
 from finetune.config import RunConfig, Stage, flatten, to_plain_dict
 from finetune.distributed import is_leader, world
 from finetune.errors import ConfigError, FinetuneError
@@ -63,23 +65,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _model_vocab_size(cfg: RunConfig) -> int | None:
-    from finetune.architectures import catalog
-
-    try:
-        return int(catalog.model_config(cfg.model.name_or_path)[0]["vocab_size"])
-    except (ConfigError, KeyError, TypeError, ValueError):
-        return None
-
-
-def _model_config(cfg: RunConfig) -> dict | None:
-    """The model's config.json, offline when the catalog knows it; None if it cannot be read."""
-    from finetune.architectures import catalog
-
-    try:
-        return catalog.model_config(cfg.model.name_or_path)[0]
-    except ConfigError:
-        pass
+def _model_config(cfg: RunConfig, model: ResolvedModel) -> dict | None:
+    """The model's config.json: as resolved offline, else through transformers (the hub, when online); None if it
+    cannot be read."""
+    if model.config is not None:
+        return model.config
     try:
         from transformers import AutoConfig
 
@@ -134,17 +124,19 @@ def resolve_init_adapter(cfg: RunConfig, stages: set[str]):
     return init
 
 
-def run_data_stage(cfg: RunConfig, run_dir: Path):
-    """Prepare (or reuse) the dataset; writes data_report.json and token_lengths.png into the run directory."""
+def run_data_stage(cfg: RunConfig, run_dir: Path, model: ResolvedModel | None = None):
+    """Prepare (or reuse) the dataset; writes data_report.json and token_lengths.png into the run directory.
+    `model`: the run's model as the pipeline resolved it (resolved here when not given)."""
     from data_prep.prepare import RejectedRowsError, prepare
     from data_prep.report import write_histogram
     from data_prep.templates import BUILTIN
     from finetune.models.loader import load_tokenizer
 
+    model = model or catalog.resolve_model(cfg.model.name_or_path)
     builtin = BUILTIN.get(cfg.model.chat_template or "")
-    tokenizer = load_tokenizer(cfg.model, _model_vocab_size(cfg), builtin.jinja if builtin else None)
+    tokenizer = load_tokenizer(cfg.model, model.vocab_size, builtin.jinja if builtin else None)
     _remove_orphaned_builds()
-    model_config = _model_config(cfg) if cfg.dataset.packing and not cfg.preference else None
+    model_config = _model_config(cfg, model) if cfg.dataset.packing and not cfg.preference else None
     try:
         if cfg.preference:  # pairs (or KTO's labelled completions) for a preference method
             from data_prep import preference
@@ -286,6 +278,8 @@ def _run_stages(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None,
     quiet_libraries()
     stages = _stages(cfg)
     leader = is_leader()
+    # the model, resolved once (config.json, offline first) and handed to every stage
+    resolved = catalog.resolve_model(cfg.model.name_or_path)
     if Stage.train.value in stages:
         from finetune.train import check_world
 
@@ -307,7 +301,7 @@ def _run_stages(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None,
 
     data = tokenizer = None
     if Stage.data.value in stages:
-        data, tokenizer = run_data_stage(cfg, run_dir)
+        data, tokenizer = run_data_stage(cfg, run_dir, resolved)
         results["data"] = data
 
     resume_point = None
@@ -332,7 +326,7 @@ def _run_stages(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None,
                 "step": resume_point.step, "recipe_changes": resume_point.changes}, indent=2) + "\n")
         log.info("resuming %s from %s", work_dir, resume_point.describe())
     elif Stage.preflight.value in stages:
-        plan = run_preflight(cfg, data.report if data is not None else None)
+        plan = run_preflight(cfg, data.report if data is not None else None, model=resolved)
         if leader:
             write_plan(plan, run_dir)
     if plan is not None and leader:
@@ -365,7 +359,8 @@ def _run_stages(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None,
             tracker.set_tags({"resumed_from_step": resume_point.step, "resumed_by": str(run_dir.resolve())})
             if resume_point.changes:
                 tracker.log_dict({"changes": resume_point.changes}, f"resumes/step-{resume_point.step}.json")
-        results.update(_train_and_eval(cfg, plan, data, tokenizer, work_dir, tracker, stages, resume_point, init))
+        results.update(_train_and_eval(cfg, plan, data, tokenizer, work_dir, tracker, stages, resume_point, init,
+                                       resolved))
     if leader:
         console.print(f"[bold green]done[/bold green]: adapter {results['train'].adapter_dir}")
         console.print(f"MLflow run {results['run_id']} (experiment '{cfg.tracking.experiment}', {tracker.uri}); "
@@ -427,12 +422,13 @@ def _log_run_start(tracker, cfg: RunConfig, plan, data, run_dir: Path, sweep, in
 
 
 def _train_and_eval(cfg: RunConfig, plan, data, tokenizer, run_dir: Path, tracker, stages: set[str],
-                    resume_point=None, init=None):
+                    resume_point=None, init=None, resolved: ResolvedModel | None = None):
     from finetune.train import train
 
     out: dict[str, Any] = {}
     init_path = init.path if init is not None else None
-    result, model = train(cfg, plan, data, tokenizer, run_dir, tracker, resume_point, init_adapter=init_path)
+    result, model = train(cfg, plan, data, tokenizer, run_dir, tracker, resume_point, init_adapter=init_path,
+                          resolved=resolved)
     out["train"] = result
     out["model"] = model
     if not is_leader():

@@ -524,3 +524,20 @@ def test_a_two_node_plan_is_per_gpu_and_charges_the_network():
     assert "2 nodes x 2 GPUs" in note and "internode_gbps=10 Gb/s" in note
     with pytest.raises(ConfigError, match="hardware.num_nodes"):
         plan("hardware.num_nodes=0")
+
+
+def test_preflight_plans_the_model_the_pipeline_resolved():
+    """The pipeline resolves the model once (architectures.catalog.ResolvedModel) and hands it to the stages: the
+    preflight plans that config, and does not look the model up again."""
+    from finetune.architectures.catalog import ResolvedModel, model_config, resolve_model
+
+    cfg = compose(["+recipe=tiny-demo", "model.name_or_path=nowhere/unknown-model"])
+    config, _ = model_config("tiny:llama")
+    plan = run_preflight(cfg, model=ResolvedModel("nowhere/unknown-model", config, "resolved by the pipeline"))
+    assert plan.model["params_total"] == derive_spec(config).params_total
+    with pytest.raises(ConfigError, match="nowhere/unknown-model"):
+        run_preflight(cfg)  # on its own it resolves the name, which is nowhere
+    unresolved = resolve_model("nowhere/unknown-model")
+    assert unresolved.config is None and unresolved.vocab_size is None
+    with pytest.raises(ConfigError, match="neither a local directory"):
+        unresolved.require()

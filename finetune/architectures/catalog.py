@@ -7,6 +7,7 @@ keyed by hub id, so that a plan for meta-llama/Llama-2-70b-hf needs no download.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -120,3 +121,40 @@ def model_config(name_or_path: str) -> tuple[dict[str, Any], str]:
         "config.json into a directory (huggingface-cli download ID config.json --local-dir DIR) and point "
         "model.name_or_path at it"
     )
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The model of a run as the pipeline resolves it once, before any stage: its config.json (offline: a
+    tiny spec, a local directory, the catalog) and where that came from. Every stage receives this object
+    instead of looking the model up again. `config` is None when it cannot be read offline; `error` then
+    says why, and a stage that needs the config raises it (the data stage can go on without it)."""
+
+    name_or_path: str
+    config: dict[str, Any] | None
+    source: str = ""
+    error: ConfigError | None = field(default=None, compare=False)
+
+    @property
+    def model_type(self) -> str | None:
+        return (self.config or {}).get("model_type")
+
+    @property
+    def vocab_size(self) -> int | None:
+        value = (self.config or {}).get("vocab_size")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def require(self) -> dict[str, Any]:
+        """The config.json, or the ConfigError that says why it could not be read."""
+        if self.config is None:
+            raise self.error or ConfigError(f"model.name_or_path: no config.json for '{self.name_or_path}'")
+        return self.config
+
+
+def resolve_model(name_or_path: str) -> ResolvedModel:
+    try:
+        config, source = model_config(name_or_path)
+    except ConfigError as e:
+        return ResolvedModel(name_or_path, None, error=e)
+    return ResolvedModel(name_or_path, config, source)
+

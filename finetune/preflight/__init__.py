@@ -22,9 +22,10 @@ from finetune.preflight.planner import Plan, make_plan, unpredicted_plan
 __all__ = ["Plan", "run_preflight", "write_plan"]
 
 
-def run_preflight(cfg, data_report: Any | None = None) -> Plan:
-    """Plan recipe `cfg`. With the data stage's report, plan for the longest example actually kept."""
-    config, _source = catalog.model_config(cfg.model.name_or_path)
+def run_preflight(cfg, data_report: Any | None = None, model: catalog.ResolvedModel | None = None) -> Plan:
+    """Plan recipe `cfg`. With the data stage's report, plan for the longest example actually kept. `model`: the
+    run's model as the pipeline resolved it (resolved here when not given)."""
+    config = (model or catalog.resolve_model(cfg.model.name_or_path)).require()
     tokens = getattr(data_report, "tokens", None) if data_report is not None else None
     packing = getattr(data_report, "packing", None) if data_report is not None else None
     if packing is not None and packing.enabled and packing.row_tokens_max > 0:

@@ -117,18 +117,18 @@ def check_checkpoint_space(cfg, plan: dict[str, Any], run_dir: Path) -> None:
                        "train.keep_checkpoints, or point hydra.run.dir at a bigger disk")
 
 
-def lora_config(cfg, model_config: dict[str, Any]):
+def lora_config(cfg, model_config: dict[str, Any], resolved=None):
+    """peft's LoraConfig for `adapter.*` on the model. `resolved` (finetune.architectures.catalog.ResolvedModel,
+    from the pipeline) holds the config the preflight planned with: the same layers, and for a traced
+    architecture the same spec, not a second derivation from the loaded model's config (`model_config`, the
+    fallback when the config could not be read offline)."""
     from peft import LoraConfig
 
     from finetune.architectures import catalog
     from finetune.architectures.targets import resolve
 
-    try:
-        # the config the preflight planned with (catalog entry, local or tiny config.json): the same layers,
-        # and for a traced architecture the same spec, not a second derivation from the loaded model's config
-        planned = catalog.model_config(cfg.model.name_or_path)[0]
-    except ConfigError:
-        planned = model_config
+    resolved = resolved or catalog.resolve_model(cfg.model.name_or_path)
+    planned = resolved.config if resolved.config is not None else model_config
     from finetune.probes import Untraceable, spec_of
 
     try:
@@ -383,7 +383,7 @@ class _Attempt:
     """One trainer over one plan's choices (rebuilt after an out-of-memory error)."""
 
     def __init__(self, cfg, choices, data, tokenizer, run_dir: Path, device: str, tracker, stop,
-                 init_adapter: Path | None = None):
+                 init_adapter: Path | None = None, resolved=None):
         from transformers import EarlyStoppingCallback
         from transformers.trainer_callback import PrinterCallback
 
@@ -416,7 +416,7 @@ class _Attempt:
         if init_adapter is not None:  # train.init_adapter: continue those weights (TRL trains a PeftModel as given)
             model, peft_config = with_init_adapter(cfg, model, init_adapter), None
         else:
-            peft_config = lora_config(cfg, model.config.to_dict())
+            peft_config = lora_config(cfg, model.config.to_dict(), resolved)
             experts.register_lora(peft_config, model)  # LoRA on 4-bit / 8-bit experts (finetune/models/experts.py)
         self.metrics = MetricsCallback(tracker)
         self.progress = RichProgressCallback()
@@ -497,11 +497,12 @@ def _record_replan_in_plan(run_dir: Path, choices: dict[str, Any], step: int) ->
 
 
 def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=None,
-          init_adapter: Path | None = None):
+          init_adapter: Path | None = None, resolved=None):
     """Train the adapter in `run_dir`; returns (TrainResult, the trained peft model).
 
     `plan` is the Plan (or its dict); `resume_point` (finetune/runs.py) continues a checkpoint; `init_adapter`
-    (a local adapter directory: train.init_adapter resolved by the pipeline) is the adapter training starts from.
+    (a local adapter directory: train.init_adapter resolved by the pipeline) is the adapter training starts from;
+    `resolved` (finetune.architectures.catalog.ResolvedModel) is the model as the pipeline resolved it.
     """
     import torch
 
@@ -532,7 +533,7 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
                  choices["quantization"], choices["micro_batch_size"], choices["gradient_accumulation_steps"],
                  ", checkpointing" if choices["gradient_checkpointing"] else "", device,
                  f", from {checkpoint}" if checkpoint else "")
-        attempt = _Attempt(cfg, choices, data, tokenizer, run_dir, device, tracker, stop, init_adapter)
+        attempt = _Attempt(cfg, choices, data, tokenizer, run_dir, device, tracker, stop, init_adapter, resolved)
         try:
             with stop:  # a signal now stops after the current step, with a checkpoint
                 output = attempt.trainer.train(resume_from_checkpoint=checkpoint)
