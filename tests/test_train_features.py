@@ -58,11 +58,13 @@ def test_eval_during_training_keeps_the_best_checkpoint_and_stops_early(workdir)
 
 def test_neftune_noise_changes_training_not_inference(workdir):
     plain = run_pipeline(compose(BASE + ["train.max_steps=6"]), workdir / "a" / "tiny-demo" / "run")
-    noisy = run_pipeline(compose(BASE + ["train.max_steps=6", "train.neftune_noise_alpha=5"]),
+    noisy = run_pipeline(compose(BASE + ["train.max_steps=12", "train.neftune_noise_alpha=5"]),
                          workdir / "b" / "tiny-demo" / "run")
     # Same seed, same batches: the only difference is the noise on the input embeddings.
     assert plain["train"].loss_history[0][1] != noisy["train"].loss_history[0][1]
-    assert noisy["train"].loss_history[-1][1] < noisy["train"].loss_history[0][1]
+    # and it still learns: the last steps' mean below the first steps' (one step against one is noise)
+    losses = [loss for _, loss in noisy["train"].loss_history]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
     model = noisy["model"]
     assert not model.get_input_embeddings()._forward_hooks, "the noise hook is gone after training"
     ids = torch.tensor([noisy["data"].eval[0].input_ids])
