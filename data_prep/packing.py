@@ -47,12 +47,12 @@ def decide(requested: bool, model_type: str | None, model_config: dict[str, Any]
         return False, (f"padding-free packing cannot be verified for '{model_type}' (transformers has no "
                        "config class for it); training uses padded batches")
     config.setdefault("model_type", model_type)
-    probe = probe(config)
-    if not probe.exact:
-        return False, f"padding-free packing is not exact for '{model_type}' ({probe.detail}); " \
+    measured = probe(config)
+    if not measured.exact:
+        return False, f"padding-free packing is not exact for '{model_type}' ({measured.detail}); " \
                       "training uses padded batches instead"
     return True, f"padding-free packing is exact for '{model_type}' (position ids restart per example; " \
-                 f"{probe.detail})"
+                 f"{measured.detail})"
 
 
 def _default_config(model_type: str) -> dict[str, Any] | None:

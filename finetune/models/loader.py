@@ -540,14 +540,15 @@ def _quantized_overrides(model_cfg) -> dict[str, Any]:
     return dict(QUANTIZED_CONFIG_OVERRIDES.get(model_type, {}))
 
 
-def load_model(model_cfg, choices: dict[str, Any], device: str, placement=None):
+def load_model(model_cfg, choices: dict[str, Any], device: str, placement=None, params_total: int | None = None):
     """The frozen base model, quantized as the plan chose, on `device` ("cuda" or "cpu"), with the plan's
     attention implementation (a model reloaded for evaluation, merge or chat computes as it trained:
     transformers' default can differ, e.g. SDPA for GPT-J since 5.24).
 
     `placement` (finetune.distributed.Placement) says where this rank's model goes; the train stage
     passes the one its training arguments' process group gives (finetune.train.rank_placement). By
-    default the model is this process's alone, on its current CUDA device."""
+    default the model is this process's alone, on its current CUDA device. `params_total` (the plan's count)
+    sizes the disk check before a download, for traced families too (:func:`download_size`)."""
     local = local_model_dir(model_cfg)
     if local is not None:
         check_model_files(local, trust_remote_code=bool(model_cfg.trust_remote_code))
@@ -555,7 +556,7 @@ def load_model(model_cfg, choices: dict[str, Any], device: str, placement=None):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    check_disk_space(model_cfg)
+    check_disk_space(model_cfg, params_total=params_total)
     path = str(local or model_cfg.name_or_path)
     kwargs: dict[str, Any] = dict(_hub_kwargs(model_cfg))
     kwargs["dtype"] = getattr(torch, DTYPES[choices["compute_dtype"]])

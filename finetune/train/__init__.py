@@ -383,7 +383,7 @@ class _Attempt:
     """One trainer over one plan's choices (rebuilt after an out-of-memory error)."""
 
     def __init__(self, cfg, choices, data, tokenizer, run_dir: Path, device: str, tracker, stop,
-                 init_adapter: Path | None = None, resolved=None):
+                 init_adapter: Path | None = None, resolved=None, params_total: int | None = None):
         from transformers import EarlyStoppingCallback
         from transformers.trainer_callback import PrinterCallback
 
@@ -412,7 +412,8 @@ class _Attempt:
                               packed=data.packed)
             trainer_class = _trainer_class()
         self.placement = rank_placement(choices, device, args)
-        model = load_model(cfg.model, choices, device, placement=self.placement)
+        # params_total: the plan's count sizes the disk check before a download (traced families too)
+        model = load_model(cfg.model, choices, device, placement=self.placement, params_total=params_total)
         if init_adapter is not None:  # train.init_adapter: continue those weights (TRL trains a PeftModel as given)
             model, peft_config = with_init_adapter(cfg, model, init_adapter), None
         else:
@@ -516,10 +517,6 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
     check_world(cfg)
     if rank == 0:
         check_checkpoint_space(cfg, plan_dict, run_dir)
-        from finetune.models.loader import check_disk_space
-
-        # room for the download, sized by the plan's parameter count (traced families too)
-        check_disk_space(cfg.model, params_total=(plan_dict.get("model") or {}).get("params_total"))
     checkpoint = str(resume_point.checkpoint) if resume_point is not None else None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -533,7 +530,8 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
                  choices["quantization"], choices["micro_batch_size"], choices["gradient_accumulation_steps"],
                  ", checkpointing" if choices["gradient_checkpointing"] else "", device,
                  f", from {checkpoint}" if checkpoint else "")
-        attempt = _Attempt(cfg, choices, data, tokenizer, run_dir, device, tracker, stop, init_adapter, resolved)
+        attempt = _Attempt(cfg, choices, data, tokenizer, run_dir, device, tracker, stop, init_adapter, resolved,
+                           (plan_dict.get("model") or {}).get("params_total"))
         try:
             with stop:  # a signal now stops after the current step, with a checkpoint
                 output = attempt.trainer.train(resume_from_checkpoint=checkpoint)
