@@ -15,6 +15,11 @@ STAMP  := $(VENV)/.installed
 # Exact versions of every other Python dependency (pip constraints), the same in CI; `make lock` writes it.
 LOCK   := requirements.lock
 LATEST ?= .venv-latest
+# The suite's worker processes (pytest-xdist), whole test files apiece so a module's trained run is made
+# once; one torch thread each (tests/conftest.py). Measured on 2 cores: 11 min with 2, 18 serially.
+# TEST_JOBS=0 runs in this process (for a debugger).
+TEST_JOBS ?= 2
+PARALLEL := -n $(TEST_JOBS) --dist loadfile
 
 GPUS   ?= 2
 NODES  ?= 1
@@ -90,7 +95,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install --quiet "$(TORCH)"
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST)/bin/python -m finetune.versions --against-lock $(LOCK)
-	FINETUNE_TEST_LATEST=1 $(LATEST)/bin/python -m pytest $(ARGS)
+	FINETUNE_TEST_LATEST=1 $(LATEST)/bin/python -m pytest $(PARALLEL) $(ARGS)
 
 demo: $(STAMP)
 	$(BIN)/finetune +recipe=tiny-demo $(ARGS)
@@ -106,7 +111,7 @@ demo-tools: $(STAMP)
 test: $(STAMP) browser
 	$(BIN)/lint-imports
 	$(BIN)/python -m tests.real_tokenizers
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest $(PARALLEL) $(ARGS)
 
 # The MLflow UI test (tests/test_mlflow_ui.py) drives Debian's headless Chromium: installed here, visibly,
 # when missing (the suite's only system packages; apt-get needs root, as on CI).
@@ -121,7 +126,7 @@ browser:
 # (marked slow), at most 3 minutes on 2 cores.
 test-fast: $(STAMP)
 	$(BIN)/python -m tests.real_tokenizers
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(PARALLEL) $(ARGS)
 
 # The cluster extra (Ray, submitit, Optuna: pinned by the lock too) and the tests that need Ray, which
 # `make test` skips (a local Ray cluster on 127.0.0.1, started and stopped by the test).
