@@ -153,6 +153,7 @@ def test_jobs_launched_in_other_processes_report_their_exit_codes(run_cli, tmp_p
     assert codes == [0, 2] and (sweep / "0" / "plan.json").is_file()
 
 
+@pytest.mark.slow  # runs the data stage in a subprocess (and builds the tiny model when first)
 def test_a_bare_target_preset_on_the_command_line(run_cli, tmp_path):
     proc = run_cli("+recipe=tiny-demo", "adapter.targets=attention", "stages=[data,preflight]")
     assert proc.returncode == 0, proc.stderr
@@ -160,6 +161,7 @@ def test_a_bare_target_preset_on_the_command_line(run_cli, tmp_path):
     assert plan["model"]["lora_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+@pytest.mark.slow  # runs the data stage in a subprocess (and builds the tiny model when first)
 def test_a_recipe_in_the_users_own_directory(run_cli, tmp_path):
     """README: `finetune --config-dir ~/my-recipes +recipe=mine` finds my-recipes/recipe/mine.yaml, which may
     use the shipped groups; a recipe without `name:` is named by its file; data paths are the working dir's."""

@@ -21,25 +21,17 @@ from finetune.pipeline import run_pipeline
 
 pytestmark = pytest.mark.slow
 
-STEPS = 40
+STEPS = 40  # tests/conftest.py: sft_run trains this many
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, finetune_cache):
-    """One in-process tiny-demo run, shared by the tests below."""
-    import os
-
-    work = tmp_path_factory.mktemp("e2e")
-    old = os.getcwd()
-    os.chdir(work)  # MLflow keeps artifacts beside its store, relative to the working directory
-    try:
-        cfg = compose(["+recipe=tiny-demo", f"train.max_steps={STEPS}", "train.save_steps=20"])
-        results = run_pipeline(cfg, work / "outputs" / "tiny-demo" / "run")
-    finally:
-        os.chdir(old)
+def trained(sft_run):
+    """The session's tiny-demo run (tests/conftest.py: sft_run), shared by the tests below."""
+    results = sft_run["results"]
+    assert sft_run["cfg"].train.max_steps == STEPS
     # The trained model's logits on a few held-out examples, taken once for the tests below.
-    results["probe"] = _probe(results["model"], results["data"].eval[:4])
-    return cfg, results, work
+    results.setdefault("probe", _probe(results["model"], results["data"].eval[:4]))
+    return sft_run["cfg"], results, sft_run["root"]
 
 
 def _probe(model, examples):
@@ -147,7 +139,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(trained):
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["model.name_or_path"] == "tiny:llama"
-    assert params["adapter.rank"] == "16"
+    assert params["adapter.rank"] == "8"
     assert params["plan.quantization"] == "nf4"
     assert run.data.tags["recipe"] == "tiny-demo"
     assert run.data.tags["dataset_fingerprint"] == results["data"].report.fingerprint

@@ -14,9 +14,7 @@ import json
 import pytest
 import torch
 
-from finetune.config import compose
 from finetune.errors import ConfigError, EnvError
-from finetune.pipeline import run_pipeline
 
 pytestmark = pytest.mark.slow  # the module's run trains the tiny model
 
@@ -26,14 +24,11 @@ TOLERANCE = {"f16": 0.02, "bf16": 0.15, "q8_0": 0.4}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    uri = f"sqlite:///{root}/mlflow.db"
-    cfg = compose(["+recipe=tiny-demo", "train.max_steps=10", "train.save_steps=10",
-                   "stages=[data,preflight,train]", f"tracking.uri={uri}", "tracking.system_metrics=false"])
-    result = run_pipeline(cfg, root / "outputs" / "tiny-demo" / "run")
-    return {"root": root, "uri": uri, "run_dir": result["work_dir"], "run_id": result["run_id"],
-            "model_uri": result["model_uri"], "data": result["data"]}
+def trained(sft_run):
+    """The session's trained tiny-demo run (tests/conftest.py: sft_run)."""
+    results = sft_run["results"]
+    return {"root": sft_run["root"], "uri": sft_run["uri"], "run_dir": sft_run["run_dir"],
+            "run_id": sft_run["run_id"], "model_uri": results["model_uri"], "data": results["data"]}
 
 
 @pytest.fixture(scope="module")

@@ -24,15 +24,10 @@ pytestmark = pytest.mark.slow  # the module's SFT run trains the tiny model
 
 
 @pytest.fixture(scope="module")
-def sft(tmp_path_factory):
-    """A short SFT run of the tiny demo (rank 8, where the DPO recipe says 16), its MLflow store beside it."""
-    root = tmp_path_factory.mktemp("sft")
-    uri = f"sqlite:///{root}/mlflow.db"
-    cfg = compose(["+recipe=tiny-demo", "adapter.rank=8", "adapter.alpha=16", "train.max_steps=10",
-                   "train.save_steps=10", "stages=[data,preflight,train]", f"tracking.uri={uri}",
-                   "tracking.register_model=false", "tracking.system_metrics=false"])
-    result = run_pipeline(cfg, root / "outputs" / "tiny-demo" / "run")
-    return {"root": root, "uri": uri, "run_dir": result["work_dir"], "run_id": result["run_id"]}
+def sft(sft_run):
+    """The session's SFT run of the tiny demo (tests/conftest.py: sft_run; rank 8, where the DPO recipe says 16),
+    its MLflow store beside it."""
+    return {k: sft_run[k] for k in ("root", "uri", "run_dir", "run_id")}
 
 
 def _client(uri):

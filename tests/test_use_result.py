@@ -9,26 +9,13 @@ import sys
 import pytest
 import torch
 
-from finetune.config import compose
-from finetune.pipeline import run_pipeline
-
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, finetune_cache):
-    import os
-
-    work = tmp_path_factory.mktemp("use")
-    old = os.getcwd()
-    os.chdir(work)
-    try:
-        cfg = compose(["+recipe=tiny-demo", "train.max_steps=40", "stages=[data,preflight,train]",
-                       "tracking.register_model=false", "tracking.system_metrics=false"])
-        result = run_pipeline(cfg, work / "outputs" / "tiny-demo" / "run")
-    finally:
-        os.chdir(old)
-    return cfg, result
+def run(sft_run):
+    """The session's trained tiny-demo run (tests/conftest.py: sft_run)."""
+    return sft_run["cfg"], sft_run["results"]
 
 
 def _ids(result):
