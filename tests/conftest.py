@@ -76,7 +76,6 @@ def sft_run(tmp_path_factory, finetune_cache) -> dict:
             "run_id": results["run_id"]}
 
 
-
 @pytest.fixture
 def run_cli(tmp_path):
     """Run the installed `finetune` command in a fresh working directory; returns CompletedProcess."""

@@ -26,13 +26,13 @@ import pytest
 
 from data_prep.samples.medical import encyclopedia, generate_rows
 from finetune import cli
-from finetune.architectures import catalog
+from finetune.architectures import catalog, tiny
 from finetune.config import ModelConfig, compose
 from finetune.errors import ConfigError, EnvError, FinetuneError
-from finetune.models import loader, tiny
+from finetune.models import loader
 
 SP_VOCAB = 1000
-# The tiny Llama's config.json (finetune/models/tiny.py): its embedding has 2048 rows, more than the
+# The tiny Llama's config.json (finetune/architectures/tiny.py): its embedding has 2048 rows, more than the
 # tokenizer here has tokens, as many real models have spare rows.
 TINY_CONFIG = tiny.spec("tiny:llama")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from finetune.architectures import tiny
 from finetune.architectures.targets import resolve as resolve_spec
 from finetune.config import compose
 from finetune.errors import ConfigError
-from finetune.models import tiny
 from finetune.models.loader import load_model
 from finetune.probes import spec_of
 

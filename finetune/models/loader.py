@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from finetune.architectures.tiny import is_tiny
 from finetune.errors import ConfigError, EnvError
 from finetune.models import tiny
 
@@ -33,7 +34,7 @@ SENTENCEPIECE_NEEDS = (("sentencepiece", "sentencepiece"), ("google.protobuf", "
 
 def resolve_path(model_cfg) -> str:
     """A loadable name: the tiny model's built directory, or the hub id / local directory as given."""
-    if tiny.is_tiny(model_cfg.name_or_path):
+    if is_tiny(model_cfg.name_or_path):
         return str(tiny.ensure_built(model_cfg.name_or_path))
     return model_cfg.name_or_path
 
@@ -42,7 +43,7 @@ def base_model_dir(model_cfg) -> str:
     """The base model as a local directory: the tiny model's, a local path, or the hub snapshot that
     training downloaded (looked up in the cache only: never a network call)."""
     name = model_cfg.name_or_path
-    if tiny.is_tiny(name):
+    if is_tiny(name):
         return str(tiny.ensure_built(name))
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser().resolve())
@@ -155,7 +156,7 @@ def local_model_dir(model_cfg) -> Path | None:
     A local path that does not exist is a ConfigError, the same one the preflight gives."""
     from finetune.architectures import catalog
 
-    if tiny.is_tiny(model_cfg.name_or_path):
+    if is_tiny(model_cfg.name_or_path):
         return tiny.ensure_built(model_cfg.name_or_path)
     return catalog.local_dir(model_cfg.name_or_path)
 
@@ -205,7 +206,7 @@ def _model_config_or_none(model_cfg, local: Path | None) -> dict[str, Any] | Non
     from finetune.architectures import catalog
 
     try:
-        return catalog.model_config(str(local) if local is not None and not tiny.is_tiny(model_cfg.name_or_path)
+        return catalog.model_config(str(local) if local is not None and not is_tiny(model_cfg.name_or_path)
                                     else model_cfg.name_or_path)[0]
     except ConfigError:
         return None
@@ -503,7 +504,7 @@ def check_disk_space(model_cfg, cache_dir: Path | None = None, params_total: int
     from huggingface_hub import constants, try_to_load_from_cache
 
     name = model_cfg.name_or_path
-    if tiny.is_tiny(name) or Path(name).expanduser().exists():
+    if is_tiny(name) or Path(name).expanduser().exists():
         return
     size = download_size(model_cfg, params_total)
     if size is None:

@@ -26,7 +26,7 @@ import os
 import shutil
 from pathlib import Path
 
-from finetune.architectures.tiny import PREFIX, SPECS, TINY_VOCAB, is_tiny, spec  # noqa: F401  (is_tiny, spec: re-exported for the builder's callers)
+from finetune.architectures.tiny import PREFIX, SPECS, TINY_VOCAB, spec
 
 BUILDER_VERSION = 3
 PRETRAIN_STEPS = 300

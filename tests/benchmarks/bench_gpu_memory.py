@@ -40,10 +40,11 @@ def _model_dir(name: str, root: Path) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from finetune.architectures import catalog
+    from finetune.architectures.tiny import is_tiny
     from finetune.models import tiny
 
     tok_src = tiny.ensure_built("tiny:llama")
-    if tiny.is_tiny(name):
+    if is_tiny(name):
         return str(tiny.ensure_built(name))
     target = root / name.replace("/", "--")
     if (target / "config.json").is_file():
