@@ -57,7 +57,8 @@ def tiny_model_dir(finetune_cache) -> Path:
 def sft_run(tmp_path_factory, finetune_cache) -> dict:
     """One trained tiny-demo SFT run for every module that needs a trained adapter (the end-to-end checks, merge
     and chat, export, training from an adapter): 40 steps, rank 8 (the DPO recipe says 16, so an adapter's own
-    shape is seen to win), its MLflow store beside it. Tests read it; whatever they change is a copy.
+    shape is seen to win), its MLflow store beside it. Tests add to it only what the tools add to a run (the
+export beside the adapter, its MLflow artifacts); any other change is made to a copy.
     Returns {"cfg", "results" (run_pipeline's), "root", "uri", "run_dir", "run_id"}."""
     from finetune.config import compose
     from finetune.pipeline import run_pipeline

@@ -27,10 +27,11 @@ STEPS = 40  # tests/conftest.py: sft_run trains this many
 @pytest.fixture(scope="module")
 def trained(sft_run):
     """The session's tiny-demo run (tests/conftest.py: sft_run), shared by the tests below."""
-    results = sft_run["results"]
     assert sft_run["cfg"].train.max_steps == STEPS
-    # The trained model's logits on a few held-out examples, taken once for the tests below.
-    results.setdefault("probe", _probe(results["model"], results["data"].eval[:4]))
+    results = sft_run["results"]
+    # The trained model's logits on a few held-out examples, taken once for the tests below (in this module's
+    # view of the results: the session's stay as the pipeline returned them).
+    results = {**results, "probe": _probe(results["model"], results["data"].eval[:4])}
     return sft_run["cfg"], results, sft_run["root"]
 
 

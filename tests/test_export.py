@@ -16,7 +16,7 @@ import torch
 
 from finetune.errors import ConfigError, EnvError
 
-pytestmark = pytest.mark.slow  # the module's run trains the tiny model
+pytestmark = pytest.mark.slow  # needs the session's trained run (conftest: sft_run)
 
 # max |logit difference| to the merged model (logits span about +-10 on the tiny model); measured: f16 0.006,
 # bf16 0.07, q8_0 0.13 (q4_0: 1.8, not asserted: tests/benchmarks/bench_gguf.py reports it)

@@ -20,7 +20,7 @@ from finetune.config import compose
 from finetune.errors import ConfigError
 from finetune.pipeline import run_pipeline
 
-pytestmark = pytest.mark.slow  # the module's SFT run trains the tiny model
+pytestmark = pytest.mark.slow  # needs the session's SFT run (conftest: sft_run) and trains DPO
 
 
 @pytest.fixture(scope="module")
