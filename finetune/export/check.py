@@ -6,6 +6,7 @@ with the merged model:
 * **tokenization**: the chat prompt through llama.cpp's own chat path (the GGUF's chat template rendered as
   llama-cpp-python's chat handler renders it, tokenized as it tokenizes it, special tokens parsed) gives
   transformers' ``apply_chat_template`` ids; so does plain text holding every special and added token;
+* **special ids**: llama.cpp's BOS, EOS and pad are the tokenizer's;
 * **token types**: every special token is CONTROL in llama.cpp (else it reads ``<s>`` in a prompt as text), and
   every added non-special token is written out as its text (user-defined; else ``<tool_call>`` is dropped from
   the output);
@@ -44,6 +45,7 @@ class FileCheck:
     control_tokens_wrong: list[str] = field(default_factory=list)  # special tokens not CONTROL in llama.cpp
     user_defined_wrong: list[str] = field(default_factory=list)  # added non-special tokens llama.cpp drops from text
     end_of_turn_is_eog: bool = True
+    special_ids_differ: list[str] = field(default_factory=list)  # bos / eos / pad llama.cpp reads otherwise
     max_logit_diff: float = 0.0
     top1_agreement: float = 0.0
     greedy_equal: int = 0  # prompts whose greedy continuation is transformers' (or parts from it at a near-tie)
@@ -120,6 +122,11 @@ def check_file(path: Path, quant: str, merged, tokenizer, conversations: list[li
                     llm.detokenize([tid]).decode(errors="replace") != tok.content:
                 result.user_defined_wrong.append(tok.content)
         eot_ids = [tokenizer.convert_tokens_to_ids(t) for t in end_of_turn if t]
+        for kind, ours, theirs in (("bos", tokenizer.bos_token_id, llama_cpp.llama_vocab_bos(vocab)),
+                                   ("eos", tokenizer.eos_token_id, llama_cpp.llama_vocab_eos(vocab)),
+                                   ("pad", tokenizer.pad_token_id, llama_cpp.llama_vocab_pad(vocab))):
+            if ours is not None and ours != theirs:
+                result.special_ids_differ.append(f"{kind} {ours} (llama.cpp: {theirs})")
         result.end_of_turn_is_eog = all(llama_cpp.llama_vocab_is_eog(vocab, i) for i in eot_ids if i is not None)
         # a text with every added token between words: special tokens parsed as llama.cpp parses a prompt
         text = "Hello " + " x ".join(t.content for t in added.values()) + " world"
@@ -191,6 +198,8 @@ def _warn(r: FileCheck, float_type: bool, tokenizer) -> None:
         w.append(f"special tokens not control-type in llama.cpp: {', '.join(r.control_tokens_wrong[:5])}")
     if r.user_defined_wrong:
         w.append(f"added tokens llama.cpp leaves out of output text: {', '.join(r.user_defined_wrong[:5])}")
+    if r.special_ids_differ:
+        w.append(f"llama.cpp reads other special token ids: {', '.join(r.special_ids_differ)}")
     if not r.end_of_turn_is_eog:
         w.append("llama.cpp does not stop at the chat template's end-of-turn token")
     if not r.text_ids_equal:

@@ -148,7 +148,6 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    llama_cpp.tree(progress)  # the converter's source (fetched once) before the merge, so a failure costs nothing
 
     from transformers import AutoTokenizer
 

@@ -36,8 +36,8 @@ PACKAGE = "llama-cpp-python"
 INSTALL_HINT = "pip install 'finetune-recipes[gguf]' (or make export, which installs it)"
 # written by the converter itself; every other type is made from one of them by the quantizer
 CONVERTER_TYPES = ("f32", "f16", "bf16")
-# llama.cpp refuses these without an importance matrix (tools/quantize: "please provide an importance matrix")
-NEED_IMATRIX = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_k_s")
+# llama.cpp refuses these without an importance matrix (src/llama-quant.cpp: tensor_requires_imatrix)
+NEED_IMATRIX = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "q2_k_s")
 # the sdist's parts the toolchain uses (under vendor/llama.cpp/)
 _PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE", "include/", "ggml/include/", "common/",
           "vendor/", "tools/imatrix/", "tools/quantize/")
@@ -137,7 +137,8 @@ def architectures() -> set[str]:
 
 
 def check_architecture(config: dict) -> None:
-    """ConfigError naming the family when llama.cpp's converter has no class for it."""
+    """ConfigError naming the family when llama.cpp's converter has no class for it (the converter's source is
+    fetched here, once, so that a failure to fetch it comes before any work too)."""
     names = config.get("architectures") or []
     known = architectures()
     if known and names and not any(n in known for n in names):
@@ -146,7 +147,7 @@ def check_architecture(config: dict) -> None:
                           "writes a safetensors model of any architecture")
 
 
-def convert(model_dir: Path, out: Path, outtype: str, threads: int | None = None) -> None:
+def convert(model_dir: Path, out: Path, outtype: str) -> None:
     """llama.cpp's converter: the merged model directory -> one GGUF of `outtype` (f32 / f16 / bf16)."""
     src = tree()
     cmd = [sys.executable, "-m", "finetune.export.convert_main", str(src), str(model_dir), "--outfile", str(out),
