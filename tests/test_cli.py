@@ -14,7 +14,8 @@ CHOICE_KEYS = {"quantization", "double_quant", "compute_dtype", "gradient_checkp
                "gradient_accumulation_steps", "max_seq_len", "seq_len_source", "packing", "optimizer",
                "attention", "distributed", "num_gpus"}
 BREAKDOWN_KEYS = {"weights_quantized", "weights_unquantized", "quant_constants", "lora_params", "lora_grads",
-                  "optimizer_state", "activations", "lm_head_and_loss", "workspace", "cuda_context"}
+                  "optimizer_state", "activations", "lm_head_and_loss", "workspace", "allocator_cache",
+                  "cuda_context"}
 
 
 def _one_error_line(proc) -> str:

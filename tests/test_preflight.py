@@ -541,3 +541,39 @@ def test_preflight_plans_the_model_the_pipeline_resolved():
     assert unresolved.config is None and unresolved.vocab_size is None
     with pytest.raises(ConfigError, match="neither a local directory"):
         unresolved.require()
+
+
+def _plan_on_an_h200(overrides: list[str]):
+    """The plan on an H200 (the largest single card of the hardware catalog); None when the model does not fit
+    it (any other refusal fails)."""
+    from finetune.errors import DoesNotFitError
+
+    try:
+        return run_preflight(compose([*overrides, "adapter.dropout=0", "hardware=h200", "stages=[preflight]"]))
+    except DoesNotFitError:
+        return None
+
+
+@pytest.mark.slow  # plans every catalog model (the traced families trace once): about a minute
+def test_the_plans_breakdown_adds_up_to_its_device_total_for_every_catalog_model_and_method():
+    """plan.json explains itself: its parts (the allocator cache and the CUDA context included) sum to the
+    predicted device total, for every model of the catalog (SFT), and under each preference method for models
+    of each kind (dense, MoE, traced, GPT-2)."""
+    def adds_up(plan, what):
+        d = plan.to_dict()
+        assert sum(d["breakdown_bytes"].values()) == d["predicted"]["device_total_bytes"], what
+        assert d["breakdown_bytes"]["allocator_cache"] > 0 and d["breakdown_bytes"]["cuda_context"] > 0, what
+
+    planned = 0
+    for hub_id in catalog.models():
+        plan = _plan_on_an_h200(["+recipe=llama2-7b-medical", f"model.name_or_path={hub_id}"])
+        if plan is not None:
+            adds_up(plan, hub_id)
+            planned += 1
+    assert planned == len(catalog.models()) - 1, planned  # Falcon-180B fits no single card
+    for hub_id in ("meta-llama/Llama-2-7b-hf", "mistralai/Mixtral-8x7B-v0.1", "google/gemma-2-9b", "openai-community/gpt2"):
+        for method in ("dpo", "orpo", "kto", "simpo"):
+            plan = _plan_on_an_h200(["+recipe=llama2-7b-dpo", f"model.name_or_path={hub_id}",
+                                            f"train.method={method}"])
+            assert plan is not None, (hub_id, method)
+            adds_up(plan, (hub_id, method))

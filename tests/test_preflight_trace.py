@@ -93,7 +93,8 @@ def test_every_current_model_plans_offline(hub_id):
                    "preflight.pin.quantization=nf4", "stages=[preflight]", *moe])
     plan = run_preflight(cfg).to_dict()
     breakdown = plan["breakdown_bytes"]
-    assert sum(v for k, v in breakdown.items() if k != "cuda_context") == plan["predicted"]["peak_allocated_bytes"]
+    assert sum(v for k, v in breakdown.items() if k not in ("cuda_context", "allocator_cache")) == \
+        plan["predicted"]["peak_allocated_bytes"]
     if hub_id in PUBLISHED:
         assert plan["model"]["params_total"] == PUBLISHED[hub_id]
     spec = spec_of(_config(hub_id))

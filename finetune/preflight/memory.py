@@ -621,8 +621,9 @@ def estimate(spec: ArchSpec, choices: dict[str, Any], *, rank: int, targets: lis
         "activations": int(activations),
         "lm_head_and_loss": int(lm_part),
         "workspace": int(workspace + baseline),
+        "allocator_cache": int(slack),  # reserved - allocated: blocks the caching allocator keeps
         "cuda_context": int(context),
-    }
+    }  # the parts sum to device_total (optimizer_state includes a paged optimizer's state)
     return Estimate(breakdown=breakdown, peak_allocated=int(allocated), peak_reserved=int(reserved),
                     device_total=int(reserved + paged + context + baseline), phase=phase,
                     persistent=int(wq + unq + consts + lora_params + opt_state + grads), paged=int(paged),

@@ -585,7 +585,6 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
     if spec.traced is not None:
         model["trace"] = spec.traced.summary()
     details = {"tokens_per_s": tps, "relative_speed": chosen.thr.relative, "phase": chosen.est.phase,
-               "reserved_slack": predicted["peak_reserved_bytes"] - predicted["peak_allocated_bytes"],
                "paged": chosen.est.paged, "eval_total": eval_total, "wall": wall}
     return Plan(model=model, choices=c, predicted=predicted, breakdown_bytes=chosen.est.breakdown,
                 budget_bytes=budget, fits=True, alternatives=alternatives, explanation=explanation, details=details)

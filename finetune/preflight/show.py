@@ -18,6 +18,7 @@ PARTS = {
     "activations": "activations kept for backward",
     "lm_head_and_loss": "LM head and loss",
     "workspace": "workspace (dequantized weight, cuBLAS)",
+    "allocator_cache": "allocator cache (reserved - allocated)",
     "cuda_context": "CUDA context",
 }
 
@@ -78,8 +79,6 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
     for name, value in sorted(plan.breakdown_bytes.items(), key=lambda kv: -kv[1]):
         if value:
             parts.add_row(PARTS.get(name, name), _gib(value))
-    if d.get("reserved_slack"):
-        parts.add_row("allocator cache (reserved - allocated)", _gib(d["reserved_slack"]))
     parts.add_row("[bold]total (what nvidia-smi would show)[/bold]", f"[bold]{_gib(p['device_total_bytes'])}[/bold]")
     console.print(parts)
 
