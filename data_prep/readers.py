@@ -29,6 +29,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".text")
 # Text files up to this size are read whole; larger ones are validated and tokenized in windows.
 WHOLE_TEXT_BYTES = 8 << 20
 TEXT_WINDOW_BYTES = 1 << 20
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which Windows editors write first: not part of the data
 NUL = b"\x00"  # text files never hold it; binary files (images, PDFs, archives) nearly always do
 
 OnBytes = Callable[[int], None] | None
@@ -53,6 +54,8 @@ class TextFile:
         window = window or TEXT_WINDOW_BYTES
         decoder = codecs.getincrementaldecoder("utf-8")("strict")
         with self.path.open("rb") as f:
+            if f.read(len(BOM)) != BOM:
+                f.seek(0)
             for chunk in iter(lambda: f.read(window), b""):
                 text = decoder.decode(chunk)
                 if text:
@@ -67,6 +70,10 @@ class TextFile:
         offset = 0
         decoder = codecs.getincrementaldecoder("utf-8")("strict")
         with self.path.open("rb") as f:
+            if f.read(len(BOM)) == BOM:
+                offset = len(BOM)
+            else:
+                f.seek(0)
             for chunk in iter(lambda: f.read(TEXT_WINDOW_BYTES), b""):
                 if NUL in chunk:
                     return "binary_file", f"holds NUL bytes (at byte {offset + chunk.index(NUL)}): not a text file"
@@ -169,6 +176,8 @@ def _jsonl(path: Path, on_bytes: OnBytes) -> Iterator[RawRow]:
             if on_bytes is not None and pending > (1 << 20):
                 on_bytes(pending)
                 pending = 0
+            if lineno == 1 and raw.startswith(BOM):  # Windows editors start UTF-8 files with a byte-order mark
+                raw = raw[len(BOM):]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -188,7 +197,7 @@ def _json(path: Path, on_bytes: OnBytes) -> Iterator[RawRow]:
     # One JSON array must be parsed whole. Bytes that are not UTF-8 become lone surrogates
     # (surrogateescape), which the row's validation rejects as `undecodable`, naming the row.
     try:
-        data = json.loads(path.read_bytes().decode("utf-8", errors="surrogateescape"))
+        data = json.loads(path.read_bytes().removeprefix(BOM).decode("utf-8", errors="surrogateescape"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); a JSON file must hold one array "
                         "of rows (use JSON Lines, one row per line, to have bad rows skipped and counted)") from e
@@ -240,7 +249,7 @@ def _text(path: Path, on_bytes: OnBytes) -> Iterator[RawRow]:
     if size > WHOLE_TEXT_BYTES:
         yield RawRow(loc, TextFile(path, size))
     else:
-        raw = path.read_bytes()
+        raw = path.read_bytes().removeprefix(BOM)
         if NUL in raw:
             yield RawRow(loc, None, "binary_file", f"holds NUL bytes (at byte {raw.index(NUL)}): not a text file")
         else:

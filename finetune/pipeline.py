@@ -191,7 +191,6 @@ HELDOUT = "heldout.jsonl"
 def _write_heldout(data, run_dir: Path, limit: int = 32) -> None:
     """The first held-out conversations, for the stages that run after this run's data is gone: finetune-export
     checks its GGUF files in llama.cpp on them and computes its importance matrix over them."""
-
     conversations = list(data.eval_messages)[:limit]
     if conversations:
         tmp = run_dir / f".{HELDOUT}.tmp"

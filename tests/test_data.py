@@ -383,6 +383,26 @@ def test_json_array_rows_are_named_by_index(tokenizer, tmp_path):
     assert sorted(e["location"] for e in data.report.rejected_examples) == [f"{path}[20]", f"{path}[21]"]
 
 
+def test_a_byte_order_mark_costs_no_row(tokenizer, tmp_path):
+    """A file saved by a Windows editor starts with UTF-8's byte-order mark: JSONL, JSON and CSV keep every row, a
+    text document does not begin with it."""
+    rows = medical.generate_rows()[:12]
+    bom = b"\xef\xbb\xbf"
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_bytes(bom + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    array = tmp_path / "rows.json"
+    array.write_bytes(bom + json.dumps(rows).encode())
+    for path in (jsonl, array):
+        report = prepare(_cfg(path, eval_fraction=0.0), tokenizer, "llama-2").report
+        assert (report.rows_read, report.rows_kept, report.rows_rejected) == (12, 12, 0), (path, report.rejected)
+
+    from data_prep.readers import _text
+
+    doc = tmp_path / "doc.txt"
+    doc.write_bytes(bom + b"Fever is a raised body temperature.")
+    assert next(_text(doc, None)).data == "Fever is a raised body temperature."
+
+
 def test_a_broken_json_array_is_a_data_error_naming_the_line(tokenizer, tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": \n')

@@ -52,6 +52,7 @@ def test_every_file_runs_in_llama_cpp_as_the_merged_model(trained, exported):
     out = trained["run_dir"] / "export"
     record = json.loads((out / "export.json").read_text())
     assert record["llama_cpp"]["package"] == f"llama-cpp-python {importlib.metadata.version('llama-cpp-python')}"
+    assert record["llama_cpp"]["ggml"] and record["llama_cpp"]["gguf_py"]  # the library and converter versions
     assert record["quants"] == QUANTS and set(record["files"]) == set(QUANTS)
     assert record["check"]["prompts_from"] == "heldout.jsonl"
     figures = record["check"]["files"]
@@ -150,6 +151,8 @@ def test_bad_input_is_one_line_and_leaves_nothing_half_written(trained, tmp_path
     from finetune import export as export_mod
     from finetune.export import llama_cpp as toolchain
 
+    toolchain.tree()  # fetched once per cache, with its own progress line: not part of what is asserted here
+
     def one_line(argv, code):
         with pytest.raises(SystemExit) as e:
             export_mod.main([str(trained["run_dir"]), "--no-mlflow", *argv])
@@ -188,6 +191,16 @@ def test_bad_input_is_one_line_and_leaves_nothing_half_written(trained, tmp_path
     assert not (tmp_path / "gptj").exists()
     monkeypatch.undo()
 
+    # a directory that is not an earlier export is not written into (an earlier export is replaced whole below)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    capsys.readouterr()  # what building the tiny GPT-J above printed
+    assert one_line(["--out", str(other)], 2) == (
+        f"error: --out {other}: holds other files and no export.json of an earlier export; choose a new or empty "
+        "directory")
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
     incomplete = tmp_path / "incomplete"
     shutil.copytree(trained["run_dir"], incomplete, ignore=shutil.ignore_patterns("checkpoints", "export"))
     (incomplete / "adapter" / "adapter_model.safetensors").unlink()
@@ -209,6 +222,19 @@ def test_bad_input_is_one_line_and_leaves_nothing_half_written(trained, tmp_path
         export_mod.export(str(trained["run_dir"]), out=tmp_path / "broken", quants=["f16", "q4_k_m"],
                           log_to_mlflow=False, progress=False)
     assert list((tmp_path / "broken").iterdir()) == []  # no partial file, no f16, no Modelfile, no work directory
+
+
+def test_exporting_again_into_an_export_replaces_it_whole(trained, tmp_path):
+    from finetune.export import export
+
+    out = tmp_path / "again"
+    first = export(str(trained["run_dir"]), out=out, quants=["q4_k_m", "f16"], log_to_mlflow=False, progress=False,
+                   check=False)
+    assert (out / first["files"]["f16"]).exists() and (out / "Modelfile.f16").exists()
+    second = export(str(trained["run_dir"]), out=out, quants=["q8_0"], log_to_mlflow=False, progress=False,
+                    check=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted([second["files"]["q8_0"], "Modelfile", "export.json"])
+    assert f"FROM ./{second['files']['q8_0']}" in (out / "Modelfile").read_text()
 
 
 def test_an_importance_matrix_from_the_held_out_split_makes_the_low_bit_types(trained, exported, tmp_path):

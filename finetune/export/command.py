@@ -145,8 +145,7 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
     recipe = _recipe(run.run_dir)
     name = name or recipe.get("name") or run.run_dir.name
     out = Path(out).expanduser().absolute() if out else run.run_dir / "export"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a directory")
+    previous = _previous_export(out)
     out.mkdir(parents=True, exist_ok=True)
 
     from transformers import AutoTokenizer
@@ -230,7 +229,7 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
             pending.append((tmp, out / mf))
         record = {"adapter": str(run.adapter_dir), "base": which, "base_model": run.model_cfg.name_or_path,
                   "merged_dtype": str(dtype).removeprefix("torch."), "architecture": config.get("model_type"),
-                  "llama_cpp": {"package": f"{llama_cpp.PACKAGE} {llama_cpp.version()}",
+                  "llama_cpp": {**llama_cpp.versions(),
                                 "converter": "convert_hf_to_gguf.py (from that version's sdist)",
                                 "intermediate": intermediate},
                   "quants": quants, "files": {q: p.name for q, p in files.items()}, "sizes": sizes,
@@ -243,6 +242,11 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
         pending.append((tmp, out / RECORD))
         for tmp, target in pending:  # all written: now put them in place
             os.replace(tmp, target)
+        # what an earlier export here wrote and this one did not: gone, so the directory is what export.json says
+        written = {target.name for _, target in pending}
+        for stale in previous - written:
+            with contextlib.suppress(FileNotFoundError):
+                (out / stale).unlink()
     finally:
         for tmp, _ in pending:
             with contextlib.suppress(FileNotFoundError):
@@ -265,6 +269,25 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
             None if tracking_uri == "sqlite:///mlflow.db" else tracking_uri, metrics=metrics)
     record["out"] = str(out)
     return record
+
+
+def _previous_export(out: Path) -> set[str]:
+    """The files an earlier export wrote into `out` (its export.json lists them); ConfigError when `out` holds
+    anything else, which the export would overwrite or mix with."""
+    if not out.exists():
+        return set()
+    if not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    entries = [p for p in out.iterdir() if not p.name.startswith(".")]
+    if not entries:
+        return set()
+    try:
+        record = json.loads((out / RECORD).read_text())
+        names = {*record["files"].values(), *(record.get("modelfiles") or {"": "Modelfile"}).values(), RECORD}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(f"--out {out}: holds other files and no {RECORD} of an earlier export; choose a new or "
+                          "empty directory") from None
+    return {n for n in names if isinstance(n, str) and "/" not in n}
 
 
 def _imatrix_text(run_dir: Path, tokenizer, prompts) -> tuple[str, int]:

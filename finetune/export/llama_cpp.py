@@ -83,6 +83,23 @@ def check_quants(quants: list[str], imatrix: bool) -> list[str]:
     return list(dict.fromkeys(quants))
 
 
+def versions() -> dict[str, str]:
+    """What made the files: the llama-cpp-python release, its ggml library's version (from the library's file
+    name: the sdist carries no llama.cpp commit) and the converter's gguf-py."""
+    import re
+
+    record = {"package": f"{PACKAGE} {version()}"}
+    for d in _lib_dirs():
+        for lib in d.glob("libggml.so.*.*.*"):
+            record["ggml"] = re.sub(r"^libggml\.so\.", "", lib.name)
+    with contextlib.suppress(OSError):
+        text = (tree() / "gguf-py" / "pyproject.toml").read_text()
+        found = re.search(r'^version = "([^"]+)"', text, re.M)
+        if found:
+            record["gguf_py"] = found.group(1)
+    return record
+
+
 def version_text() -> str:
     return f"(llama-cpp-python {version()})"
 

@@ -137,8 +137,8 @@ def download_run(uri: str, tracking_uri: str, cache: Path) -> Path:
 def log_export(run_dir: Path, files: list[Path], params: dict[str, object], tracking_uri: str | None = None,
                metrics: dict[str, float] | None = None) -> str | None:
     """Log exported files (artifacts under export/), their params and the check's figures (metrics) to the MLflow
-    run that trained the adapter (its run.json). Returns the run id, or None (with a warning) when that run cannot be reached: the export
-    itself is done either way."""
+    run that trained the adapter (its run.json). Returns the run id, or None (with a warning) when that run cannot
+    be reached: the export itself is done either way."""
     import json
 
     try:
