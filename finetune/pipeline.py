@@ -160,7 +160,9 @@ def run_data_stage(cfg: RunConfig, run_dir: Path, model: ResolvedModel | None = 
     if is_leader():
         data.report.write(run_dir / "data_report.json")
         write_histogram(data.lengths, data.report, run_dir / "token_lengths.png")
-        _write_heldout(data, run_dir)
+        from data_prep import heldout
+
+        heldout.write(data.eval_messages, run_dir)
     r = data.report
     rejected = f", {r.rows_rejected} rejected ({', '.join(f'{k} {v}' for k, v in r.rejected.items())})" \
         if r.rows_rejected else ""
@@ -183,19 +185,6 @@ def run_data_stage(cfg: RunConfig, run_dir: Path, model: ResolvedModel | None = 
 
         show(data, tokenizer, cfg.dataset.preview, console)
     return data, tokenizer
-
-
-HELDOUT = "heldout.jsonl"
-
-
-def _write_heldout(data, run_dir: Path, limit: int = 32) -> None:
-    """The first held-out conversations, for the stages that run after this run's data is gone: finetune-export
-    checks its GGUF files in llama.cpp on them and computes its importance matrix over them."""
-    conversations = list(data.eval_messages)[:limit]
-    if conversations:
-        tmp = run_dir / f".{HELDOUT}.tmp"
-        tmp.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in conversations))
-        tmp.replace(run_dir / HELDOUT)
 
 
 def _remove_orphaned_builds() -> None:

@@ -80,16 +80,14 @@ _BPW = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.
         "q3_k_s": 3.5, "q2_k": 3.4, "iq4_xs": 4.3, "iq4_nl": 4.5}
 
 
-def _write_merged(merged, run, tokenizer, base_dir: Path, base_config: dict[str, Any], target: Path) -> None:
-    """The merged model as llama.cpp's converter reads a checkpoint: safetensors, config.json, the tokenizer with
-    the chat template of training, generation_config.json with every stop."""
+def _write_merged(merged, tokenizer, base_dir: Path, base_config: dict[str, Any], target: Path) -> None:
+    """The merged model as llama.cpp's converter reads a checkpoint: finetune-merge's (save_merged), with the
+    config fields and the tokenizer.model the converter still reads."""
     import shutil
 
-    from data_prep.templates import write_generation_config
+    from finetune.models.merge import save_merged
 
-    merged.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
-    write_generation_config(tokenizer, target, getattr(merged, "generation_config", None))
+    save_merged(merged, tokenizer, target)
     # transformers 5 leaves out config fields the converter (written against the checkpoints as published)
     # still reads, GPT-2's n_ctx among them: the base's own config.json supplies them
     config = json.loads((target / "config.json").read_text())
@@ -102,22 +100,11 @@ def _write_merged(merged, run, tokenizer, base_dir: Path, base_config: dict[str,
         shutil.copyfile(base_dir / "tokenizer.model", target / "tokenizer.model")
 
 
-def _prompts(run_dir: Path, tokenizer, n: int = 4) -> tuple[list[list[dict[str, Any]]], str]:
-    """The held-out conversations the check runs on: the run's heldout.jsonl (written by its data stage), or a
-    few fixed ones for a run that has none; and where they came from."""
-    path = run_dir / "heldout.jsonl"
-    conversations = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                row = json.loads(line)
-                messages = row.get("messages") if isinstance(row, dict) else None
-                if messages and messages[-1].get("role") == "assistant":
-                    messages = messages[:-1]
-                if messages:
-                    conversations.append(messages)
-            if len(conversations) >= n:
-                break
+def _prompts(heldout: list[list[dict[str, Any]]], n: int = 4) -> tuple[list[list[dict[str, Any]]], str]:
+    """The conversations the check runs on, up to their last user turn: the run's held-out ones, or a few fixed
+    ones for a run that has none; and where they came from."""
+    conversations = [m[:-1] if m[-1].get("role") == "assistant" else m for m in heldout]
+    conversations = [m for m in conversations if m][:n]
     if conversations:
         return conversations, "heldout.jsonl"
     return [[{"role": "user", "content": q}] for q in ("What is a fever?", "Name three fruits.",
@@ -172,7 +159,10 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
     pending: list[tuple[Path, Path]] = []
     context = int(num_ctx or config.get("max_position_embeddings") or config.get("n_positions")
                   or config.get("n_ctx") or 4096)
-    prompts, prompts_from = _prompts(run.run_dir, tokenizer)
+    from data_prep import heldout
+
+    held_out = heldout.read(run.run_dir)
+    prompts, prompts_from = _prompts(held_out)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     floats = [q for q in quants if q in llama_cpp.CONVERTER_TYPES]
     quantized = [q for q in quants if q not in llama_cpp.CONVERTER_TYPES]
@@ -181,7 +171,7 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
     try:
         merged_dir = work / "merged"
         with _step("writing the merged model for llama.cpp's converter", progress):
-            _write_merged(merged, run, tokenizer, base_dir, config, merged_dir)
+            _write_merged(merged, tokenizer, base_dir, config, merged_dir)
         for outtype in conversions:
             with _step(f"converting to GGUF {outtype} (llama.cpp's convert_hf_to_gguf.py)", progress):
                 llama_cpp.convert(merged_dir, work / f"{outtype}.gguf", outtype)
@@ -189,7 +179,7 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
         matrix = None
         if imatrix and quantized:
             matrix = work / "imatrix.gguf"
-            texts, n_tokens = _imatrix_text(run.run_dir, tokenizer, prompts)
+            texts, n_tokens = _imatrix_text(held_out or prompts, tokenizer)
             (work / "imatrix.txt").write_text(texts)
             chunk = max(32, min(512, n_tokens // 2))
             with _step("computing the importance matrix (llama.cpp's llama-imatrix, on the held-out split)",
@@ -290,19 +280,10 @@ def _previous_export(out: Path) -> set[str]:
     return {n for n in names if isinstance(n, str) and "/" not in n}
 
 
-def _imatrix_text(run_dir: Path, tokenizer, prompts) -> tuple[str, int]:
-    """The text llama-imatrix runs over: every held-out conversation of the run, answers included, in the chat
-    template of training (the prompts alone for a run without heldout.jsonl); and its length in tokens."""
-    conversations = []
-    path = run_dir / "heldout.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                row = json.loads(line)
-                if isinstance(row, dict) and row.get("messages"):
-                    conversations.append(row["messages"])
-    rendered = [tokenizer.apply_chat_template(m, tokenize=False) for m in conversations or prompts]
-    text = "\n".join(rendered)
+def _imatrix_text(conversations: list[list[dict[str, Any]]], tokenizer) -> tuple[str, int]:
+    """The text llama-imatrix runs over: the run's held-out conversations, answers included, in the chat template
+    of training (the check's prompts for a run without them); and its length in tokens."""
+    text = "\n".join(tokenizer.apply_chat_template(m, tokenize=False) for m in conversations)
     return text, len(tokenizer(text, add_special_tokens=False).input_ids)
 
 

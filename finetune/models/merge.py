@@ -168,6 +168,17 @@ def merged_model(run: TrainedRun, from_quantized: bool = False):
     return merged.to(dtype), which, dtype
 
 
+def save_merged(merged, tokenizer, target: Path) -> None:
+    """The merged model as a plain checkpoint in `target`: safetensors, the adapter's tokenizer with the chat
+    template of training, and a generation_config.json whose eos_token_id lists the template's end-of-turn token
+    (Llama 3's <|eot_id|> where its config names only <|end_of_text|>)."""
+    from data_prep.templates import write_generation_config
+
+    merged.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    write_generation_config(tokenizer, target, getattr(merged, "generation_config", None))
+
+
 def merge(adapter: str | Path, out: str | Path, from_quantized: bool = False, force: bool = False,
           trust_remote_code: bool = False) -> dict[str, Any]:
     """Merge and save; returns the merge.json record.
@@ -187,14 +198,8 @@ def merge(adapter: str | Path, out: str | Path, from_quantized: bool = False, fo
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        # With the chat template of training, and a generation_config.json whose eos_token_id lists the
-        # template's end-of-turn token (Llama 3's <|eot_id|> where its config names only <|end_of_text|>).
-        from data_prep.templates import write_generation_config
-
         tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir, trust_remote_code=run.model_cfg.trust_remote_code)
-        tokenizer.save_pretrained(tmp)
-        write_generation_config(tokenizer, tmp, getattr(merged, "generation_config", None))
+        save_merged(merged, tokenizer, tmp)
         record = {"adapter": str(run.adapter_dir), "base": which, "base_model": run.model_cfg.name_or_path,
                   "dtype": str(dtype).removeprefix("torch."), "run_dir": str(run.run_dir)}
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
