@@ -277,12 +277,17 @@ def _corrupt_tokenizer_config(d: Path) -> str:
     return f"{d / 'tokenizer_config.json'} is not valid JSON"
 
 
-def _empty_special_tokens(d: Path) -> str:
-    # What early LLaMATokenizer conversions on the hub hold: transformers 5 recurses until RecursionError.
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "", "eos_token": "", "model_max_length": 1000000000000000019884624838656,
-        "tokenizer_class": "LLaMATokenizer", "unk_token": ""}))
-    return f"{d / 'tokenizer_config.json'} sets bos_token to an empty string"
+# What early LLaMATokenizer conversions on the hub hold: read as it is, transformers 5 recurses until RecursionError.
+EMPTY_SPECIAL = {"bos_token": "", "eos_token": "", "model_max_length": 1000000000000000019884624838656,
+                 "tokenizer_class": "LLaMATokenizer", "unk_token": ""}
+
+
+def _empty_special_tokens_without_config_id(d: Path) -> str:
+    # Fixed from config.json's ids where they are there (see the tests of special tokens below); here BOS is not.
+    (d / "tokenizer_config.json").write_text(json.dumps(EMPTY_SPECIAL))
+    (d / "config.json").write_text(json.dumps({k: v for k, v in TINY_CONFIG.items() if k != "bos_token_id"}))
+    return (f"{d / 'tokenizer_config.json'} sets bos_token to an empty string (old LLaMATokenizer conversions did), "
+            f"and {d / 'config.json'} has no bos_token_id")
 
 
 def _truncated_config(d: Path) -> str:
@@ -297,7 +302,8 @@ def _binary_config(d: Path) -> str:
 
 
 @pytest.mark.parametrize("breakage", [_no_tokenizer, _truncated_sp_model, _garbage_sp_model, _truncated_tokenizer_json,
-                                      _corrupt_tokenizer_config, _empty_special_tokens, _truncated_config,
+                                      _corrupt_tokenizer_config, _empty_special_tokens_without_config_id,
+                                      _truncated_config,
                                       _binary_config], ids=lambda f: f.__name__.strip("_"))
 def test_broken_tokenizer_dir_is_one_line_exit_2(breakage, llama_dir, tmp_path, capsys):
     d = _copy(llama_dir, tmp_path / "model")
@@ -447,6 +453,40 @@ def test_broken_weights_dir_is_one_line_exit_2(breakage, weights_dir, tmp_path, 
     assert expected in line
 
 
+def _shard_cut_short(d: Path) -> str:
+    shard = sorted(d.glob("model-*-of-*.safetensors"))[1]
+    size = shard.stat().st_size
+    with shard.open("r+b") as f:
+        f.truncate(size - 1000)  # a download cut short: the header is whole, the tensors are not
+    return f"{d} has 1 incomplete weight file: {shard.name} (truncated: {size - 1000:,} of {size:,} bytes)"
+
+
+@pytest.mark.parametrize("breakage", [_missing_shard, _shard_cut_short], ids=lambda f: f.__name__.strip("_"))
+def test_broken_weights_stop_the_command_before_the_data_stage(breakage, weights_dir, llama_dir, tmp_path):
+    """As a user runs it: a missing or truncated shard is one line, exit 2, before the data stage or an MLflow run,
+    and the rejected command leaves no run directory."""
+    d = _copy(weights_dir, tmp_path / "model")
+    shutil.copy(llama_dir / "tokenizer.model", d / "tokenizer.model")
+    expected = breakage(d)
+    proc = subprocess.run([sys.executable, "-m", "finetune", "+recipe=tiny-demo", f"model.name_or_path={d}",
+                           "tracking.system_metrics=false"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr and expected in errors[0], proc.stderr[-2000:]
+    assert "data:" not in proc.stdout, "stopped before the data stage"
+    assert not list((tmp_path / "outputs").glob("*/*")) and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_whole_sharded_checkpoint_passes_the_size_check(weights_dir):
+    from finetune.models import weights
+
+    files = weights.weight_files(weights_dir)
+    assert len(files) > 1
+    weights.check_sizes(files, weights_dir)
+    assert all(weights.expected_size(f)[0] == f.stat().st_size for f in files)
+
+
 def test_unknown_model_type_in_preflight_is_one_line_exit_2(llama_dir, tmp_path):
     d = _copy(llama_dir, tmp_path / "model")
     (d / "config.json").write_text(json.dumps({**TINY_CONFIG, "model_type": "llamazoid"}))
@@ -539,13 +579,110 @@ def test_a_sound_tokenizer_is_left_alone():
     assert tok.finetune_fixes == []
 
 
+def _files(d: Path) -> dict[str, tuple[bytes, int]]:
+    return {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(d.iterdir())}
+
+
+def test_empty_special_tokens_are_fixed_from_config_json_and_reported(llama_dir, sp, tmp_path):
+    """The original LLaMA conversions' "" for BOS, EOS and UNK ({"content": ""} in special_tokens_map.json):
+    BOS and EOS are config.json's ids, UNK the unknown piece of tokenizer.model, and an empty pad is none
+    (config.json's pad_token_id 3 is a byte piece); each fix is a line of the data report, and the files
+    stay as they are."""
+    from finetune.pipeline import run_pipeline
+
+    d = _copy(llama_dir, tmp_path / "empty")
+    (d / "tokenizer_config.json").write_text(json.dumps(EMPTY_SPECIAL))
+    (d / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": {"content": "", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
+        "eos_token": "", "unk_token": {"content": ""}, "pad_token": ""}))
+    before = _files(d)
+    tok = loader.load_tokenizer(ModelConfig(name_or_path=str(d), chat_template="llama-2"),
+                                model_vocab_size=TINY_CONFIG["vocab_size"])
+    assert (tok.bos_token, tok.eos_token, tok.unk_token) == ("<s>", "</s>", "<unk>")
+    assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (sp.bos_id(), sp.eos_id(), sp.unk_id()) \
+        == (TINY_CONFIG["bos_token_id"], TINY_CONFIG["eos_token_id"], 0)
+    assert tok.pad_token == "<unk>"  # chosen as for a tokenizer without a pad, never EOS
+    assert tok("a").input_ids[0] == sp.bos_id()
+    text = _sample_texts()[3]
+    assert tok(text, add_special_tokens=False).input_ids == sp.encode(text)
+    config, smap = d / "tokenizer_config.json", d / "special_tokens_map.json"
+    none = ('none (config.json pad_token_id 3 is "<0x00>", not a special token; the pad is chosen as for a '
+            'tokenizer without one)')
+    assert tok.finetune_fixes[:7] == [
+        f'{config}: bos_token "" -> "<s>" (config.json bos_token_id 1)',
+        f'{config}: eos_token "" -> "</s>" (config.json eos_token_id 2)',
+        f'{config}: unk_token "" -> "<unk>" (the unknown piece of tokenizer.model, id 0)',
+        f'{smap}: bos_token "" -> "<s>" (config.json bos_token_id 1)',
+        f'{smap}: eos_token "" -> "</s>" (config.json eos_token_id 2)',
+        f'{smap}: unk_token "" -> "<unk>" (the unknown piece of tokenizer.model, id 0)',
+        f'{smap}: pad_token "" -> {none}',
+    ]
+    assert _files(d) == before
+
+    data, _ = _write_chats(tmp_path / "chats.jsonl")
+    cfg = compose(["+recipe=tiny-demo", f"model.name_or_path={d}", "stages=[data]", "dataset.format=messages",
+                   f"dataset.path={data}", "dataset.max_seq_len=1024"])
+    result = run_pipeline(cfg, tmp_path / "run")
+    assert all(e.input_ids[0] == sp.bos_id() and e.input_ids[-1] == sp.eos_id() for e in result["data"].train)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["tokenizer_fixes"] == tok.finetune_fixes
+    assert _files(d) == before
+
+
+@pytest.mark.parametrize("pad_token_id, pad", [(0, "<unk>"), (3, None), (None, None)])
+def test_an_empty_pad_token_is_config_json_pad_or_none(pad_token_id, pad, llama_dir, tmp_path):
+    d = _copy(llama_dir, tmp_path / "empty-pad")
+    (d / "config.json").write_text(json.dumps({**TINY_CONFIG, "pad_token_id": pad_token_id}))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                                                          "pad_token": ""}))
+    overrides, lines = loader.empty_special_tokens(d)
+    assert overrides == {"pad_token": pad} and len(lines) == 1
+    assert lines[0].startswith(f'{d / "tokenizer_config.json"}: pad_token "" -> ')
+    assert lines[0].endswith('"<unk>" (config.json pad_token_id 0)' if pad else
+                             "the pad is chosen as for a tokenizer without one)")
+    tok = loader.load_tokenizer(ModelConfig(name_or_path=str(d)), model_vocab_size=TINY_CONFIG["vocab_size"])
+    assert tok.pad_token == "<unk>" and tok.finetune_fixes[0] == lines[0]
+
+
+def test_empty_special_tokens_are_told_by_a_tokenizer_json_vocabulary(llama_dir, tmp_path):
+    """With a tokenizer.json (what hub repos hold), its vocabulary tells the tokens; an id that names an ordinary
+    piece is no special token to take."""
+    from transformers import AutoTokenizer
+
+    d = _copy(llama_dir, tmp_path / "fast")
+    AutoTokenizer.from_pretrained(d).save_pretrained(d)
+    (d / "tokenizer.model").unlink()
+    (d / "tokenizer_config.json").write_text(json.dumps(EMPTY_SPECIAL))
+    overrides, lines = loader.empty_special_tokens(d)
+    assert overrides == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    assert lines[2] == f'{d / "tokenizer_config.json"}: unk_token "" -> "<unk>" (the unknown piece of tokenizer.json, id 0)'
+    (d / "config.json").write_text(json.dumps({**TINY_CONFIG, "eos_token_id": 100}))
+    with pytest.raises(ConfigError) as info:
+        loader.empty_special_tokens(d)
+    assert str(info.value) == (
+        f"model.name_or_path: {d / 'tokenizer_config.json'} sets eos_token to an empty string (old LLaMATokenizer "
+        f"conversions did), and {d / 'config.json'}'s eos_token_id 100 is \"<0x61>\", not a special token of the "
+        "vocabulary; set it to the token itself (Llama's: eos_token \"</s>\") or remove the key")
+
+
 @pytest.mark.parametrize("config_update, special, needle", [
     ({"bos_token_id": 5000}, {}, "bos_token"),  # BOS = EOS, and config.json's BOS id is not in the vocabulary
+    # empty tokens, and config.json does not tell them (absent, not one id, outside the vocabulary, not special)
+    ({"eos_token_id": None}, {"eos_token": ""}, "sets eos_token to an empty string (old LLaMATokenizer "
+                                                "conversions did), and {d}/config.json has no eos_token_id"),
+    ({"eos_token_id": [2, 3]}, {"eos_token": ""}, "gives eos_token_id [2, 3], not one id"),
+    ({"eos_token_id": 5000}, {"eos_token": ""}, "config.json's eos_token_id 5000 is not in the tokenizer's vocabulary"),
+    # the first conversions' config.json: bos_token_id 0 (<unk>), eos_token_id 1 (<s>)
+    ({"bos_token_id": 0, "eos_token_id": 1}, {"bos_token": "", "eos_token": ""},
+     "config.json's bos_token_id 0 (\"<unk>\") is not the BOS of {d}/tokenizer.model (id 1); set it to the token "
+     "itself (tokenizer.model's BOS is \"<s>\")"),
 ])
 def test_special_tokens_that_cannot_be_fixed_are_one_line(config_update, special, needle, llama_dir, tmp_path,
                                                           capsys):
     d = _all_eos_dir(llama_dir, tmp_path / "bad")
     (d / "config.json").write_text(json.dumps({**TINY_CONFIG, **config_update}))
     (d / "tokenizer_config.json").write_text(json.dumps({**ALL_EOS, **special}))
+    before = _files(d)
     code, line = _run_stages(d, "[data]", tmp_path / "run", capsys)
-    assert code == 2 and needle in line and "tokenizer_config.json" in line
+    assert code == 2 and needle.format(d=d) in line and "tokenizer_config.json" in line
+    assert _files(d) == before

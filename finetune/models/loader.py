@@ -169,12 +169,18 @@ def load_tokenizer(model_cfg, model_vocab_size: int | None = None, template: str
     (or, for some broken files, not at all) is one line naming the file: see :func:`check_tokenizer_files`.
     """
     local = local_model_dir(model_cfg)
+    overrides: dict[str, str | None] = {}
+    fixes: list[str] = []
     if local is not None:
         check_tokenizer_files(local)
+        overrides, fixes = empty_special_tokens(local)
     from transformers import AutoTokenizer
 
+    # an empty special token is replaced as it is read (the user's files are left as they are)
+    given = {key: token for key, token in overrides.items() if token is not None}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local or model_cfg.name_or_path), **_hub_kwargs(model_cfg))
+        tokenizer = AutoTokenizer.from_pretrained(str(local or model_cfg.name_or_path), **_hub_kwargs(model_cfg),
+                                                  **given)
     except Exception as e:
         error = _tokenizer_error(model_cfg, local, e)
         if error is None:
@@ -183,8 +189,11 @@ def load_tokenizer(model_cfg, model_vocab_size: int | None = None, template: str
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"model.name_or_path: {model_cfg.name_or_path} has no fast tokenizer "
                           "(the loss mask needs character offsets)")
+    for key, token in overrides.items():
+        if token is None and getattr(tokenizer, key, None) == "":
+            setattr(tokenizer, key, None)  # an empty pad_token: none declared (ensure_pad_token chooses one)
     config = _model_config_or_none(model_cfg, local)
-    fixes = fix_special_tokens(tokenizer, config, str(local or model_cfg.name_or_path))
+    fixes += fix_special_tokens(tokenizer, config, str(local or model_cfg.name_or_path))
     if local is not None and config is not None and (local / "generation_config.json").is_file():
         try:
             config = {**config, "_generation_config": json.loads((local / "generation_config.json").read_text())}
@@ -371,9 +380,8 @@ def check_tokenizer_files(local: Path) -> None:
     """What a local directory's tokenizer is read from, checked before transformers reads it.
 
     * config.json (transformers reads it to choose the tokenizer class): the preflight's own check;
-    * tokenizer_config.json, special_tokens_map.json: JSON objects, and no special token that is an
-      empty string (early LLaMATokenizer conversions wrote ``"unk_token": ""``: transformers 5 then
-      recurses until RecursionError, and ``"eos_token": ""`` silently makes EOS the unknown token);
+    * tokenizer_config.json, special_tokens_map.json: JSON objects (a special token that is an empty
+      string is replaced as the tokenizer is read: see :func:`empty_special_tokens`);
     * a SentencePiece tokenizer.model with no tokenizer.json beside it (how Meta's original Llama
       checkpoints ship): sentencepiece and protobuf are installed (without them transformers falls
       back to reading the file as tiktoken and fails with "tiktoken is required"), and sentencepiece
@@ -386,17 +394,8 @@ def check_tokenizer_files(local: Path) -> None:
     if (local / "config.json").is_file():
         catalog.read_local_config(local)
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        file = local / name
-        if not file.is_file():
-            continue
-        data = catalog.read_json_object(file, f"download it again (huggingface-cli download ID {name} "
-                                              f"--local-dir {local}) or fix it")
-        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-            value = data.get(key)
-            if (value.get("content") if isinstance(value, dict) else value) == "":
-                raise ConfigError(f"model.name_or_path: {file} sets {key} to an empty string (old LLaMATokenizer "
-                                  "conversions did); set it to the token itself (Llama's: bos_token \"<s>\", "
-                                  "eos_token \"</s>\", unk_token \"<unk>\") or remove the key")
+        if (local / name).is_file():
+            _read_tokenizer_json(local, name)
     sp_model = local / "tokenizer.model"
     if not sp_model.is_file() or (local / "tokenizer.json").is_file():
         return
@@ -418,6 +417,152 @@ def check_tokenizer_files(local: Path) -> None:
         raise ConfigError(f"model.name_or_path: {sp_model} is not a readable SentencePiece model "
                           f"({_first_line(e)}); it is truncated or corrupt: download it again "
                           f"(huggingface-cli download ID tokenizer.model --local-dir {local})") from e
+
+
+def _read_tokenizer_json(local: Path, name: str) -> dict[str, Any]:
+    from finetune.architectures import catalog
+
+    return catalog.read_json_object(local / name, f"download it again (huggingface-cli download ID {name} "
+                                                  f"--local-dir {local}) or fix it")
+
+
+# The special tokens an empty string can stand for, and Llama's own (what the error asks to set).
+EMPTY_FIXABLE = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None}
+
+
+class _Vocabulary:
+    """What a local tokenizer's vocabulary says about an id, read without transformers: tokenizer.json (what
+    transformers reads first), else a SentencePiece tokenizer.model."""
+
+    def __init__(self, source: Path, pieces: dict[int, str], special: set[int], unk_id: int | None,
+                 declared: dict[str, int]):
+        self.source, self.pieces, self.special, self.unk_id = source, pieces, special, unk_id
+        self.declared = declared  # bos_token/eos_token -> id, where the tokenizer model itself names them
+
+    @classmethod
+    def read(cls, local: Path) -> _Vocabulary | None:
+        if (local / "tokenizer.json").is_file():
+            data = _read_tokenizer_json(local, "tokenizer.json")
+            model = data.get("model") if isinstance(data.get("model"), dict) else {}
+            vocab = model.get("vocab")
+            pieces: dict[int, str] = {}
+            if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel: piece -> id
+                pieces = {i: str(p) for p, i in vocab.items() if _single_id(i) is not None}
+            elif isinstance(vocab, list):  # Unigram: [piece, score], by id
+                pieces = {i: str(e[0]) for i, e in enumerate(vocab) if isinstance(e, list) and e}
+            special: set[int] = set()
+            for added in data.get("added_tokens") or []:
+                if isinstance(added, dict) and _single_id(added.get("id")) is not None:
+                    pieces[added["id"]] = str(added.get("content"))
+                    if added.get("special"):
+                        special.add(added["id"])
+            unk_id = _single_id(model.get("unk_id"))
+            if unk_id is None and isinstance(model.get("unk_token"), str):
+                unk_id = next((i for i, p in pieces.items() if p == model["unk_token"]), None)
+            return cls(local / "tokenizer.json", pieces, special | ({unk_id} - {None}), unk_id, {})
+        sp_model = local / "tokenizer.model"
+        if not sp_model.is_file() or _is_tiktoken(sp_model):
+            return None
+        import sentencepiece  # check_tokenizer_files made sure it is installed and reads the file
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
+        size = sp.get_piece_size()
+        pieces = {i: sp.id_to_piece(i) for i in range(size)}
+        special = {i for i in range(size) if sp.is_control(i) or sp.is_unknown(i)}
+        unk = sp.unk_id()
+        declared = {key: i for key, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()))
+                    if 0 <= i < size and sp.is_control(i)}
+        return cls(sp_model, pieces, special, unk if 0 <= unk < size and sp.is_unknown(unk) else None, declared)
+
+
+def _empty(value: Any) -> bool:
+    return (value.get("content") if isinstance(value, dict) else value) == ""
+
+
+def empty_special_tokens(local: Path) -> tuple[dict[str, str | None], list[str]]:
+    """Special tokens that a local directory's tokenizer_config.json or special_tokens_map.json sets to an empty
+    string (``""`` or ``{"content": ""}``), as early LLaMATokenizer conversions of Meta's Llama did: what each
+    one is, told unambiguously from the model's own files, and one line per fix (logged, and recorded in the
+    data report's ``tokenizer_fixes``). Left as they are, ``"unk_token": ""`` makes transformers 5 recurse until
+    RecursionError, and ``"eos_token": ""`` silently makes EOS the unknown token.
+
+    Returns ({key: token}, lines): load_tokenizer passes the tokens to transformers, so the user's files are
+    never changed. BOS and EOS are the tokens at config.json's ``bos_token_id`` / ``eos_token_id``, which must
+    be special tokens of the vocabulary (and, for a SentencePiece tokenizer.model, its own BOS / EOS: the
+    first conversions' config.json said bos_token_id 0, which is ``<unk>``); UNK is the unknown piece of the
+    tokenizer model; PAD the special token at config.json's ``pad_token_id``, else none (the tokenizer then has
+    no pad, and :func:`ensure_pad_token` chooses one: None in the dict). Where the token cannot be told, a
+    ConfigError names the file, the key and what to set it to.
+    """
+    from finetune.architectures import catalog
+
+    empties: list[tuple[Path, str]] = []
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (local / name).is_file():
+            data = _read_tokenizer_json(local, name)
+            empties += [(local / name, key) for key in EMPTY_FIXABLE if _empty(data.get(key))]
+    if not empties:
+        return {}, []
+    config = catalog.read_local_config(local) if (local / "config.json").is_file() else {}
+    vocab = _Vocabulary.read(local)
+    resolved: dict[str, tuple[str | None, str]] = {}
+    lines = []
+    for file, key in empties:
+        if key not in resolved:
+            resolved[key] = _resolve_empty(key, file, local, config, vocab)
+        token, why = resolved[key]
+        shown = json.dumps(token, ensure_ascii=False) if token is not None else "none"
+        lines.append(f'{file}: {key} "" -> {shown} ({why})')
+    return {key: token for key, (token, _) in resolved.items()}, lines
+
+
+def _resolve_empty(key: str, file: Path, local: Path, config: dict[str, Any],
+                   vocab: _Vocabulary | None) -> tuple[str | None, str]:
+    """(the token an empty `key` stands for, why); for pad_token, (None, why) when there is none to tell."""
+    cfg = local / "config.json"
+    id_key = f"{key}_id"
+    value = config.get(id_key)
+    index = _single_id(value[0] if key == "pad_token" and isinstance(value, list) and value else value)
+
+    def unfixable(reason: str) -> ConfigError:
+        own = vocab.pieces.get(vocab.declared[key]) if vocab is not None and key in vocab.declared else None
+        hint = (f"{vocab.source.name}'s {key[:-6].upper()} is {json.dumps(own, ensure_ascii=False)}" if own
+                else f"Llama's: {key} {json.dumps(EMPTY_FIXABLE[key])}")
+        return ConfigError(f"model.name_or_path: {file} sets {key} to an empty string (old LLaMATokenizer "
+                           f"conversions did), and {reason}; set it to the token itself ({hint}) or remove the key")
+
+    if vocab is None:
+        if key == "pad_token":
+            return None, "no vocabulary to check a pad_token_id against; the pad is chosen as for a tokenizer without one"
+        raise unfixable(f"{local} has no tokenizer.json or SentencePiece tokenizer.model to tell the token by")
+    if key == "unk_token":
+        if vocab.unk_id is None or vocab.unk_id not in vocab.pieces:
+            raise unfixable(f"the tokenizer model ({vocab.source}) has no unknown piece")
+        return vocab.pieces[vocab.unk_id], f"the unknown piece of {vocab.source.name}, id {vocab.unk_id}"
+    piece = vocab.pieces.get(index) if index is not None else None
+    if key == "pad_token":
+        if piece is None or index not in vocab.special or index in (_single_id(config.get("bos_token_id")),
+                                                                    _single_id(config.get("eos_token_id"))):
+            said = (f"config.json has no {id_key}" if index is None else
+                    f"config.json {id_key} {index} is not in the vocabulary" if piece is None else
+                    f"config.json {id_key} {index} is {json.dumps(piece, ensure_ascii=False)}, "
+                    + ("not a special token" if index not in vocab.special else "BOS or EOS"))
+            return None, f"{said}; the pad is chosen as for a tokenizer without one"
+        return piece, f"config.json {id_key} {index}"
+    if index is None:
+        raise unfixable(f"{cfg} has no {id_key} to tell the token by" if value is None else
+                        f"{cfg} gives {id_key} {json.dumps(value)}, not one id")
+    if piece is None:
+        raise unfixable(f"{cfg}'s {id_key} {index} is not in the tokenizer's vocabulary ({vocab.source}, "
+                        f"{len(vocab.pieces)} tokens)")
+    own = vocab.declared.get(key)
+    if own is not None and own != index:
+        raise unfixable(f"{cfg}'s {id_key} {index} ({json.dumps(piece, ensure_ascii=False)}) is not the "
+                        f"{key[:-6].upper()} of {vocab.source} (id {own})")
+    if index not in vocab.special or index == vocab.unk_id:
+        raise unfixable(f"{cfg}'s {id_key} {index} is {json.dumps(piece, ensure_ascii=False)}, "
+                        + ("the unknown token" if index == vocab.unk_id else "not a special token of the vocabulary"))
+    return piece, f"config.json {id_key} {index}"
 
 
 def _tokenizer_error(model_cfg, local: Path | None, e: Exception) -> Exception | None:
