@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,10 @@ def test_merge_into_original_weights_matches_base_plus_adapter(run, tmp_path):
     assert "original" in record["base"]
     assert (out / "model.safetensors").is_file() and (out / "chat_template.jinja").is_file()
     assert json.loads((out / "merge.json").read_text())["base"] == record["base"]
+    from finetune.paths import umask
+
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask()), "the user's umask, weights included (not 0600)"
     merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers: no peft, no bitsandbytes
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
@@ -174,3 +179,124 @@ def test_merge_and_chat_never_take_trust_remote_code_from_the_run_directory(run,
     assert find_run(theirs / "adapter", trust_remote_code=True).model_cfg.trust_remote_code is True
     # The run's own recipe said false: still off without the flag (and nothing in it can turn it on).
     assert find_run(result["run_dir"]).model_cfg.trust_remote_code is False
+
+
+SHORT_CONTEXT = 160  # tokens: a few turns of the tiny demo's chat
+
+
+@pytest.fixture(scope="module")
+def short_context_adapter(run, tmp_path_factory):
+    """A copy of the trained run whose base model (a copy of the tiny model) says in its config.json that its
+    context is SHORT_CONTEXT tokens; its tokenizer still says 1024, so the config is seen to win."""
+    import shutil
+
+    import yaml
+
+    from finetune.models.loader import base_model_dir
+
+    cfg, result = run
+    root = tmp_path_factory.mktemp("short-context")
+    base = root / "base"
+    shutil.copytree(base_model_dir(cfg.model), base)
+    config = json.loads((base / "config.json").read_text())
+    assert config["max_position_embeddings"] > SHORT_CONTEXT
+    config["max_position_embeddings"] = SHORT_CONTEXT  # rotary positions: the weights do not depend on it
+    (base / "config.json").write_text(json.dumps(config))
+    run_dir = root / "run"
+    shutil.copytree(result["run_dir"], run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    recipe = yaml.safe_load((run_dir / "config.yaml").read_text())
+    recipe["model"]["name_or_path"] = str(base)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe))
+    return run_dir / "adapter"
+
+
+QUESTIONS = ["What causes influenza?", "What is asthma?", "How is diabetes treated?", "What are the signs of a "
+             "migraine?", "When should I see a doctor about a fever?", "How is asthma treated?",
+             "What causes high blood pressure?", "How can I avoid the flu?"]
+
+
+def test_context_length_prefers_the_config_then_the_tokenizer():
+    from types import SimpleNamespace
+
+    from finetune.chat import context_length
+
+    tokenizer = SimpleNamespace(model_max_length=1024)
+    assert context_length({"max_position_embeddings": 2048, "n_positions": 512}, tokenizer) == 2048
+    assert context_length({"n_positions": 512}, tokenizer) == 512
+    assert context_length({"text_config": {"max_position_embeddings": 4096}}, tokenizer) == 4096
+    assert context_length({}, tokenizer) == 1024
+    assert context_length({}, SimpleNamespace(model_max_length=int(1e30))) is None  # transformers' "no limit"
+    assert context_length(None, None) is None
+
+
+def test_chat_drops_the_oldest_turns_to_fit_the_model_context(short_context_adapter, capsys):
+    from finetune.chat import Chat
+
+    chat = Chat(str(short_context_adapter), system="Answer briefly.", max_new_tokens=24)
+    assert chat.context == SHORT_CONTEXT  # the base model's config, not the tokenizer's 1024
+    calls = []
+    generate = chat.model.generate
+
+    def recording_generate(**kwargs):  # the real generation, its lengths written down
+        out = generate(**kwargs)
+        calls.append((kwargs["input_ids"][0].tolist(), kwargs["max_new_tokens"], out.shape[1]))
+        return out
+
+    chat.model.generate = recording_generate
+    note = re.compile(r"note: dropped the (oldest turn|(\d+) oldest turns) of the conversation to fit the model's "
+                      rf"context \({SHORT_CONTEXT} tokens\)")
+    capsys.readouterr()
+    trimmed = 0
+    for question in QUESTIONS:
+        before = list(chat.history)
+        answer = chat.ask(question)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        prompt, max_new, total = calls[-1]
+        assert len(prompt) + max_new <= SHORT_CONTEXT and total <= SHORT_CONTEXT
+        assert max_new == 24, "the prompt left room for the whole answer"
+        kept = chat.history[:-2]
+        assert chat.history[-2:] == [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        # what the model was given: the system message, the history kept and the new message, as rendered today
+        assert prompt == chat._tokens(chat._render(question, "user", kept))
+        assert chat.tokenizer.decode(prompt).count("Answer briefly.") == 1
+        if err:
+            (line,) = err  # one line per trimming
+            match = note.fullmatch(line)
+            assert match, line
+            dropped = int(match.group(2) or 1)
+            assert kept == before[2 * dropped:], "the oldest whole turns went, the later ones stayed"
+            untrimmed = chat._tokens(chat._render(question, "user", before))
+            assert len(untrimmed) + 24 > SHORT_CONTEXT, "nothing is dropped while the whole conversation fits"
+            trimmed += 1
+        else:
+            assert kept == before
+    assert trimmed >= 2 and len(chat.history) < 2 * len(QUESTIONS)
+
+
+def _stderr_lines(proc) -> list[str]:
+    """stderr without transformers' weight-loading progress bar."""
+    return [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("Loading weights")]
+
+
+def test_chat_refuses_a_message_longer_than_the_context_and_goes_on(short_context_adapter):
+    long = "influenza " * 300
+    script = "\n".join(QUESTIONS[:5] + [long] + QUESTIONS[5:6]) + "\n"
+    proc = subprocess.run([sys.executable, "-m", "finetune.chat", str(short_context_adapter), "--max-new-tokens",
+                           "24"], input=script, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answers = [line for line in proc.stdout.splitlines() if line.startswith("model> ")]
+    assert len(answers) == 6, proc.stdout  # every question answered, the long message refused
+    lines = _stderr_lines(proc)
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors and len(errors) == 1, proc.stderr
+    size = int(re.fullmatch(rf"error: this message is (\d+) tokens and the model's context is {SHORT_CONTEXT} "
+                            r"\(with max_new_tokens 24\): shorten it", errors[0]).group(1))
+    assert size > 300
+    notes = [line for line in lines if line.startswith("note: dropped ")]
+    assert notes and all(line in errors + notes for line in lines), proc.stderr  # no library warnings
+    assert "maximum length" not in proc.stderr and "sequence length" not in proc.stderr
+
+    proc = subprocess.run([sys.executable, "-m", "finetune.chat", str(short_context_adapter), "--max-new-tokens",
+                           "24", "--prompt", long], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert _stderr_lines(proc) == [errors[0]], proc.stderr

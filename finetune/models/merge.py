@@ -173,10 +173,12 @@ def save_merged(merged, tokenizer, target: Path) -> None:
     template of training, and a generation_config.json whose eos_token_id lists the template's end-of-turn token
     (Llama 3's <|eot_id|> where its config names only <|end_of_text|>)."""
     from data_prep.templates import write_generation_config
+    from finetune.paths import apply_umask
 
     merged.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
     write_generation_config(tokenizer, target, getattr(merged, "generation_config", None))
+    apply_umask(target)  # safetensors' atomic save writes the weights 0600: the user's umask instead
 
 
 def merge(adapter: str | Path, out: str | Path, from_quantized: bool = False, force: bool = False,
