@@ -65,3 +65,36 @@ def recipes_dir() -> Path:
         if (candidate / "config.yaml").is_file():
             return candidate
     raise FileNotFoundError(f"the recipe tree is missing: neither {package / 'recipes'} nor {package.parent / 'recipes'}")
+
+
+def umask() -> int:
+    """This process's umask (read without changing it where the OS says it: /proc/self/status on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path | str) -> None:
+    """Files under `root` that a library wrote through a private temporary file (mkstemp: mode 0600; safetensors'
+    and torch's atomic saves) or directory (mkdtemp: 0700) get the modes the user's umask gives a plain write,
+    as the files beside them have: a shared outputs folder stays readable to the team. Nothing else changes."""
+    mask = umask()
+    root = Path(root)
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for path in paths:
+        try:
+            if path.is_symlink():
+                continue
+            mode = path.stat().st_mode & 0o777
+            if path.is_dir() and mode == 0o700:
+                path.chmod(0o777 & ~mask)
+            elif path.is_file() and mode == 0o600:
+                path.chmod(0o666 & ~mask)
+        except OSError:
+            pass

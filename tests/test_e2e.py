@@ -56,6 +56,20 @@ def _fresh_base(cfg, plan):
     return load_model(cfg.model, plan.choices, "cpu")
 
 
+def test_the_adapter_and_checkpoints_are_written_with_the_users_umask(trained):
+    """A shared outputs folder stays readable to the team: every file of the adapter and the checkpoints has the
+    mode the umask gives (safetensors' atomic save alone would leave the weights 0600)."""
+    from finetune.paths import umask
+
+    cfg, results, _ = trained
+    run_dir = results["work_dir"]
+    files = [p for p in (run_dir / "adapter").iterdir()] + list((run_dir / "checkpoints").glob("*/*"))
+    assert any(p.name == "adapter_model.safetensors" for p in files)
+    wrong = {str(p.relative_to(run_dir)): oct(p.stat().st_mode & 0o777) for p in files
+             if p.stat().st_mode & 0o777 != 0o666 & ~umask()}
+    assert not wrong
+
+
 def test_base_weights_unchanged_and_lora_weights_changed(trained):
     import torch
 

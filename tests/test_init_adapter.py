@@ -83,7 +83,7 @@ def test_an_optuna_search_over_beta_from_the_sft_adapter_tags_its_best_trial(sft
                    f"train.init_adapter={sft['run_dir']}", "train.max_steps=3", "train.save_steps=3",
                    "eval.generate_examples=0", "tracking.sweep_metric=eval/reward_margin",
                    "tracking.sweep_direction=maximize", f"tracking.uri={sft['uri']}",
-                   "tracking.register_model=false", "tracking.system_metrics=false")
+                   "tracking.system_metrics=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = _client(sft["uri"])
     runs = client.search_runs([client.get_experiment_by_name("finetune").experiment_id])
@@ -98,6 +98,14 @@ def test_an_optuna_search_over_beta_from_the_sft_adapter_tags_its_best_trial(sft
     assert parent.data.tags["best_metric"] == "eval/reward_margin (maximize)"
     assert parent.data.tags["best_overrides"].startswith("train.beta=")
     assert [r.info.run_id for r in children if r.data.tags.get("best_in_sweep") == "true"] == [best.info.run_id]
+    # one model version for the sweep, the best trial's (its jobs log their models unregistered)
+    child_ids = {r.info.run_id for r in children}
+    versions = [v for v in client.search_model_versions("name='tiny-dpo-demo'") if v.run_id in child_ids]
+    assert [v.run_id for v in versions] == [best.info.run_id]
+    assert parent.data.tags["best_model"] == f"models:/tiny-dpo-demo/{versions[0].version}"
+    [closing] = [line for line in proc.stdout.splitlines() if line.startswith("sweep done: 3 jobs; best: job ")]
+    assert f"MLflow run {best.info.run_id}, registered as models:/tiny-dpo-demo/{versions[0].version}" in closing
+    assert "train.beta=" in closing and "eval/reward_margin = " in closing
 
 def test_the_plan_counts_the_init_adapters_shape_and_trls_reference_copy(sft, tmp_path):
     fresh = run_pipeline(compose(["+recipe=tiny-dpo-demo", "adapter.rank=8", "adapter.alpha=16",

@@ -157,6 +157,12 @@ def evaluate(cfg, data, model, tokenizer, init_adapter: Path | None = None, quan
     report = EvalReport(adapter=adapter, base=base,
                         improvement=(base.loss - adapter.loss) if base is not None else None,
                         generation=generation, lm_eval=lm_eval_scores, notes=notes, init=init)
-    log.info("eval: adapter loss %.4f (ppl %.2f)%s on %d held-out examples", adapter.loss, adapter.perplexity,
-             f" vs base {base.loss:.4f} (ppl {base.perplexity:.2f})" if base else "", adapter.examples)
+    figures = (adapter.loss, adapter.perplexity, f" vs base {base.loss:.4f} (ppl {base.perplexity:.2f})" if base
+               else "", adapter.examples)
+    if not list(data.eval):  # said where the user reads it, not only in eval.json's notes
+        log.warning("eval: adapter loss %.4f (ppl %.2f)%s on %d TRAINING examples: the eval split is empty "
+                    "(too few distinct rows for dataset.eval_fraction), so these figures overstate the adapter; "
+                    "add rows or raise dataset.eval_fraction for a held-out score", *figures)
+    else:
+        log.info("eval: adapter loss %.4f (ppl %.2f)%s on %d held-out examples", *figures)
     return report

@@ -152,18 +152,32 @@ def sweep_parent(uri: str, experiment: str, sweep: dict[str, Any], name: str) ->
         return run.info.run_id
 
 
-def end_sweep_parent(sweep_dir: Path, ok: bool, best: dict[str, Any] | None = None) -> None:
+def end_sweep_parent(sweep_dir: Path, ok: bool, best: dict[str, Any] | None = None) -> str | None:
     """Called once the multirun is over: the parent run ends FINISHED, or FAILED if a job failed. `best` (a job's
-    sweep record: run_id, objective, metric, dir) is tagged on the parent (best_run_id, best_value, ...) and on
-    that child (best_in_sweep)."""
+    sweep record: run_id, objective, metric, dir, model_uri, register_as) is tagged on the parent (best_run_id,
+    best_value, ...) and on that child (best_in_sweep), and its logged model, only that one, is registered as a
+    new version of `register_as` (a sweep's jobs log their models unregistered: one version per sweep, not one
+    per job). Returns that version's models:/NAME/N URI, or None."""
     record = sweep_dir / PARENT_FILE
     if not record.is_file():
-        return
+        return None
     from mlflow.tracking import MlflowClient
 
     info = json.loads(record.read_text())
     uri = _PARENT_URIS.get(str(record.resolve()), info["tracking_uri"])
     client = MlflowClient(uri)
+    registered = None
+    if best is not None and best.get("model_uri") and best.get("register_as"):
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        try:
+            version = mlflow.register_model(best["model_uri"], best["register_as"])
+            registered = f"models:/{version.name}/{version.version}"
+            client.set_tag(info["run_id"], "best_model", registered)
+        except Exception as e:  # a store without a registry: the best job's model stays logged, unregistered
+            log.warning("could not register the best job's model %s (%s: %s)", best["model_uri"], type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
     if best is not None:
         child = client.get_run(best["run_id"])
         client.set_tag(info["run_id"], "best_run_id", best["run_id"])
@@ -173,6 +187,55 @@ def end_sweep_parent(sweep_dir: Path, ok: bool, best: dict[str, Any] | None = No
         client.set_tag(info["run_id"], "best_overrides", child.data.tags.get("sweep_overrides", ""))
         client.set_tag(best["run_id"], "best_in_sweep", "true")
     client.set_terminated(info["run_id"], status="FINISHED" if ok else "FAILED")
+    return registered
+
+
+def end_dead_runs(client, uris: set[str], runs: list[tuple[Path, dict[str, Any]]], found_by: Path | str,
+                  skip: str | None = None) -> list[str]:
+    """The MLflow runs of dead run directories (finetune.runs.dead_runs: no process holds their lock; killed with
+    -9, by the OOM killer, a crash) that are still RUNNING in the store `uris` names: KILLED, ended when the
+    directory last changed (about when the process died), tagged ``ended_by``. Returns their ids."""
+    from finetune.runs import last_change
+
+    ended = []
+    for run_dir, record in runs:
+        run_id = record.get("run_id")
+        if not run_id or run_id == skip or record.get("tracking_uri") not in uris:
+            continue
+        try:
+            info = client.get_run(run_id).info
+            if info.status != "RUNNING":
+                continue
+            end_ms = max(int(last_change(run_dir) * 1000), info.start_time or 0)
+            client.set_tag(run_id, "ended_by", f"{Path(found_by).resolve()}: no process was running it "
+                           "any more (kill -9, the OOM killer, a crash or a power cut)")
+            client.set_terminated(run_id, status="KILLED", end_time=end_ms)
+        except Exception as e:  # a deleted run, a store that changed: never fail this command over it
+            log.warning("could not end the MLflow run %s of %s (%s: %s)", run_id, run_dir, type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
+            continue
+        log.warning("MLflow run %s (%s) was still RUNNING but its process is gone (kill -9, the OOM killer or a "
+                    "crash): marked KILLED", run_id, run_dir)
+        ended.append(run_id)
+    return ended
+
+
+def end_dead_runs_under(outputs: Path, uri: str) -> list[str]:
+    """Every dead run under `outputs` (outputs/<recipe>/<run>/ and a sweep's outputs/<recipe>/<time>-sweep/<job>/)
+    still RUNNING in the store at `uri`, marked KILLED (what `make ui` does before it lists the runs)."""
+    from mlflow.tracking import MlflowClient
+
+    from finetune.runs import dead_runs
+
+    uri = absolute_uri(uri)
+    found = []
+    for recipe_dir in sorted(p for p in Path(outputs).glob("*") if p.is_dir()):
+        found += dead_runs(recipe_dir, exclude=[])
+        for sweep_dir in sorted(p for p in recipe_dir.glob("*-sweep*") if p.is_dir()):
+            found += dead_runs(sweep_dir, exclude=[])
+    if not found:
+        return []
+    return end_dead_runs(MlflowClient(uri), {uri, mask(uri)}, found, outputs)
 
 
 class Tracker:
@@ -237,32 +300,8 @@ class Tracker:
 
     def end_dead_runs(self, runs: list[tuple[Path, dict[str, Any]]], found_by: Path) -> list[str]:
         """End the MLflow runs of dead run directories (finetune.runs.dead_runs: no process
-        holds them) that are still RUNNING in this store: KILLED, ended when the directory last
-        changed (about when the process died), tagged ``ended_by``. Returns their ids."""
-        from finetune.runs import last_change
-
-        ours = {self.uri, mask(self.uri)}
-        ended = []
-        for run_dir, record in runs:
-            run_id = record.get("run_id")
-            if not run_id or run_id == self.run_id or record.get("tracking_uri") not in ours:
-                continue
-            try:
-                info = self._client.get_run(run_id).info
-                if info.status != "RUNNING":
-                    continue
-                end_ms = max(int(last_change(run_dir) * 1000), info.start_time or 0)
-                self._client.set_tag(run_id, "ended_by", f"{found_by.resolve()}: no process was running it "
-                                     "any more (kill -9, a crash or a power cut)")
-                self._client.set_terminated(run_id, status="KILLED", end_time=end_ms)
-            except Exception as e:  # a deleted run, a store that changed: never fail this run over it
-                log.warning("could not end the MLflow run %s of %s (%s: %s)", run_id, run_dir, type(e).__name__,
-                            str(e).splitlines()[0] if str(e) else "")
-                continue
-            log.warning("MLflow run %s (%s) was still RUNNING but its process is gone (kill -9 or a crash): "
-                        "marked KILLED", run_id, run_dir)
-            ended.append(run_id)
-        return ended
+        holds them) that are still RUNNING in this store: see :func:`end_dead_runs`."""
+        return end_dead_runs(self._client, {self.uri, mask(self.uri)}, runs, found_by, skip=self.run_id)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._mlflow is None:
@@ -271,8 +310,11 @@ class Tracker:
         if exc is not None:
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             try:
-                self._mlflow.set_tag("error", f"{type(exc).__name__}: {str(exc)[:4000]}")
-                self._mlflow.log_text("".join(traceback.format_exception(exc_type, exc, tb)), "error.txt")
+                from finetune.redaction import mask
+
+                # masked like params and logs: an exception's text can hold a URI's password or a token
+                self._mlflow.set_tag("error", mask(f"{type(exc).__name__}: {exc}")[:4000])
+                self._mlflow.log_text(mask("".join(traceback.format_exception(exc_type, exc, tb))), "error.txt")
             except Exception:  # never mask the original error
                 log.exception("could not record the error in MLflow")
         try:
@@ -356,7 +398,8 @@ class Tracker:
 
     def log_adapter_model(self, model, tokenizer, base_model_path: str, registered_name: str | None,
                           pip_requirements: list[str]) -> str | None:
-        """The adapter as an MLflow transformers model, registered as a new version of `registered_name`.
+        """The adapter as an MLflow transformers model, registered as a new version of `registered_name` (in a
+        sweep, not registered here: the sweep's end registers its best job's model, end_sweep_parent).
 
         peft models are logged as the adapter plus a reference to the base model. We pass the base
         as a local directory (never a hub id, which MLflow would resolve online to a commit) and
@@ -368,7 +411,8 @@ class Tracker:
             info = self._mlflow.transformers.log_model(
                 transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
                 task="text-generation", base_model_path=base_model_path,
-                registered_model_name=registered_name, pip_requirements=pip_requirements)
+                registered_model_name=registered_name if self.sweep is None else None,
+                pip_requirements=pip_requirements)
         except Exception as e:  # a registry-less server, say: keep the run, say what happened
             log.warning("could not log the adapter as an MLflow model (%s: %s); it is still an artifact",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")

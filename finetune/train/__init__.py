@@ -91,30 +91,60 @@ def pick_device(cfg) -> str:
     )
 
 
-def checkpoint_bytes(cfg, plan: dict[str, Any]) -> int:
-    """What the checkpoints of a run take on disk at most: each holds the adapter and the optimizer state
-    (the plan's per-GPU bytes; sharded over the GPUs under FSDP, whole on rank 0 under DDP), and the trainer
-    writes a new one before it deletes the oldest of train.keep_checkpoints; plus the final adapter and
-    64 MiB for trainer state, tokenizer and the run's own files."""
+# What a checkpoint holds besides the adapter, the optimizer state and the tokenizer: trainer_state.json, the
+# scheduler, RNG states, training_args.bin, the COMPLETE marker, adapter_config.json (measured on the tiny demo:
+# about 30 KB; allowed 1 MiB), and the run's own files beside the checkpoints (config, plan, reports)
+_CHECKPOINT_EXTRAS = 1 << 20
+_RUN_FILES = 1 << 20
+
+
+def tokenizer_bytes(tokenizer) -> int:
+    """About what saving `tokenizer` writes (tokenizer.json and its config files): each checkpoint and the
+    final adapter hold a copy."""
+    try:
+        size = len(tokenizer.backend_tokenizer.to_str().encode())
+    except Exception:  # a slow tokenizer: its vocabulary files are what the model directory ships
+        size = 0
+        path = getattr(tokenizer, "vocab_file", None)
+        if path:
+            with contextlib.suppress(OSError):
+                size = Path(path).stat().st_size
+    return size + len(str(getattr(tokenizer, "chat_template", "") or "").encode()) + (64 << 10)
+
+
+def checkpoint_bytes(cfg, plan: dict[str, Any], tokenizer_size: int = 0, keep: int | None = None) -> int:
+    """What the checkpoints of a run take on disk at most: each holds the adapter, the optimizer state (the
+    plan's per-GPU bytes; sharded over the GPUs under FSDP, whole on rank 0 under DDP), the tokenizer
+    (`tokenizer_size` bytes) and the trainer's small files; the trainer writes a new one before it deletes the
+    oldest of `keep` (train.keep_checkpoints); plus the final adapter with its tokenizer and the run's files.
+    Every part is proportional to what is written: a tiny model's checkpoints ask for little."""
     b = plan["breakdown_bytes"]
     gpus = plan["choices"].get("num_gpus", 1) if plan["choices"].get("distributed") == "fsdp" else 1
     adapter = b.get("lora_params", 0) * gpus  # an unpredicted plan (unknown architecture) has no breakdown
-    one = adapter + b.get("optimizer_state", 0) * gpus
-    return one * (cfg.train.keep_checkpoints + 1) + adapter + (64 << 20)
+    one = adapter + b.get("optimizer_state", 0) * gpus + tokenizer_size + _CHECKPOINT_EXTRAS
+    keep = cfg.train.keep_checkpoints if keep is None else keep
+    return one * (keep + 1) + adapter + tokenizer_size + _RUN_FILES
 
 
-def check_checkpoint_space(cfg, plan: dict[str, Any], run_dir: Path) -> None:
+def check_checkpoint_space(cfg, plan: dict[str, Any], run_dir: Path, tokenizer_size: int = 0) -> None:
     """Before training: room on the run directory's disk for its checkpoints (exit 5 naming the path and
     the bytes the plan needs), rather than a failed save hours in."""
     from finetune.paths import free_bytes
 
-    needed = checkpoint_bytes(cfg, plan)
+    needed = checkpoint_bytes(cfg, plan, tokenizer_size)
     free = free_bytes(run_dir)
     if free < needed:
-        raise EnvError(f"{run_dir}: the run's checkpoints need about {needed / 2**20:,.0f} MiB "
-                       f"(train.keep_checkpoints={cfg.train.keep_checkpoints} of adapter + optimizer state) and "
-                       f"only {free / 2**20:,.0f} MiB are free there; free some space, lower "
-                       "train.keep_checkpoints, or point hydra.run.dir at a bigger disk")
+        fewer = ""
+        if cfg.train.keep_checkpoints > 1 and checkpoint_bytes(cfg, plan, tokenizer_size, keep=1) <= free:
+            fewer = ", lower train.keep_checkpoints (1 would fit)"
+        raise EnvError(f"{run_dir}: the run's checkpoints need about {_size(needed)} "
+                       f"(train.keep_checkpoints={cfg.train.keep_checkpoints} of adapter + optimizer state + "
+                       f"tokenizer) and only {_size(free)} are free there; free some space{fewer}, or point "
+                       "hydra.run.dir at a bigger disk")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 def lora_config(cfg, model_config: dict[str, Any], resolved=None):
@@ -292,6 +322,9 @@ def save_adapter(model, tokenizer, target: Path) -> Path:
 
     # generation_config.json beside it: every stop (EOS and the template's end-of-turn token) and the pad
     write_generation_config(tokenizer, tmp, getattr(model, "generation_config", None))
+    from finetune.paths import apply_umask
+
+    apply_umask(tmp)  # safetensors' atomic save writes the weights 0600: the user's umask instead, like the rest
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
@@ -516,7 +549,7 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
     choices = dict(plan_dict["choices"])
     check_world(cfg)
     if rank == 0:
-        check_checkpoint_space(cfg, plan_dict, run_dir)
+        check_checkpoint_space(cfg, plan_dict, run_dir, tokenizer_bytes(tokenizer))
     checkpoint = str(resume_point.checkpoint) if resume_point is not None else None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -144,5 +144,9 @@ class CheckpointMarkerCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:  # the process that writes checkpoints (rank 0)
-            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            from finetune.paths import apply_umask
+
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            apply_umask(checkpoint)  # the weights come 0600 from safetensors' atomic save
+            mark_complete(checkpoint)
         return control
