@@ -24,6 +24,10 @@ TEST_JOBS ?= 2
 PARALLEL := -n $(TEST_JOBS) --dist loadfile
 
 GPUS   ?= 2
+# CPU threads per process in every `make train-multi` launch. torchrun sets 1 only when a node runs several
+# processes, so one node x 2 processes and 2 nodes x 1 process would otherwise run different matmul reduction
+# orders and end with different adapters from the same seed. Your own OMP_NUM_THREADS, if set, wins.
+OMP_NUM_THREADS ?= 1
 NODES  ?= 1
 NODE_RANK   ?= 0
 MASTER_ADDR ?= 127.0.0.1
@@ -161,7 +165,7 @@ train: $(STAMP)
 # c10d rendezvous at MASTER_ADDR:MASTER_PORT under RUN_ID, which every node must share (it also names the
 # run directory, which must be on a filesystem every node sees: checkpoints and resume go through it).
 train-multi: $(STAMP)
-	@if [ "$(NODES)" = "1" ]; then \
+	@export OMP_NUM_THREADS=$(OMP_NUM_THREADS); if [ "$(NODES)" = "1" ]; then \
 		set -x; $(BIN)/torchrun --standalone --nproc_per_node $(GPUS) -m finetune +recipe=$(RECIPE) \
 			hardware.num_gpus=$(GPUS) hydra.run.dir=$(RUN_DIR) $(ARGS); \
 	else \
@@ -184,7 +188,9 @@ chat: $(STAMP)
 	@test -n "$(ADAPTER)" || { echo "no adapter under outputs/: train one, or give ADAPTER=dir"; exit 2; }
 	$(BIN)/finetune-chat $(ADAPTER) $(ARGS)
 
+# First the runs whose process is gone (kill -9, the OOM killer) are marked KILLED, not listed as RUNNING.
 ui: $(STAMP)
+	@$(BIN)/python -m finetune.tracking --uri sqlite:///mlflow.db --outputs outputs
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)
 
 lint: $(STAMP)

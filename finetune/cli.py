@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -74,8 +75,6 @@ def _available_recipes() -> list[str]:
 
 def describe_config_error(ex: BaseException) -> str:
     """One line for a Hydra / OmegaConf composition error: the key at fault and what to do."""
-    import re
-
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -128,6 +127,9 @@ def classify(ex: BaseException) -> tuple[int, str]:
     disk = _disk_error(ex)
     if disk is not None:
         return EnvError.exit_code, disk
+    syntax = _yaml_syntax_error(ex)
+    if syntax is not None:
+        return ConfigError.exit_code, syntax
     if isinstance(ex, (HydraException, OmegaConfBaseException)):
         return ConfigError.exit_code, describe_config_error(ex)
     return 1, f"{type(ex).__name__}: {ex}"
@@ -150,11 +152,47 @@ def _disk_error(ex: BaseException) -> str | None:
             if cause.errno in _READ_ONLY:
                 return (f"cannot write {path}: {cause.strerror}; run from a directory you can write to, or "
                         "point the run elsewhere (hydra.run.dir=DIR, FINETUNE_CACHE=DIR for the cache)")
-            free = free_bytes(path)
-            return (f"the disk holding {path} is full ({free / 1e9:.1f} GB free): {cause.strerror}; free some "
-                    "space there (a run needs room for its checkpoints and, the first time, the prepared "
-                    "dataset and the downloaded model), or point the run at a bigger disk (hydra.run.dir=DIR, "
-                    "FINETUNE_CACHE=DIR, HF_HOME=DIR)")
+            return _full_disk(path, cause.strerror)
+        if not isinstance(cause, OSError) and _FULL_TEXT.search(str(cause)):
+            # Rust libraries (tokenizers' save, safetensors') raise plain exceptions naming neither errno nor path
+            return _full_disk(Path(os.getcwd()), _FULL_TEXT.search(str(cause)).group(0))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+# How the Rust libraries say ENOSPC / EDQUOT: tokenizers "No space left on device (os error 28)", safetensors
+# "IoError(Os { code: 28, kind: StorageFull, ... })"
+_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os error (?:28|122)\b|code: (?:28|122)\b|"
+                        r"StorageFull|QuotaExceeded")
+
+
+def _full_disk(path: Path, reason: str) -> str:
+    free = free_bytes(path)
+    return (f"the disk holding {path} is full ({free / 1e9:.1f} GB free): {reason}; free some "
+            "space there (a run needs room for its checkpoints and, the first time, the prepared "
+            "dataset and the downloaded model), or point the run at a bigger disk (hydra.run.dir=DIR, "
+            "FINETUNE_CACHE=DIR, HF_HOME=DIR)")
+
+
+def _yaml_syntax_error(ex: BaseException) -> str | None:
+    """One line for a recipe file that is not valid YAML (Hydra lets PyYAML's error through, with its
+    multi-line message): file:line:column, what PyYAML expected, and the line where the construct began."""
+    import yaml
+
+    seen: set[int] = set()
+    cause: BaseException | None = ex
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, yaml.MarkedYAMLError):
+            mark = cause.problem_mark or cause.context_mark
+            where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else "a recipe file"
+            problem = cause.problem or "invalid YAML"
+            context = ""
+            if cause.context and cause.context_mark is not None and cause.context_mark is not mark:
+                context = f" ({cause.context}, which began at line {cause.context_mark.line + 1})"
+            return f"{where}: YAML syntax error: {problem}{context}; fix the file"
+        if isinstance(cause, yaml.YAMLError):
+            return f"a recipe file is not valid YAML: {' '.join(str(cause).split())}"
         cause = cause.__cause__ or cause.__context__
     return None
 
@@ -218,14 +256,20 @@ def _run_job(cfg: DictConfig) -> tuple[int, float | None]:
         code = getattr(ex, "exit_code", 130)
         print_error(str(ex) or "interrupted")
         if multirun:
-            _record_sweep_job(run_dir, code, None, results, run_cfg)
+            _record_sweep_job(run_dir, code, None, results, run_cfg, sweep)
         sys.exit(code)
     except Exception as ex:
+        if not multirun:  # a rejected command leaves no run directory behind (finetune/pipeline.py)
+            from finetune.distributed import is_leader
+            from finetune.pipeline import remove_rejected_run_dir
+
+            if is_leader():
+                remove_rejected_run_dir(run_dir, ex)
         code = report(ex)
     finally:
         _release_memory()
     if multirun:
-        _record_sweep_job(run_dir, code, objective, results, run_cfg)
+        _record_sweep_job(run_dir, code, objective, results, run_cfg, sweep)
     return code, objective
 
 
@@ -244,12 +288,17 @@ def _objective(run_cfg, results: dict[str, Any]) -> float | None:
     return float(value)
 
 
-def _record_sweep_job(run_dir: Path, code: int, objective: float | None, results: dict[str, Any], run_cfg) -> None:
+def _record_sweep_job(run_dir: Path, code: int, objective: float | None, results: dict[str, Any], run_cfg,
+                      sweep: dict[str, Any] | None = None) -> None:
     import json
 
     record = {"exit_code": code, "objective": objective, "run_id": results.get("run_id"),
               "metric": run_cfg.tracking.sweep_metric if run_cfg else None,
-              "direction": run_cfg.tracking.sweep_direction if run_cfg else None}
+              "direction": run_cfg.tracking.sweep_direction if run_cfg else None,
+              # the job's logged model, registered by the sweep's end if this job is the best
+              "model_uri": results.get("model_uri"),
+              "register_as": run_cfg.name if run_cfg and run_cfg.tracking.register_model else None,
+              "overrides": " ".join((sweep or {}).get("overrides", []))}
     with contextlib.suppress(OSError):
         (run_dir / SWEEP_JOB_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
@@ -288,6 +337,29 @@ class SweepCallback(Callback):
     (sweep_job.json, on the shared filesystem), the multirun exits with the worst, and the sweep's MLflow parent
     run ends FINISHED (FAILED if a job failed) with its best job tagged (tracking.sweep_metric)."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Before any job: the sweep gets a directory of its own, so two sweeps started in the same second never
+        share job directories or an MLflow parent run (`<time>-sweep-2`, by an exclusive mkdir). The jobs are
+        composed again from the command line's Hydra overrides (wherever the launcher runs them), so the chosen
+        directory goes there as one more override. A directory given explicitly (hydra.sweep.dir=DIR) is
+        reused as asked, but an earlier sweep's parent run record in it is dropped: this sweep gets its own."""
+        from omegaconf import open_dict
+
+        from finetune.config import unique_dir
+        from finetune.tracking import PARENT_FILE
+
+        given = any(str(o).split("=", 1)[0].lstrip("+~") == "hydra.sweep.dir" for o in config.hydra.overrides.hydra)
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not given:
+            chosen = Path(unique_dir(str(sweep_dir)))
+            if chosen != sweep_dir:
+                with open_dict(config):
+                    config.hydra.sweep.dir = str(chosen)
+                    config.hydra.overrides.hydra.append(f"hydra.sweep.dir={chosen}")
+                sweep_dir = chosen
+        with contextlib.suppress(OSError):
+            (sweep_dir / PARENT_FILE).unlink(missing_ok=True)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         import json
 
@@ -298,7 +370,8 @@ class SweepCallback(Callback):
         for path in sorted(sweep_dir.glob(f"*/{SWEEP_JOB_FILE}")):
             with contextlib.suppress(OSError, ValueError):
                 jobs.append(dict(json.loads(path.read_text()), dir=path.parent.name))
-        codes = [int(j["exit_code"]) for j in jobs] or [1]
+        killed = _killed_jobs(sweep_dir, {j["dir"] for j in jobs})
+        codes = [int(j["exit_code"]) for j in jobs] + [137] * len(killed) or [1]
         _SWEEP_CODES.extend(codes)
         scored = [j for j in jobs if j.get("objective") is not None and j.get("run_id")]
         best = None
@@ -306,10 +379,55 @@ class SweepCallback(Callback):
             pick = max if scored[0].get("direction") == "maximize" else min
             best = pick(scored, key=lambda j: j["objective"])
         _ENDED_SWEEPS.add(str(sweep_dir))
+        registered = None
         try:
-            end_sweep_parent(sweep_dir, ok=all(c == 0 for c in codes), best=best)
+            registered = end_sweep_parent(sweep_dir, ok=all(c == 0 for c in codes), best=best)
         except Exception as e:  # the sweep's own results stand; say what could not be recorded
             print_error(f"could not end the sweep's MLflow parent run ({type(e).__name__}: {e})")
+        print(_sweep_summary(sweep_dir, jobs, codes, best, registered, killed), flush=True)
+
+
+def _killed_jobs(sweep_dir: Path, recorded: set[str]) -> list[str]:
+    """The jobs of a sweep that died without recording their exit code (kill -9, the OOM killer, a lost node):
+    their directories lack sweep_job.json. Their MLflow runs, still RUNNING, are marked KILLED here."""
+    from finetune.runs import dead_runs, holder
+
+    killed = sorted((p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()
+                     and p.name not in recorded and holder(p) is None), key=int) if sweep_dir.is_dir() else []
+    dead = [(d, r) for d, r in dead_runs(sweep_dir, exclude=[]) if d.name in killed]
+    if dead:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            from finetune.tracking import absolute_uri, end_dead_runs
+
+            by_uri: dict[str, list] = {}
+            for run_dir, record in dead:
+                by_uri.setdefault(str(record.get("tracking_uri")), []).append((run_dir, record))
+            for uri, runs in by_uri.items():
+                if "***" not in uri:  # a masked URI (a password in it): the job itself must end it
+                    end_dead_runs(MlflowClient(absolute_uri(uri)), {uri}, runs, sweep_dir)
+        except Exception as e:  # the sweep's result stands
+            print_error(f"could not mark the killed jobs' MLflow runs KILLED ({type(e).__name__}: {e})")
+    return killed
+
+
+def _sweep_summary(sweep_dir: Path, jobs: list[dict[str, Any]], codes: list[int], best: dict[str, Any] | None,
+                   registered: str | None, killed: list[str] = ()) -> str:
+    """The sweep's closing line: how many jobs, how many failed, the best by tracking.sweep_metric and its model."""
+    failed = sum(1 for c in codes if c != 0) - len(killed)
+    total = len(jobs) + len(killed)
+    head = f"sweep done: {total} job{'s' if total != 1 else ''}" + (f", {failed} failed" if failed else "")
+    if killed:
+        head += f", {len(killed)} killed (job {', '.join(killed)}: no exit code recorded; MLflow runs marked KILLED)"
+    if best is None:
+        metric = next((j.get("metric") for j in jobs if j.get("metric")), "tracking.sweep_metric")
+        return f"{head}; no job logged {metric}, so none is best and no model was registered ({sweep_dir})"
+    line = (f"{head}; best: job {best.get('dir')} ({best.get('overrides') or 'no overrides'}) with {best['metric']} "
+            f"= {best['objective']:.6g} ({best.get('direction') or 'minimize'}), MLflow run {best['run_id']}")
+    if registered:
+        line += f", registered as {registered}"
+    return f"{line} ({sweep_dir})"
 
 
 def _swept_keys() -> set[str]:

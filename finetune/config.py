@@ -334,9 +334,13 @@ class TrainConfig:
     neftune_noise_alpha: float | None = None
     # Checkpoints kept on disk (the oldest are deleted; the best one is kept too with keep_best).
     keep_checkpoints: int = 3
-    # auto: continue the newest complete checkpoint of an unfinished run of this recipe (refused if
-    # the recipe or the data changed); never: start fresh; or a checkpoint / run directory path.
+    # auto: continue the newest complete checkpoint of an unfinished run of this recipe (one trained with another
+    # recipe or other data is left alone: a new run starts, saying so); never: start fresh; or a checkpoint / run
+    # directory path (continued even if the recipe changed).
     resume: str = "auto"
+    # A run directory (hydra.run.dir, a multi-node RUN_ID) that holds a finished or interrupted run is refused;
+    # true: start this run there anyway, removing the old run's adapter, checkpoints, results, merged/ and export/.
+    overwrite: bool = False
     logging_steps: int = 1
     # sft, or a preference method on dataset.format: preference data: dpo, orpo, kto (unpaired completion + label
     # rows), simpo
@@ -480,6 +484,40 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="finetune_schema", node=RunConfig)
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("unique_dir"):
+        OmegaConf.register_new_resolver("unique_dir", unique_dir)
+
+
+# unique_dir's answers in this process: Hydra may resolve hydra.run.dir more than once, and it must get one answer
+_UNIQUE_DIRS: dict[str, str] = {}
+
+
+def unique_dir(path: str) -> str:
+    """`${unique_dir:outputs/NAME/TIME}` (recipes/config.yaml's hydra.run.dir): that directory, made here, or the
+    first `TIME-2`, `TIME-3`, ... that does not exist yet when it does (two runs started in the same second; a
+    run that ended within it). Made with an exclusive mkdir, so two processes racing for a name never share
+    one, and no existing directory is reused by accident; a name given explicitly (hydra.run.dir=DIR) is not
+    passed through this."""
+    import itertools
+    from pathlib import Path
+
+    if path in _UNIQUE_DIRS:
+        return _UNIQUE_DIRS[path]
+    base = Path(path)
+    for n in itertools.count(1):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.parent.mkdir(parents=True, exist_ok=True)
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        except OSError:  # cannot write there: Hydra's own mkdir reports it (the CLI's one line names the disk)
+            candidate = base
+        _UNIQUE_DIRS[path] = str(candidate)
+        return str(candidate)
+    raise AssertionError("unreachable")
 
 
 def compose(overrides: list[str]) -> RunConfig:

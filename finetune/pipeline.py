@@ -187,6 +187,23 @@ def run_data_stage(cfg: RunConfig, run_dir: Path, model: ResolvedModel | None = 
     return data, tokenizer
 
 
+def _check_weights(cfg: RunConfig) -> None:
+    """The weights training will load, checked before any stage runs: every shard the index names is there, and
+    each safetensors file has the size its header gives (finetune/models/weights.py). A local directory, or the
+    hub snapshot already in the cache; a hub model not downloaded yet is checked by its download."""
+    from finetune.models import weights
+    from finetune.models.loader import base_model_dir, check_model_files, local_model_dir
+
+    local = local_model_dir(cfg.model)
+    if local is None:
+        try:
+            local = Path(base_model_dir(cfg.model))  # the hub snapshot in the cache, never a network call
+        except Exception:  # not in the cache (or no hub at all): training downloads it, and says if it cannot
+            return
+    check_model_files(local, trust_remote_code=bool(cfg.model.trust_remote_code))
+    weights.check_sizes(weights.weight_files(local), local)
+
+
 def _remove_orphaned_builds() -> None:
     """Half-built dataset stores of processes killed while preparing data (store.remove_orphans)."""
     from data_prep.store import remove_orphans
@@ -213,17 +230,73 @@ def _move_hydra_output(old: Path, new: Path) -> None:
             root.addHandler(moved)
 
 
-def _refuse_interrupted_run_dir(run_dir: Path) -> None:
-    """A run directory given twice (hydra.run.dir, a multi-node RUN_ID reused) that holds an interrupted run:
-    starting fresh there would overwrite its recipe and, step by step, its checkpoints. train.resume=auto
-    continues runs found beside this one; this one itself is continued only when asked by name."""
+# What an earlier run left in its directory, removed by train.overwrite=true (this invocation's Hydra record and log,
+# and the lock, stay)
+_KEPT_ON_OVERWRITE = {".hydra", "run.lock"}
+
+
+def _resumes_here(cfg: RunConfig, run_dir: Path) -> bool:
+    """train.resume names this directory (or one of its checkpoints): continuing it here is what was asked."""
+    if cfg.train.resume in ("auto", "never"):
+        return False
+    target, here = Path(cfg.train.resume).expanduser().resolve(), run_dir.resolve()
+    return target == here or here in target.parents
+
+
+def _refuse_used_run_dir(cfg: RunConfig, run_dir: Path, leader: bool) -> None:
+    """A run directory given twice (hydra.run.dir, a multi-node RUN_ID reused) that holds a finished or an
+    interrupted run: starting there would overwrite its recipe, plan and, step by step, its checkpoints and
+    adapter, and leave its merged/ and export/ no longer matching. Refused unless train.resume names it, or
+    train.overwrite=true (the old run's files are removed first, by rank 0, once it holds the directory's lock)."""
     from finetune.runs import complete_checkpoints, is_finished
 
-    done = complete_checkpoints(run_dir) if run_dir.is_dir() else []
-    if done and not is_finished(run_dir):
-        raise ConfigError(f"hydra.run.dir: {run_dir} holds an interrupted run (complete checkpoint at step "
-                          f"{done[-1][0]}); continue it with train.resume={run_dir}, or give this launch a new "
-                          "directory (make train-multi: a new RUN_ID), where train.resume=auto finds it")
+    if not run_dir.is_dir() or _resumes_here(cfg, run_dir):
+        return
+    finished = is_finished(run_dir)
+    done = complete_checkpoints(run_dir)
+    if not finished and not done:
+        return
+    if cfg.train.overwrite:
+        if leader:
+            removed = sorted(p.name for p in run_dir.iterdir()
+                             if p.name not in _KEPT_ON_OVERWRITE and p.suffix != ".log")
+            for name in removed:
+                path = run_dir / name
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            log.warning("train.overwrite=true: removed the %s run in %s (%s)", "finished" if finished else
+                        "interrupted", run_dir, ", ".join(removed))
+        return
+    if finished:
+        raise ConfigError(f"hydra.run.dir: {run_dir} holds a finished run (adapter in {run_dir / 'adapter'}); give "
+                          "this run a new directory (leave hydra.run.dir out; make train-multi: a new RUN_ID), or "
+                          "replace that run with train.overwrite=true (its adapter, results, merged/ and export/ "
+                          "are removed)")
+    raise ConfigError(f"hydra.run.dir: {run_dir} holds an interrupted run (complete checkpoint at step "
+                      f"{done[-1][0]}); continue it with train.resume={run_dir}, or give this launch a new "
+                      "directory (make train-multi: a new RUN_ID), where train.resume=auto finds it, or start "
+                      "over there with train.overwrite=true")
+
+
+# What a command that failed before its MLflow run began leaves in its run directory: removed with the directory
+# (a rejected command leaves nothing behind). A data error's data_report.json, which lists the rejected rows,
+# is kept, as is anything else.
+_BOOKKEEPING = {".hydra", "run.lock", "config.yaml", "data_report.json", "token_lengths.png", "heldout.jsonl",
+                "plan.json", "plan_memory.png"}
+
+
+def remove_rejected_run_dir(run_dir: Path, error: BaseException) -> None:
+    """`run_dir` removed when `error` ended the command before it wrote anything but bookkeeping there."""
+    from data_prep.prepare import RejectedRowsError
+
+    try:
+        entries = list(run_dir.iterdir())
+    except OSError:
+        return
+    if isinstance(error, RejectedRowsError) or any(
+            p.name not in _BOOKKEEPING and p.suffix != ".log" for p in entries):
+        return
+    with contextlib.suppress(OSError):
+        shutil.rmtree(run_dir)
 
 
 def _claim_run_dir(run_dir: Path, held: contextlib.ExitStack) -> Path:
@@ -269,12 +342,19 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None = N
     directory) until the run ends; a `run_dir` held by another live run is swapped for a new
     one beside it (results["run_dir"] says which).
     """
-    with contextlib.ExitStack() as held:  # the run directories' locks, released last
-        return _run_stages(cfg, run_dir, sweep, held)
+    dirs = [run_dir]  # this invocation's run directory, and the one it moved to
+    try:
+        with contextlib.ExitStack() as held:  # the run directories' locks, released last
+            return _run_stages(cfg, run_dir, sweep, held, dirs)
+    except Exception as error:
+        if is_leader() and sweep is None:  # a sweep's job directories keep their record (sweep_job.json)
+            for path in dirs:
+                remove_rejected_run_dir(path, error)
+        raise
 
 
 def _run_stages(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None,
-                held: contextlib.ExitStack) -> dict[str, Any]:
+                held: contextlib.ExitStack, dirs: list[Path]) -> dict[str, Any]:
     from finetune.preflight import Plan, run_preflight, write_plan
     from finetune.preflight.show import show_plan
 
@@ -287,16 +367,19 @@ def _run_stages(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None,
         from finetune.train import check_world
 
         check_world(cfg)  # before any work, and before an MLflow run exists
+        _check_weights(cfg)  # a missing or truncated shard: one line now, not after the data stage
+    if Stage.preflight.value in stages:
+        resolved.require()  # a hub id neither local nor in the catalog cannot be planned: say so before the hub
     if Stage.eval.value in stages:
         from finetune.evaluate.harness import require
 
         require(cfg)  # lm-eval tasks asked for: the harness must be there before hours of training
     init = resolve_init_adapter(cfg, stages)  # before the recipe is recorded: adapter.* are the adapter's
-    if Stage.train.value in stages and cfg.train.resume == "auto":
-        _refuse_interrupted_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if leader:
         run_dir = _claim_run_dir(run_dir, held)
+        dirs.append(run_dir)
+    _refuse_used_run_dir(cfg, run_dir, leader)  # after the claim: never clears a directory a live run works in
     recipe = to_plain_dict(cfg)
     if leader:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -10,8 +10,10 @@ considers those.
 
 * ``auto`` (default): continue the newest complete checkpoint of an *unfinished* run of
   the same recipe (a run directory under ``outputs/<recipe>/`` without a final
-  ``train_result.json``). If the resolved recipe or the data fingerprint differ from that
-  run's, refuse and list what changed: continuing would silently mix two experiments.
+  ``train_result.json``) trained with the same resolved recipe and data fingerprint. An
+  interrupted run whose recipe or data differ is another experiment: continuing it would
+  silently mix two, so it is left alone (one warning lists what changed and how to continue
+  it by name) and a new run starts: it blocks no later run.
 * ``never``: always start fresh.
 * a path (a ``checkpoint-N`` directory, or a run directory): continue there even if the
   recipe changed (the changes are listed and recorded).
@@ -323,22 +325,20 @@ def resolve(resume: str, recipe_dir: Path, current_run_dir: Path, recipe: dict[s
                 candidates.append(((checkpoint / COMPLETE).stat().st_mtime, step, run_dir, checkpoint))
     skipped: list[str] = []
     for _, step, run_dir, checkpoint in sorted(candidates, reverse=True):  # the newest first
+        try:
+            changes = _differences(run_dir, recipe, fingerprint)
+        except (OSError, ValueError, yaml.YAMLError):
+            changes = ["its config.yaml or data_report.json cannot be read"]
+        if changes:
+            # another experiment, interrupted: it stays as it is (resumable by name), and blocks nothing
+            log.warning("train.resume=auto: not resuming the interrupted run %s (checkpoint at step %d): it was "
+                        "trained with a different recipe - %s; continue it with train.resume=%s",
+                        run_dir, step, "; ".join(changes), checkpoint)
+            continue
         lock, busy = _busy(run_dir, current_run_dir, take_lock)
         if busy is not None:
             skipped.append(f"{run_dir} ({describe_holder(busy)})")
             continue
-        try:
-            changes = _differences(run_dir, recipe, fingerprint)
-            if changes:
-                raise ConfigError(
-                    f"train.resume=auto: the interrupted run {run_dir} (checkpoint at step {step}) was trained "
-                    f"with a different recipe - {'; '.join(changes)}. Start fresh with train.resume=never, or "
-                    f"continue it anyway with train.resume={checkpoint}"
-                )
-        except BaseException:
-            if lock is not None:
-                lock.release()
-            raise
         if skipped:
             log.warning("train.resume=auto: not resuming %s: still running; resuming the interrupted %s instead",
                         ", ".join(skipped), run_dir)

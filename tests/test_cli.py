@@ -136,6 +136,22 @@ def test_users_own_recipe_directory(run_cli, tmp_path):
     assert plan["budget_bytes"] == int(24 * 2**30 * 0.9)
 
 
+@pytest.mark.parametrize("broken, where, problem", [
+    ("dataset:\n  path: data.jsonl\n  format: [alpaca\n", "mine.yaml:6:1", "expected ',' or ']'"),
+    ("dataset:\n  path: data.jsonl\n   format: alpaca\n", "mine.yaml:5:10", "mapping values are not allowed"),
+    ("dataset:\n\tpath: data.jsonl\n", "mine.yaml:4:1", "found character '\\t'"),
+])
+def test_a_yaml_syntax_error_in_the_users_recipe_is_exit_2_naming_file_and_line(run_cli, tmp_path, broken, where,
+                                                                                 problem):
+    (tmp_path / "my-recipes" / "recipe").mkdir(parents=True)
+    (tmp_path / "my-recipes" / "recipe" / "mine.yaml").write_text("# @package _global_\nname: mine\n" + broken)
+    proc = run_cli("--config-dir", "my-recipes", "+recipe=mine", "stages=[preflight]")
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert f"my-recipes/recipe/{where}: YAML syntax error: {problem}" in line, line
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_multirun_exits_with_the_worst_jobs_code(run_cli, tmp_path):
     proc = run_cli("-m", "+recipe=llama2-7b-medical", "stages=[preflight]", "adapter.rank=8,0")
     assert proc.returncode == 2
@@ -227,6 +243,60 @@ def test_a_full_disk_is_exit_5_naming_the_path_and_the_free_space(tmp_path):
     assert code == 5 and f"the disk holding {tmp_path}" in line and "GB free" in line and "\n" not in line
 
 
+def test_a_hub_id_not_in_the_catalog_is_refused_offline_before_the_data_stage(tmp_path):
+    """Offline, a hub id neither local nor in the catalog cannot be planned: one line, exit 2, in seconds, without
+    the data stage's minute of retrying the hub."""
+    import os
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "finetune", "+recipe=tiny-demo",
+                           "model.name_or_path=someone/not-a-catalog-model"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert "'someone/not-a-catalog-model' is neither a local directory" in line and "config.json" in line
+    assert time.monotonic() - start < 60, "no retries against the hub"
+    assert not list((tmp_path / "outputs").glob("*/*")), "the rejected command leaves no run directory"
+
+
+@pytest.mark.slow
+def test_with_two_rows_the_console_says_the_eval_ran_on_training_rows(run_cli, tmp_path):
+    """Two rows leave the eval split empty: the eval scores training rows, and the console says so plainly instead
+    of "on 2 held-out examples"."""
+    (tmp_path / "rows.jsonl").write_text("".join(
+        json.dumps({"instruction": f"What is {i} plus {i}?", "input": "", "output": str(2 * i)}) + "\n"
+        for i in range(2)))
+    proc = run_cli("+recipe=tiny-demo", "dataset.path=rows.jsonl", "dataset.format=alpaca", "train.max_steps=2",
+                   "tracking.system_metrics=false", "tracking.register_model=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert "on 2 TRAINING examples: the eval split is empty" in said and "held-out examples" not in said
+    report = json.loads(next((tmp_path / "outputs" / "tiny-demo").glob("*/eval.json")).read_text())
+    assert any("training split" in note for note in report["notes"])
+
+
+def test_the_rust_libraries_disk_full_errors_are_exit_5():
+    """tokenizers' save and safetensors' raise plain exceptions that name neither errno nor path (a checkpoint
+    save on a full disk): still one line, exit 5, not a traceback and exit 1."""
+    from tokenizers import Tokenizer, models
+
+    from finetune.cli import classify
+
+    with pytest.raises(Exception) as tokenizers_error:
+        Tokenizer(models.BPE()).save("/dev/full")  # every write fails as on a full disk (ENOSPC)
+    safetensors_error = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                     '"No space left on device" })')  # safetensors' text (its save is atomic)
+    for error in (tokenizers_error.value, safetensors_error):
+        try:
+            raise RuntimeError("the trainer could not save its checkpoint") from error
+        except RuntimeError as wrapped:
+            code, line = classify(wrapped)
+        assert code == 5 and "is full" in line and "free some space" in line and "\n" not in line, line
+
+
 def test_a_gpu_plan_on_a_machine_without_one_stops_before_any_work(run_cli, tmp_path):
     """hardware=rtx4090 on this CPU machine: exit 5 before the data stage runs or an MLflow run exists."""
     proc = run_cli("+recipe=tiny-demo", "hardware=rtx4090")
@@ -256,6 +326,34 @@ def test_too_little_disk_for_the_checkpoints_is_caught_before_training(tmp_path,
         check_checkpoint_space(cfg, plan, tmp_path / "run")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * needed, 0, needed))
     check_checkpoint_space(cfg, plan, tmp_path / "run")
+
+
+def test_the_checkpoint_space_asked_is_proportional_to_what_is_written(tmp_path, monkeypatch):
+    """The tiny demo's checkpoints are well under a MiB each: the check asks a few MiB, not a fixed 64 MiB
+    margin, and suggests fewer checkpoints only where that would fit."""
+    import shutil
+    from collections import namedtuple
+
+    from finetune.config import compose
+    from finetune.errors import EnvError
+    from finetune.models.loader import load_tokenizer
+    from finetune.preflight import run_preflight
+    from finetune.train import check_checkpoint_space, checkpoint_bytes, tokenizer_bytes
+
+    cfg = compose(["+recipe=tiny-demo", "stages=[preflight]"])
+    plan = run_preflight(cfg).to_dict()
+    tokenizer = tokenizer_bytes(load_tokenizer(cfg.model))
+    needed = checkpoint_bytes(cfg, plan, tokenizer)
+    assert needed < 8 * 2**20, needed
+    one = checkpoint_bytes(cfg, plan, tokenizer, keep=1)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * needed, 0, one))
+    with pytest.raises(EnvError, match=r"lower train.keep_checkpoints \(1 would fit\)"):
+        check_checkpoint_space(cfg, plan, tmp_path, tokenizer)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * needed, 0, one - 1))
+    with pytest.raises(EnvError) as info:
+        check_checkpoint_space(cfg, plan, tmp_path, tokenizer)
+    assert "keep_checkpoints (1" not in str(info.value), "fewer checkpoints would not fit either"
 
 
 def test_a_cluster_launcher_that_is_not_installed_is_one_line_naming_the_extra(run_cli):

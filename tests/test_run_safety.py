@@ -236,6 +236,24 @@ def test_a_resumed_run_drops_the_error_of_its_last_attempt(tmp_path, monkeypatch
     assert finished.info.status == "FINISHED" and "error" not in finished.data.tags
 
 
+def test_the_error_tag_and_error_txt_are_masked(tmp_path, monkeypatch):
+    """An exception's text can hold a credential (a URI with its password, an environment secret): the FAILED
+    run's `error` tag and `error.txt` get it masked, as params and logs do."""
+    from finetune.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", "hf_SecretValue0123456789")
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", system_metrics=False)
+    with pytest.raises(RuntimeError), Tracker(cfg, run_name="r", run_dir=tmp_path) as tracker:
+        raise RuntimeError("GET https://bob:pa55word@hub.example/x?token=abc123 with hf_SecretValue0123456789")
+    run = _client(tmp_path).get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    error_txt = (Path(run.info.artifact_uri.removeprefix("file://")) / "error.txt").read_text()
+    for text in (run.data.tags["error"], error_txt):
+        assert "https://bob:***@hub.example/x?token=*** with ***" in text
+        assert "pa55word" not in text and "abc123" not in text and "hf_SecretValue" not in text
+
+
 # -- the dataset cache -------------------------------------------------------------------------------
 
 
@@ -287,6 +305,63 @@ def test_make_clean_cache_removes_the_datasets_and_keeps_the_models(tmp_path):
 
 
 # -- through the CLI, as a user would ----------------------------------------------------------------
+
+
+def _finetune(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune", "+recipe=tiny-demo", *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_never_overwritten_an_interrupted_one_blocks_nothing_and_rejections_leave_nothing(
+        tmp_path):
+    """As a user would: an interrupted run of other overrides lies under outputs/tiny-demo/; a plain run still
+    starts (a new run beside it). Reusing the finished run's directory is refused in one line (exit 2), leaving
+    its adapter and export/ as they were; train.overwrite=true replaces the run and removes the stale export.
+    Commands rejected before their MLflow run begins (a bad value; a ConfigError after the data stage) leave no
+    run directory."""
+    recipe_dir = tmp_path / "outputs" / "tiny-demo"
+    from finetune.config import to_plain_dict
+
+    interrupted = _interrupted_run(recipe_dir, "2026-01-01_00-00-00",
+                                   to_plain_dict(compose(["+recipe=tiny-demo", "adapter.rank=4", *QUIET])))
+    mine = recipe_dir / "mine"
+    train = ["train.max_steps=2", f"hydra.run.dir={mine}", *QUIET]
+    first = _finetune(tmp_path, *train)
+    assert first.returncode == 0, first.stderr[-3000:]
+    said = first.stdout + first.stderr
+    assert "not resuming the interrupted run" in said and "adapter.rank: 4 -> 16" in said
+    assert (interrupted / resume.CHECKPOINTS / "checkpoint-4" / resume.COMPLETE).is_file(), "left as it was"
+    adapter = (mine / "adapter" / "adapter_model.safetensors").read_bytes()
+    (mine / "export").mkdir()
+    (mine / "export" / "model-q4_k_m.gguf").write_bytes(b"GGUF of that adapter")
+
+    again = _finetune(tmp_path, *train)
+    assert again.returncode == 2
+    line = _one_error_line(again)
+    assert f"{mine} holds a finished run" in line and "train.overwrite=true" in line and "new directory" in line
+    assert (mine / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (mine / "export" / "model-q4_k_m.gguf").is_file()
+    assert len(_client(tmp_path).search_runs(experiment_ids=["1"])) == 1, "no MLflow run for the refused command"
+
+    over = _finetune(tmp_path, *train, "train.overwrite=true", "train.seed=7")
+    assert over.returncode == 0, over.stderr[-3000:]
+    assert "train.overwrite=true: removed the finished run" in over.stdout + over.stderr
+    assert not (mine / "export").exists(), "the stale export went with the run it was made from"
+    assert (mine / "adapter" / "adapter_model.safetensors").read_bytes() != adapter
+
+    before = sorted(p.name for p in recipe_dir.iterdir())
+    bad_value = _finetune(tmp_path, "train.learning_rate=-1", *QUIET)
+    assert bad_value.returncode == 2 and "train.learning_rate" in _one_error_line(bad_value)
+    after_data = _finetune(tmp_path, "train.resume=/no/such/checkpoint", *QUIET)  # refused after the data stage
+    assert after_data.returncode == 2 and "/no/such/checkpoint does not exist" in _one_error_line(after_data)
+    assert sorted(p.name for p in recipe_dir.iterdir()) == before, "rejected commands leave no run directory"
 
 
 @pytest.mark.slow
@@ -378,3 +453,28 @@ def test_after_kill_9_a_fresh_start_marks_the_dead_run_killed_and_the_same_comma
     result = json.loads((dead_dir / "train_result.json").read_text())
     assert result["resumed_from_step"] == last and result["steps"] == 40
     assert _client(tmp_path).get_run(dead_id).info.status == "FINISHED"
+
+
+def test_make_ui_first_marks_runs_killed_outright_as_killed(tmp_path):
+    """What `make ui` runs before the UI (python -m finetune.tracking): a run directory whose process is gone
+    (kill -9, the OOM killer) while its MLflow run is RUNNING is marked KILLED; a live one is left alone."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("finetune")
+    dead, live = client.create_run(experiment), client.create_run(experiment)
+    for name, run in (("dead", dead), ("live", live)):
+        run_dir = tmp_path / "outputs" / "tiny-demo" / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
+    lock = resume.claim(tmp_path / "outputs" / "tiny-demo" / "live")  # a process still training there
+    try:
+        proc = subprocess.run([sys.executable, "-m", "finetune.tracking"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        lock.release()
+    assert proc.returncode == 0, proc.stderr
+    assert "marked 1 MLflow run KILLED whose process is gone" in proc.stdout and dead.info.run_id in proc.stdout
+    assert client.get_run(dead.info.run_id).info.status == "KILLED"
+    assert client.get_run(live.info.run_id).info.status == "RUNNING"

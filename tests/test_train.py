@@ -9,6 +9,7 @@ in production.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -114,19 +115,22 @@ def test_same_seed_same_loss_curve(workdir):
 
 
 @pytest.mark.slow
-def test_changed_recipe_is_refused_with_the_list_of_changes(workdir, interrupt_at):
+def test_an_interrupted_run_of_another_recipe_is_left_alone_and_blocks_nothing(workdir, interrupt_at, caplog):
     interrupt_at(5)
     first = workdir / "tiny-demo" / "first"
     with pytest.raises(Interrupted):
         run_pipeline(compose(BASE), first)
 
-    with pytest.raises(ConfigError) as info:
-        run_pipeline(compose(BASE + ["adapter.rank=8", "train.learning_rate=0.001"]), workdir / "tiny-demo" / "two")
-    message = str(info.value)
-    assert "adapter.rank: 16 -> 8" in message
-    assert "train.learning_rate: 0.003 -> 0.001" in message
-    assert "train.resume=never" in message and "checkpoint-5" in message
-    assert not (workdir / "tiny-demo" / "two" / "run.json").exists(), "refused before any MLflow run"
+    # Other overrides: another experiment. It starts fresh beside the interrupted run, which stays resumable.
+    with caplog.at_level(logging.WARNING, logger="finetune.runs"):
+        other = run_pipeline(compose(BASE + ["adapter.rank=8", "train.learning_rate=0.001", "train.max_steps=2"]),
+                             workdir / "tiny-demo" / "two")
+    assert other["work_dir"] == workdir / "tiny-demo" / "two" and other["train"].resumed_from_step is None
+    lines = [r.getMessage() for r in caplog.records if "not resuming the interrupted run" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "adapter.rank: 16 -> 8" in lines[0] and "train.learning_rate: 0.003 -> 0.001" in lines[0]
+    assert f"train.resume={first / 'checkpoints' / 'checkpoint-5'}" in lines[0]
+    assert [step for step, _ in complete_checkpoints(first)][-1] == 5 and not (first / "adapter").exists()
 
     # An explicit checkpoint forces it; train.resume=never starts fresh.
     checkpoint = first / "checkpoints" / "checkpoint-5"
@@ -328,29 +332,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _make_here(tmp_path: Path) -> list[str]:
+    """`make -f REPO/Makefile` run from `tmp_path` as from a clone (outputs/, mlflow.db and mlruns/ land there):
+    the Makefile's relative paths (.venv, pyproject.toml, the lock) point at the repository's; the venv's
+    install stamp is taken as up to date (-o), so make never reinstalls from a test."""
+    repo = Path(__file__).resolve().parents[1]
+    for name in (".venv", "pyproject.toml", "requirements.lock"):
+        (tmp_path / name).symlink_to(repo / name)
+    venv = Path(sys.executable).parent.parent
+    if venv.resolve() != (repo / ".venv").resolve():
+        pytest.skip(f"make runs the repository's .venv; this suite runs {venv}")
+    return ["make", "-s", "-f", str(repo / "Makefile"), "-o", ".venv/.installed"]
+
+
 @pytest.mark.slow
 def test_two_nodes_train_the_adapter_of_one_node_with_two_processes(tmp_path):
-    """torchrun with 2 gloo processes on one node (accelerate launch --cpu --num_processes 2 silently runs one),
-    then 2 torchrun "nodes" of one process each on 127.0.0.1 (--nnodes 2, c10d rendezvous): the same seed gives
-    the same adapter; both ranks end with it; one MLflow run each, from rank 0."""
+    """`make train-multi GPUS=2` (torchrun, 2 gloo processes on one node; accelerate launch --cpu --num_processes
+    2 silently runs one), then `make train-multi NODES=2 GPUS=1` twice, as on two machines (c10d rendezvous on
+    127.0.0.1): the same seed gives the same adapter with no environment variable set by hand (make sets the
+    same thread count in both launches; torchrun alone sets it only for several processes per node); both ranks
+    end with it; one MLflow run each, from rank 0."""
     env = dict(os.environ)
-    env.pop("HYDRA_FULL_ERROR", None)
-    # one thread per process in both launches (torchrun sets it only for nproc_per_node > 1): the same matmul
-    # reduction order, so that the same seed can give the same bits
-    env["OMP_NUM_THREADS"] = "1"
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    common = ["-m", "finetune", "+recipe=tiny-demo", "train.max_steps=6", "stages=[data,preflight,train]",
-              "tracking.system_metrics=false", "tracking.register_model=false"]
-    one_node = tmp_path / "outputs" / "tiny-demo" / "ddp"
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", *common, "hardware.num_gpus=2",
-                           f"hydra.run.dir={one_node}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    for name in ("HYDRA_FULL_ERROR", "OMP_NUM_THREADS"):  # as in a user's shell (the suite pins threads)
+        env.pop(name, None)
+    make = _make_here(tmp_path)
+    args = ("ARGS=train.max_steps=6 stages=[data,preflight,train] tracking.system_metrics=false "
+            "tracking.register_model=false")
+    proc = subprocess.run([*make, "train-multi", "GPUS=2", "RECIPE=tiny-demo", args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    two_nodes = tmp_path / "outputs" / "tiny-demo" / "two-nodes"
+    one_node = next((tmp_path / "outputs" / "tiny-demo").iterdir())
     port = _free_port()
-    nodes = [subprocess.Popen([torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(i),
-                               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "t",
-                               *common, "hardware.num_gpus=1", "hardware.num_nodes=2", f"hydra.run.dir={two_nodes}"],
+    nodes = [subprocess.Popen([*make, "train-multi", "NODES=2", "GPUS=1", f"NODE_RANK={i}", "MASTER_ADDR=127.0.0.1",
+                               f"MASTER_PORT={port}", "RUN_ID=two-nodes", "RECIPE=tiny-demo", args],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     try:
@@ -360,6 +374,7 @@ def test_two_nodes_train_the_adapter_of_one_node_with_two_processes(tmp_path):
             if p.poll() is None:
                 p.kill()
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(e[-2000:] for e in errors)
+    two_nodes = tmp_path / "outputs" / "tiny-demo" / "two-nodes"
 
     digests = {}
     for run_dir in (one_node, two_nodes):
@@ -368,11 +383,11 @@ def test_two_nodes_train_the_adapter_of_one_node_with_two_processes(tmp_path):
         assert leader["world_size"] == other["world_size"] == 2, "really two processes"
         assert leader["adapter_digest"] == other["adapter_digest"], "both ranks end with the same adapter"
         assert leader["steps"] == other["steps"] == 6
-        digests[run_dir.name] = leader["adapter_digest"]
+        digests[run_dir] = leader["adapter_digest"]
         c = json.loads((run_dir / "plan.json").read_text())["choices"]
         assert c["distributed"] == "ddp" and c["num_gpus"] == 2
         assert c["micro_batch_size"] * c["gradient_accumulation_steps"] * 2 == 8, "effective batch split over 2"
-    assert digests["ddp"] == digests["two-nodes"], "two nodes train what one node with two processes trains"
+    assert digests[one_node] == digests[two_nodes], "two nodes train what one node with two processes trains"
     plan = json.loads((two_nodes / "plan.json").read_text())
     assert plan["choices"]["num_nodes"] == 2
     assert any("2 nodes x 1 GPU" in line and "internode_gbps" in line for line in plan["explanation"])
