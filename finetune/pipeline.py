@@ -287,10 +287,13 @@ _BOOKKEEPING = {".hydra", "run.lock", "config.yaml", "data_report.json", "token_
 def remove_rejected_run_dir(run_dir: Path, error: BaseException) -> None:
     """`run_dir` removed when `error` ended the command before it wrote anything but bookkeeping there."""
     from data_prep.prepare import RejectedRowsError
+    from finetune.runs import holder
 
     try:
         entries = list(run_dir.iterdir())
     except OSError:
+        return
+    if holder(run_dir) is not None:  # another live run works there (this one moved beside it): never touched
         return
     if isinstance(error, RejectedRowsError) or any(
             p.name not in _BOOKKEEPING and p.suffix != ".log" for p in entries):
@@ -342,7 +345,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, sweep: dict[str, Any] | None = N
     directory) until the run ends; a `run_dir` held by another live run is swapped for a new
     one beside it (results["run_dir"] says which).
     """
-    dirs = [run_dir]  # this invocation's run directory, and the one it moved to
+    dirs: list[Path] = []  # the run directory this invocation claimed (rank 0), for remove_rejected_run_dir
     try:
         with contextlib.ExitStack() as held:  # the run directories' locks, released last
             return _run_stages(cfg, run_dir, sweep, held, dirs)

@@ -478,3 +478,23 @@ def test_make_ui_first_marks_runs_killed_outright_as_killed(tmp_path):
     assert "marked 1 MLflow run KILLED whose process is gone" in proc.stdout and dead.info.run_id in proc.stdout
     assert client.get_run(dead.info.run_id).info.status == "KILLED"
     assert client.get_run(live.info.run_id).info.status == "RUNNING"
+
+
+def test_a_rejected_command_never_removes_a_directory_a_live_run_works_in(tmp_path):
+    """Two commands given one hydra.run.dir: the second moves beside the live first one (<dir>-2); when it is then
+    rejected, only its own directory goes, never the live run's (which holds nothing but bookkeeping yet)."""
+    from finetune.errors import ConfigError
+    from finetune.pipeline import remove_rejected_run_dir
+
+    live = tmp_path / "run"
+    lock = resume.claim(live)
+    (live / "config.yaml").write_text("name: tiny-demo\n")
+    mine = tmp_path / "run-2"
+    (mine / ".hydra").mkdir(parents=True)
+    try:
+        for path in (live, mine):
+            remove_rejected_run_dir(path, ConfigError("rejected"))
+        assert (live / "config.yaml").is_file(), "the live run's directory is left alone"
+        assert not mine.exists(), "the rejected command's own directory is gone"
+    finally:
+        lock.release()
