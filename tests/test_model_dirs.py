@@ -532,6 +532,20 @@ def _all_eos_dir(llama_dir: Path, dst: Path) -> Path:
     return d
 
 
+def _assert_chats_start_with_bos_and_report_the_fixes(d: Path, tok, sp, tmp_path: Path) -> None:
+    """The data stage on the sample chats with model directory `d`: every example starts with BOS and ends with
+    EOS, and data_report.json lists the tokenizer's fixes."""
+    from finetune.pipeline import run_pipeline
+
+    data, _ = _write_chats(tmp_path / "chats.jsonl")
+    cfg = compose(["+recipe=tiny-demo", f"model.name_or_path={d}", "stages=[data]", "dataset.format=messages",
+                   f"dataset.path={data}", "dataset.max_seq_len=1024"])
+    result = run_pipeline(cfg, tmp_path / "run")
+    assert all(e.input_ids[0] == sp.bos_id() and e.input_ids[-1] == sp.eos_id() for e in result["data"].train)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["tokenizer_fixes"] == tok.finetune_fixes
+
+
 def test_a_tokenizer_listing_eos_for_every_special_token_is_fixed_and_reported(llama_dir, sp, tmp_path):
     """Chat examples start with the real BOS (not </s>), text documents get BOS and EOS, and the data report
     says what was fixed."""
@@ -546,13 +560,7 @@ def test_a_tokenizer_listing_eos_for_every_special_token_is_fixed_and_reported(l
     assert len(tok.finetune_fixes) == 4 and str(d / "tokenizer_config.json") in tok.finetune_fixes[0]
     assert tok.finetune_fixes[3] == "the tokenizer has no pad token; pad is '<unk>' (id 0), the unknown token"
 
-    data, _ = _write_chats(tmp_path / "chats.jsonl")
-    cfg = compose(["+recipe=tiny-demo", f"model.name_or_path={d}", "stages=[data]", "dataset.format=messages",
-                   f"dataset.path={data}", "dataset.max_seq_len=1024"])
-    result = run_pipeline(cfg, tmp_path / "run")
-    assert all(e.input_ids[0] == sp.bos_id() and e.input_ids[-1] == sp.eos_id() for e in result["data"].train)
-    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
-    assert report["tokenizer_fixes"] == tok.finetune_fixes
+    _assert_chats_start_with_bos_and_report_the_fixes(d, tok, sp, tmp_path)
 
     docs = tmp_path / "notes.txt"
     docs.write_text(_sample_texts()[0])
@@ -588,7 +596,6 @@ def test_empty_special_tokens_are_fixed_from_config_json_and_reported(llama_dir,
     BOS and EOS are config.json's ids, UNK the unknown piece of tokenizer.model, and an empty pad is none
     (config.json's pad_token_id 3 is a byte piece); each fix is a line of the data report, and the files
     stay as they are."""
-    from finetune.pipeline import run_pipeline
 
     d = _copy(llama_dir, tmp_path / "empty")
     (d / "tokenizer_config.json").write_text(json.dumps(EMPTY_SPECIAL))
@@ -619,13 +626,7 @@ def test_empty_special_tokens_are_fixed_from_config_json_and_reported(llama_dir,
     ]
     assert _files(d) == before
 
-    data, _ = _write_chats(tmp_path / "chats.jsonl")
-    cfg = compose(["+recipe=tiny-demo", f"model.name_or_path={d}", "stages=[data]", "dataset.format=messages",
-                   f"dataset.path={data}", "dataset.max_seq_len=1024"])
-    result = run_pipeline(cfg, tmp_path / "run")
-    assert all(e.input_ids[0] == sp.bos_id() and e.input_ids[-1] == sp.eos_id() for e in result["data"].train)
-    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
-    assert report["tokenizer_fixes"] == tok.finetune_fixes
+    _assert_chats_start_with_bos_and_report_the_fixes(d, tok, sp, tmp_path)
     assert _files(d) == before
 
 
