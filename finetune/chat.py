@@ -213,9 +213,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="let code from the base model's repository run (needed when the run's recipe set "
                              "model.trust_remote_code; never taken from the run directory)")
     args = parser.parse_args(argv)
-    from finetune.quiet import quiet_libraries
+    from finetune.quiet import quiet_libraries, quiet_loading
 
     quiet_libraries()
+    quiet_loading()
     try:
         tools = load_tools(args.tools) if args.tools else None
         chat = Chat(args.adapter, system=args.system, max_new_tokens=args.max_new_tokens,

@@ -21,7 +21,6 @@ needs more: `finetune --help` and a preflight dry run never import torch or mlfl
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import sys
@@ -36,7 +35,7 @@ from omegaconf import DictConfig
 
 from finetune.config import register_configs
 from finetune.errors import ConfigError, EnvError, FinetuneError
-from finetune.paths import free_bytes, recipes_dir
+from finetune.paths import disk_error, recipes_dir
 
 # Exit codes of the jobs run by this process (one per job; several in a multirun), and of a multirun's jobs
 # wherever its launcher ran them (read back from their job directories by SweepCallback).
@@ -135,43 +134,14 @@ def classify(ex: BaseException) -> tuple[int, str]:
     return 1, f"{type(ex).__name__}: {ex}"
 
 
-# errno values that mean "this machine's disk", not a bug: read-only, no permission, full, over quota
-_READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}
-_FULL = {errno.ENOSPC, errno.EDQUOT}
+# What a run needs the disk for, and where else it can write: the train command's words for a disk error
+_RUN_FULL = ("a run needs room for its checkpoints and, the first time, the prepared dataset and the downloaded "
+             "model", "hydra.run.dir=DIR, FINETUNE_CACHE=DIR, HF_HOME=DIR")
+_RUN_ELSEWHERE = "hydra.run.dir=DIR, FINETUNE_CACHE=DIR for the cache"
 
 
 def _disk_error(ex: BaseException) -> str | None:
-    """One line for a write that the disk refused (anywhere in `ex`'s chain: Hydra wraps the error of
-    creating its run directory), naming the path and what to do; None for any other error."""
-    seen: set[int] = set()
-    cause: BaseException | None = ex
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, OSError) and cause.errno in _READ_ONLY | _FULL:
-            path = Path(cause.filename or os.getcwd())
-            if cause.errno in _READ_ONLY:
-                return (f"cannot write {path}: {cause.strerror}; run from a directory you can write to, or "
-                        "point the run elsewhere (hydra.run.dir=DIR, FINETUNE_CACHE=DIR for the cache)")
-            return _full_disk(path, cause.strerror)
-        if not isinstance(cause, OSError) and _FULL_TEXT.search(str(cause)):
-            # Rust libraries (tokenizers' save, safetensors') raise plain exceptions naming neither errno nor path
-            return _full_disk(Path(os.getcwd()), _FULL_TEXT.search(str(cause)).group(0))
-        cause = cause.__cause__ or cause.__context__
-    return None
-
-
-# How the Rust libraries say ENOSPC / EDQUOT: tokenizers "No space left on device (os error 28)", safetensors
-# "IoError(Os { code: 28, kind: StorageFull, ... })"
-_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os error (?:28|122)\b|code: (?:28|122)\b|"
-                        r"StorageFull|QuotaExceeded")
-
-
-def _full_disk(path: Path, reason: str) -> str:
-    free = free_bytes(path)
-    return (f"the disk holding {path} is full ({free / 1e9:.1f} GB free): {reason}; free some "
-            "space there (a run needs room for its checkpoints and, the first time, the prepared "
-            "dataset and the downloaded model), or point the run at a bigger disk (hydra.run.dir=DIR, "
-            "FINETUNE_CACHE=DIR, HF_HOME=DIR)")
+    return disk_error(ex, needs=_RUN_FULL[0], elsewhere=_RUN_FULL[1], writable_elsewhere=_RUN_ELSEWHERE)
 
 
 def _yaml_syntax_error(ex: BaseException) -> str | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,53 @@ def free_bytes(path: Path | str) -> int:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return shutil.disk_usage(probe).free
+
+
+# errno values that mean "this machine's disk", not a bug: read-only, no permission, full, over quota
+_READ_ONLY = {errno.EACCES, errno.EPERM, errno.EROFS}
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+# How the Rust libraries say ENOSPC / EDQUOT: tokenizers "No space left on device (os error 28)", safetensors
+# "IoError(Os { code: 28, kind: StorageFull, ... })"
+_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os error (?:28|122)\b|code: (?:28|122)\b|"
+                        r"StorageFull|QuotaExceeded")
+# EFBIG: a file over this process's size limit (ulimit -f) or the filesystem's largest file (FAT32: 4 GiB)
+_TOO_LARGE_TEXT = re.compile(r"File too large|os error 27\b|code: 27\b|FileTooLarge")
+
+
+def disk_error(ex: BaseException, needs: str, elsewhere: str, writable_elsewhere: str | None = None,
+               where: Path | str | None = None) -> str | None:
+    """One line for a write that the disk refused (anywhere in `ex`'s chain: Hydra wraps the error of creating
+    its run directory), naming the path, the free space and what to do; None for any other error. `needs`: what
+    the command needs the room for; `elsewhere`: how to point it at another disk (`writable_elsewhere`: at a
+    writable directory, when that differs); `where`: the path to name when the error names none (the Rust
+    libraries' errors name neither errno nor path), by default the working directory."""
+    seen: set[int] = set()
+    cause: BaseException | None = ex
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        too_large = (cause.errno == errno.EFBIG if isinstance(cause, OSError)
+                     else _TOO_LARGE_TEXT.search(str(cause)) is not None)
+        if too_large:
+            path = Path(getattr(cause, "filename", None) or where or os.getcwd())
+            return (f"cannot write {path}: File too large (over this process's file size limit, `ulimit -f`, or "
+                    f"the largest file that filesystem holds); raise the limit, or point it at another disk "
+                    f"({elsewhere})")
+        if isinstance(cause, OSError) and cause.errno in _READ_ONLY | _FULL:
+            path = Path(cause.filename or where or os.getcwd())
+            if cause.errno in _READ_ONLY:
+                return (f"cannot write {path}: {cause.strerror}; run from a directory you can write to, or "
+                        f"point it elsewhere ({writable_elsewhere or elsewhere})")
+            return _full_disk(path, cause.strerror, needs, elsewhere)
+        if not isinstance(cause, OSError) and _FULL_TEXT.search(str(cause)):
+            return _full_disk(Path(where or os.getcwd()), _FULL_TEXT.search(str(cause)).group(0), needs, elsewhere)
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _full_disk(path: Path, reason: str, needs: str, elsewhere: str) -> str:
+    free = free_bytes(path)
+    return (f"the disk holding {path} is full ({free / 1e9:.1f} GB free): {reason}; free some space there "
+            f"({needs}), or point it at a bigger disk ({elsewhere})")
 
 
 def recipes_dir() -> Path:

@@ -13,3 +13,13 @@ def quiet_libraries() -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score says "Using default tokenizer" per call
     # transformers deprecates the name TRL 1.16 still calls; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+
+
+def quiet_loading() -> None:
+    """No per-file progress bars from transformers ("Loading weights", "Writing model shards") on the commands
+    that load a model the user already has (merge, export, chat): a tiny model prints ten lines of them around
+    the command's own output, and an error would no longer be the one line on stderr. Downloads are the train
+    command's, which keeps its bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 
 import pytest
 import torch
 
-from finetune.errors import ConfigError, EnvError
+from finetune.errors import ConfigError
 
 pytestmark = pytest.mark.slow  # needs the session's trained run (conftest: sft_run)
 llama_cpp = pytest.importorskip("llama_cpp", reason="the gguf extra (make test installs it)")
@@ -207,21 +208,32 @@ def test_bad_input_is_one_line_and_leaves_nothing_half_written(trained, tmp_path
     with pytest.raises(ConfigError, match="incomplete adapter"):
         export_mod.export(str(incomplete), out=tmp_path / "x", log_to_mlflow=False, progress=False)
 
+    # too little disk: needed vs free in one line, from the base's headers before anything is loaded or written
     monkeypatch.setattr("finetune.paths.free_bytes", lambda path: 1 << 20)
-    with pytest.raises(EnvError, match="MiB are free there"):
-        export_mod.export(str(trained["run_dir"]), out=tmp_path / "full", log_to_mlflow=False, progress=False)
-    assert list((tmp_path / "full").iterdir()) == []
+    monkeypatch.setattr("finetune.models.merge.merged_model", lambda *a, **k: pytest.fail("merged before refusing"))
+    line = one_line(["--out", str(tmp_path / "full")], 5)
+    assert re.fullmatch(r"error: .*/full: the export \(the merged model, its 16-bit GGUF and the file asked for\) "
+                        r"needs about \d+ MiB and only 1 MiB are free there; free some space or pass --out on a "
+                        r"bigger disk", line), line
+    assert not (tmp_path / "full").exists()
     monkeypatch.undo()
 
+    # the disk filling while llama.cpp writes a file: one line, exit 5, and nothing of this export left behind
     def fails_halfway(src, dst, *args, **kwargs):
         dst.write_bytes(b"GGUF partial")
-        raise OSError(28, "No space left on device")
+        raise OSError(28, "No space left on device", str(dst))
 
     monkeypatch.setattr(toolchain, "quantize", fails_halfway)
-    with pytest.raises(OSError):
-        export_mod.export(str(trained["run_dir"]), out=tmp_path / "broken", quants=["f16", "q4_k_m"],
-                          log_to_mlflow=False, progress=False)
-    assert list((tmp_path / "broken").iterdir()) == []  # no partial file, no f16, no Modelfile, no work directory
+    with pytest.raises(SystemExit) as e:
+        export_mod.main([str(trained["run_dir"]), "--no-mlflow", "--out", str(tmp_path / "broken"),
+                         "--quant", "f16", "q4_k_m"])
+    assert e.value.code == 5
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after the steps done ("merging the adapter into its base: done in 1.2 s")
+    assert "Traceback" not in err and sum(x.startswith("error: ") for x in err.splitlines()) == 1, err
+    assert line.startswith(f"error: the disk holding {tmp_path / 'broken'}/.") and "is full" in line, line
+    assert "No space left on device" in line and "--out DIR" in line
+    assert not (tmp_path / "broken").exists()  # no partial file, no f16, no Modelfile, no work directory
 
 
 def test_exporting_again_into_an_export_replaces_it_whole(trained, tmp_path):

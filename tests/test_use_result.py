@@ -149,9 +149,35 @@ def test_merge_cli_never_replaces_a_folder_it_did_not_write(run, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
 
     proc = _merge_cli(adapter, "--out", models, preexec_fn=small_files)
-    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    line = _one_error_line(proc)
+    assert "File too large" in line and "ulimit -f" in line and "--out DIR" in line, line
     assert {p.name: p.read_bytes() for p in models.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (the merged tiny model is ~1.6 MiB); skips where this user cannot mount one."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_merge_onto_a_too_small_disk_says_needed_vs_free_before_loading(run, small_disk):
+    _, result = run
+    proc = _merge_cli(result["train"].adapter_dir, "--out", small_disk / "merged")
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    line = _one_error_line(proc)
+    assert re.search(r"the merged model \([\d.]+[MB] parameters, \d bytes each\) needs about \d+ MiB and only 0 MiB are "
+                     r"free there; free some space or pass --out on a bigger disk", line), line
+    assert list(small_disk.iterdir()) == []  # nothing written, not even the directory
 
 
 def test_merge_and_chat_never_take_trust_remote_code_from_the_run_directory(run, tmp_path):

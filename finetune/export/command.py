@@ -80,6 +80,16 @@ _BPW = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.
         "q3_k_s": 3.5, "q2_k": 3.4, "iq4_xs": 4.3, "iq4_nl": 4.5}
 
 
+def _check_export_space(out: Path, params: int, itemsize: int, quants: list[str]) -> None:
+    """The merged model, its 16-bit GGUF and every file asked for must fit where they are written: one line
+    (needed vs free, exit 5) before anything is, not a full disk halfway through."""
+    from finetune.models.merge import check_space
+
+    needed = params * (itemsize + 2 + sum(_BPW.get(q, 8.5) / 8 for q in quants)) + _HEADROOM
+    check_space(out, needed, f"the export (the merged model, its 16-bit GGUF and the "
+                             f"file{'s' if len(quants) > 1 else ''} asked for)")
+
+
 def _write_merged(merged, tokenizer, base_dir: Path, base_config: dict[str, Any], target: Path) -> None:
     """The merged model as llama.cpp's converter reads a checkpoint: finetune-merge's (save_merged), with the
     config fields and the tokenizer.model the converter still reads."""
@@ -122,7 +132,6 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
     from finetune.export import llama_cpp
     from finetune.models.adapters import adapter_dir
     from finetune.models.merge import find_run
-    from finetune.paths import free_bytes
 
     quants = llama_cpp.check_quants(list(quants), imatrix)  # the extra is there, the types exist: costs nothing
     run = find_run(_run_dir(adapter, tracking_uri), trust_remote_code=trust_remote_code)
@@ -133,24 +142,23 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
     name = name or recipe.get("name") or run.run_dir.name
     out = Path(out).expanduser().absolute() if out else run.run_dir / "export"
     previous = _previous_export(out)
-    out.mkdir(parents=True, exist_ok=True)
 
     from transformers import AutoTokenizer
 
     from finetune.export import check as checks
     from finetune.export.modelfile import modelfile
-    from finetune.models.merge import merged_model
+    from finetune.models.merge import merged_model, merged_size
 
+    # The disk it needs, from the base's safetensors headers before minutes of loading and merging (and again
+    # from the merged model itself where the headers could not tell)
+    params, itemsize = merged_size(run, from_quantized)
+    if params:
+        _check_export_space(out, params, itemsize, quants)
     with _step("merging the adapter into its base", progress):
         merged, which, dtype = merged_model(run, from_quantized)
     merged.eval()
-    params = sum(p.numel() for p in merged.parameters())
-    needed = params * (merged.dtype.itemsize + 2 + sum(_BPW.get(q, 8.5) / 8 for q in quants)) + _HEADROOM
-    free = free_bytes(out)
-    if free < needed:
-        raise EnvError(f"{out}: the export needs about {needed / 2**20:,.0f} MiB (the merged model, its "
-                       f"16-bit GGUF and the file{'s' if len(quants) > 1 else ''} asked for) and only "
-                       f"{free / 2**20:,.0f} MiB are free there; free some space or pass --out on a bigger disk")
+    if not params:
+        _check_export_space(out, sum(p.numel() for p in merged.parameters()), merged.dtype.itemsize, quants)
     tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir, trust_remote_code=run.model_cfg.trust_remote_code)
     stops = _stops(tokenizer)
     files: dict[str, Path] = {}
@@ -163,6 +171,8 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
 
     held_out = heldout.read(run.run_dir)
     prompts, prompts_from = _prompts(held_out)
+    created = not out.exists()  # a directory this export made is removed again if it fails
+    out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     floats = [q for q in quants if q in llama_cpp.CONVERTER_TYPES]
     quantized = [q for q in quants if q not in llama_cpp.CONVERTER_TYPES]
@@ -242,6 +252,8 @@ def export(adapter: str, out: str | Path | None = None, quants: list[str] | tupl
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         shutil.rmtree(work, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
     if log_to_mlflow:
         from finetune.tracking.artifacts import log_export
 
@@ -330,9 +342,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let code from the base model's repository run (never taken from the run directory)")
     args = parser.parse_args(argv)
-    from finetune.quiet import quiet_libraries
+    from finetune.quiet import quiet_libraries, quiet_loading
 
     quiet_libraries()
+    quiet_loading()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         if args.format != "gguf":
@@ -346,6 +359,17 @@ def main(argv: list[str] | None = None) -> None:
     except FinetuneError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(e.exit_code)
+    except Exception as e:
+        from finetune.paths import disk_error
+
+        # a disk that filled (or turned read-only) while the files were written: one line; export() removed its
+        # temporary files, so --out holds what it held before
+        line = disk_error(e, needs="the merged model, its 16-bit GGUF and the quantized files",
+                          elsewhere="--out DIR", where=args.out)
+        if line is None:
+            raise
+        sys.stderr.write(f"error: {line}\n")
+        sys.exit(EnvError.exit_code)
     out = Path(record["out"])
     print(f"merged {record['adapter']} into {record['base']}; converted and quantized by "
           f"{record['llama_cpp']['package']}")

@@ -136,6 +136,48 @@ def _is_prequantized(base_dir: str) -> bool:
     return cfg.is_file() and "quantization_config" in json.loads(cfg.read_text())
 
 
+def _uses_quantized(run: TrainedRun, base_dir: str, from_quantized: bool) -> bool:
+    """Merge into the dequantized quantized base (asked for, or the checkpoint has no original weights)? A run on
+    an unquantized base was trained on the original weights: nothing to dequantize."""
+    return (from_quantized or _is_prequantized(base_dir)) and run.choices["quantization"] != "none"
+
+
+_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+# Beside the weights: config, generation config, merge.json and the filesystem's own slack (the tokenizer counted)
+_MERGE_HEADROOM = 16 << 20
+
+
+def merged_size(run: TrainedRun, from_quantized: bool = False) -> tuple[int, int]:
+    """(parameters, bytes per parameter) of the model merged_model() makes, from the base's safetensors headers
+    alone (nothing loaded): the disk a merge and an export need is known before minutes of loading. (0, 0) for a
+    base without safetensors headers."""
+    from finetune.models.loader import base_model_dir
+    from finetune.models.weights import tensor_totals, weight_files
+
+    base_dir = base_model_dir(run.model_cfg)
+    elements, stored = tensor_totals(weight_files(Path(base_dir)))
+    if not elements:
+        return 0, 0
+    if _uses_quantized(run, base_dir, from_quantized):
+        return elements, _ITEMSIZE[run.choices["compute_dtype"]]
+    return elements, max(1, round(stored / elements))
+
+
+def _count(params: int) -> str:
+    return f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+
+
+def check_space(out: Path, needed: int, what: str) -> None:
+    """EnvError (exit 5) in one line when the disk that will hold `out` has less than `needed` bytes free."""
+    from finetune.errors import EnvError
+    from finetune.paths import free_bytes
+
+    free = free_bytes(out)
+    if free < needed:
+        raise EnvError(f"{out}: {what} needs about {needed / 2**20:,.0f} MiB and only {free / 2**20:,.0f} MiB are "
+                       "free there; free some space or pass --out on a bigger disk")
+
+
 def merged_model(run: TrainedRun, from_quantized: bool = False):
     """(the base with the adapter folded in, which base that was in words, its dtype): the original weights, or
     the dequantized quantized base with `from_quantized` or when the checkpoint itself is pre-quantized."""
@@ -149,8 +191,7 @@ def merged_model(run: TrainedRun, from_quantized: bool = False):
     base_dir = base_model_dir(run.model_cfg)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[run.choices["compute_dtype"]]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # A run on an unquantized base was trained on the original weights: nothing to dequantize.
-    use_quantized = (from_quantized or _is_prequantized(base_dir)) and run.choices["quantization"] != "none"
+    use_quantized = _uses_quantized(run, base_dir, from_quantized)
     if use_quantized:
         base = load_model(run.model_cfg, run.choices, device)
         base = base.dequantize()  # bitsandbytes layers -> plain Linear in the compute dtype
@@ -191,6 +232,10 @@ def merge(adapter: str | Path, out: str | Path, from_quantized: bool = False, fo
     run = find_run(adapter, trust_remote_code=trust_remote_code)
     out = Path(out).expanduser().absolute()
     check_out(out, run, force)  # before anything is loaded: a refusal costs nothing
+    params, itemsize = merged_size(run, from_quantized)
+    tokenizer_bytes = sum(f.stat().st_size for f in run.adapter_dir.glob("*token*") if f.is_file())
+    check_space(out, params * itemsize + tokenizer_bytes + _MERGE_HEADROOM,
+                f"the merged model ({_count(params)} parameters, {itemsize} bytes each)")
 
     from transformers import AutoTokenizer
 
@@ -225,17 +270,30 @@ def main(argv: list[str] | None = None) -> None:
                         help="let code from the base model's repository run (needed when the run's recipe set "
                              "model.trust_remote_code; never taken from the run directory)")
     args = parser.parse_args(argv)
-    from finetune.quiet import quiet_libraries
+    from finetune.quiet import quiet_libraries, quiet_loading
 
     quiet_libraries()
+    quiet_loading()
+    out = Path(args.out) if args.out else None
     try:
         run = find_run(args.adapter, trust_remote_code=args.trust_remote_code)
-        out = Path(args.out) if args.out else run.run_dir / "merged"
+        out = out or run.run_dir / "merged"
         record = merge(args.adapter, out, from_quantized=args.from_quantized, force=args.force,
                        trust_remote_code=args.trust_remote_code)
     except FinetuneError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(e.exit_code)
+    except Exception as e:
+        from finetune.errors import EnvError
+        from finetune.paths import disk_error
+
+        # a disk that filled (or turned read-only) while the model was written: one line; merge() removed its
+        # temporary directory, so --out is as it was
+        line = disk_error(e, needs="the merged model", elsewhere="--out DIR", where=out)
+        if line is None:
+            raise
+        sys.stderr.write(f"error: {line}\n")
+        sys.exit(EnvError.exit_code)
     print(f"merged {record['adapter']} into {record['base']}")
     print(f"saved {out} ({record['dtype']}, safetensors): AutoModelForCausalLM.from_pretrained('{out}')")
 

@@ -19,36 +19,67 @@ from finetune.errors import ConfigError
 _MAX_HEADER = 100_000_000
 
 
-def expected_size(file: Path) -> tuple[int | None, str]:
-    """(the size `file`'s header says it has, '') or (None, why its header cannot be read)."""
+def _header(file: Path) -> tuple[dict | None, int, str]:
+    """(the JSON header of safetensors file `file`, its length, '') or (None, 0, why it cannot be read)."""
     try:
         with file.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                return None, f"it is {len(head)} bytes long, too short for a safetensors header"
+                return None, 0, f"it is {len(head)} bytes long, too short for a safetensors header"
             (length,) = struct.unpack("<Q", head)
             if length > _MAX_HEADER:
-                return None, "its first 8 bytes are not a safetensors header length (not a safetensors file?)"
+                return None, 0, "its first 8 bytes are not a safetensors header length (not a safetensors file?)"
             raw = f.read(length)
     except OSError as e:
-        return None, f"it cannot be read ({e.strerror})"
+        return None, 0, f"it cannot be read ({e.strerror})"
     if len(raw) < length:
-        return None, f"its header is cut short ({len(raw)} of {length} bytes)"
+        return None, 0, f"its header is cut short ({len(raw)} of {length} bytes)"
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError):
-        return None, "its header is not valid JSON"
+        return None, 0, "its header is not valid JSON"
     if not isinstance(header, dict):
-        return None, "its header is not a JSON object"
+        return None, 0, "its header is not a JSON object"
+    return header, length, ""
+
+
+def _tensors(header: dict):
+    return ((name, entry) for name, entry in header.items() if name != "__metadata__")
+
+
+def expected_size(file: Path) -> tuple[int | None, str]:
+    """(the size `file`'s header says it has, '') or (None, why its header cannot be read)."""
+    header, length, why = _header(file)
+    if header is None:
+        return None, why
     end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
+    for name, entry in _tensors(header):
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
             return None, f"its header gives tensor {name} no data_offsets"
         end = max(end, offsets[1])
     return 8 + length + end, ""
+
+
+def tensor_totals(files: list[Path]) -> tuple[int, int]:
+    """(elements, bytes) of every tensor the safetensors `files` hold, from their headers alone (a few KB read):
+    what a model written from them takes on disk, in their own dtypes or another. Packed 4-bit tensors (a
+    pre-quantized checkpoint's U8 weights) count two elements a byte. (0, 0) for files without a readable
+    header (the weight check names those)."""
+    elements = size = 0
+    for file in files:
+        header, _, _ = _header(file)
+        for _, entry in _tensors(header or {}):
+            if not isinstance(entry, dict):
+                continue
+            n = 1
+            for dim in entry.get("shape") or []:
+                n *= int(dim)
+            offsets = entry.get("data_offsets") or [0, 0]
+            nbytes = int(offsets[1]) - int(offsets[0])
+            elements += 2 * nbytes if entry.get("dtype") == "U8" and n > 1 else n
+            size += nbytes
+    return elements, size
 
 
 def check_sizes(files: list[Path], where: Path) -> None:
