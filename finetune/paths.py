@@ -66,6 +66,11 @@ _FULL = {errno.ENOSPC, errno.EDQUOT}
 # "IoError(Os { code: 28, kind: StorageFull, ... })"
 _FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os error (?:28|122)\b|code: (?:28|122)\b|"
                         r"StorageFull|QuotaExceeded")
+# torch.save's writer (PyTorchStreamWriter) says neither errno nor path when a write fails: "basic_ios::clear:
+# iostream error", then "[enforce fail at inline_container.cc:NNN] . unexpected pos A vs B" (measured: a full
+# tmpfs and a file over ulimit -f give the same two errors)
+_TORCH_WRITE_TEXT = re.compile(r"basic_ios::clear: iostream error|inline_container\.cc:\d+\] \. unexpected pos|"
+                               r"PytorchStreamWriter failed writing")
 # EFBIG: a file over this process's size limit (ulimit -f) or the filesystem's largest file (FAT32: 4 GiB)
 _TOO_LARGE_TEXT = re.compile(r"File too large|os error 27\b|code: 27\b|FileTooLarge")
 
@@ -96,6 +101,11 @@ def disk_error(ex: BaseException, needs: str, elsewhere: str, writable_elsewhere
             return _full_disk(path, cause.strerror, needs, elsewhere)
         if not isinstance(cause, OSError) and _FULL_TEXT.search(str(cause)):
             return _full_disk(Path(where or os.getcwd()), _FULL_TEXT.search(str(cause)).group(0), needs, elsewhere)
+        if not isinstance(cause, OSError) and _TORCH_WRITE_TEXT.search(str(cause)):
+            path = Path(where or os.getcwd())
+            return (f"torch.save could not write under {path} ({free_bytes(path) / 1e9:.1f} GB free; torch does "
+                    f"not say why, which is a full disk or a file over `ulimit -f`): free some space there "
+                    f"({needs}), or point it at a bigger disk ({elsewhere})")
         cause = cause.__cause__ or cause.__context__
     return None
 

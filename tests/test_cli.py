@@ -297,6 +297,32 @@ def test_the_rust_libraries_disk_full_errors_are_exit_5():
         assert code == 5 and "is full" in line and "free some space" in line and "\n" not in line, line
 
 
+def test_torch_saves_failing_write_is_exit_5_not_a_traceback(tmp_path):
+    """torch.save (the checkpoint's optimizer.pt) says neither errno nor path when the disk stops a write, only
+    "unexpected pos A vs B" from its C++ writer: a trainer checkpoint on a full disk is still one line, exit 5.
+    The real error, made by a file size limit on this process (a full tmpfs gives the very same one)."""
+    import resource
+
+    import torch
+
+    from finetune.cli import classify
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # Python ignores SIGXFSZ: the write fails
+    try:
+        with pytest.raises(RuntimeError) as torch_error:
+            torch.save({"exp_avg": torch.zeros(100_000)}, tmp_path / "optimizer.pt")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    try:
+        raise RuntimeError("the trainer could not save its checkpoint") from torch_error.value
+    except RuntimeError as wrapped:
+        code, line = classify(wrapped)
+    assert code == 5 and "\n" not in line, line
+    assert line.startswith("torch.save could not write under ") and "GB free" in line and "ulimit -f" in line
+    assert "hydra.run.dir=DIR" in line
+
+
 def test_a_gpu_plan_on_a_machine_without_one_stops_before_any_work(run_cli, tmp_path):
     """hardware=rtx4090 on this CPU machine: exit 5 before the data stage runs or an MLflow run exists."""
     proc = run_cli("+recipe=tiny-demo", "hardware=rtx4090")
