@@ -61,11 +61,14 @@ def test_the_adapter_and_checkpoints_are_written_with_the_users_umask(trained):
     mode the umask gives (safetensors' atomic save alone would leave the weights 0600)."""
     from finetune.paths import umask
 
-    cfg, results, _ = trained
+    cfg, results, root = trained
     run_dir = results["work_dir"]
     files = [p for p in (run_dir / "adapter").iterdir()] + list((run_dir / "checkpoints").glob("*/*"))
     assert any(p.name == "adapter_model.safetensors" for p in files)
-    wrong = {str(p.relative_to(run_dir)): oct(p.stat().st_mode & 0o777) for p in files
+    # and the MLflow artifacts beside the store: the adapter, and the logged model's own copy of its weights
+    logged = [p for p in (root / "mlruns").rglob("*") if p.is_file()]
+    assert any(p.name == "adapter_model.safetensors" and "models" in p.parts for p in logged)
+    wrong = {str(p): oct(p.stat().st_mode & 0o777) for p in files + logged
              if p.stat().st_mode & 0o777 != 0o666 & ~umask()}
     assert not wrong
 

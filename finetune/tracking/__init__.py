@@ -417,7 +417,26 @@ class Tracker:
             log.warning("could not log the adapter as an MLflow model (%s: %s); it is still an artifact",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             return None
+        _umask_local_artifacts(self._mlflow, info)
         return info.model_uri
+
+
+def _umask_local_artifacts(mlflow, info) -> None:
+    """A logged model's files in a local artifact store get the user's umask (its peft weights are written by
+    safetensors' atomic save, mode 0600: a shared mlruns/ would be unreadable to the team), like the run's own."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from finetune.paths import apply_umask
+
+    try:
+        location = mlflow.get_logged_model(info.model_id).artifact_location
+    except Exception as e:  # an older MLflow or a remote store: nothing local to fix
+        log.debug("logged model's artifact location unknown (%s)", e)
+        return
+    parsed = urlparse(location)
+    if parsed.scheme in ("", "file"):
+        apply_umask(url2pathname(parsed.path))
 
 
 class NullTracker:
