@@ -303,7 +303,7 @@ def llama3_run(tmp_path_factory, finetune_cache):
         return done
 
     cli("finetune", "+recipe=tiny-demo", f"model.name_or_path={model}", "model.chat_template=null",
-        "dataset.format=sharegpt", f"dataset.path={data}", "train.max_steps=60", "train.learning_rate=1e-2",
+        "dataset.format=sharegpt", f"dataset.path={data}", "train.max_steps=30", "train.learning_rate=2e-2",
         "train.save_steps=1000", "stages=[data,preflight,train]", "tracking.register_model=false",
         "tracking.system_metrics=false", f"hydra.run.dir={work / 'run'}")
     cli("finetune.models.merge", str(work / "run" / "adapter"), "--out", str(work / "merged"))
