@@ -13,18 +13,25 @@ The shapes people have (each auto-detected per row):
 Every row becomes a canonical :class:`Pair` (prompt messages, chosen and rejected answers) or
 :class:`Unpaired`, or a counted rejection with its location (``file.jsonl:12``) and reason: a missing or
 non-string field, an empty or identical chosen and rejected, a prompt that differs between the two
-transcripts, roles out of order, or (:func:`prepare`) too long after the chat template. :func:`prepare` then
-de-duplicates, splits by the prompt's content hash (pairs answering one prompt stay on one side) and
-measures every rendered sequence for the preflight.
+transcripts, roles out of order, or (:func:`prepare`) longer than dataset.max_seq_len after the chat template.
+:func:`prepare` then de-duplicates, splits by the prompt's content hash (pairs answering one prompt stay on one
+side), tokenizes every row exactly as TRL's trainer would (:func:`tokenize`) and stores the ids in an Arrow
+cache like the SFT data (data_prep.store), with the same report fields.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from data_prep.formats import RowError, aliased_turns, check_text
+
+log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 
@@ -171,9 +178,14 @@ def _unpaired(row: dict) -> Unpaired:
 
 # ---- the data stage for preference data ----------------------------------------------------------------
 
+# Bump when what the preference store holds changes (part of the fingerprint).
+PREF_VERSION = 1
+
+
 @dataclass
 class PreferenceData:
-    """Kept rows in TRL's conversational shape, split by the prompt's content hash, with the report."""
+    """Kept rows in TRL's conversational shape, split by the prompt's content hash, with the report; their
+    token ids (TRL's own tokenization, :func:`tokenize`) are in the Arrow store at `store_dir`."""
     report: Any  # data_prep.report.DataReport
     kind: str  # "paired" (DPO, ORPO, SimPO) | "unpaired" (KTO)
     train: list[dict[str, Any]]
@@ -182,6 +194,7 @@ class PreferenceData:
     eval_locations: list[str]
     lengths: Any = None  # every rendered sequence's token count (numpy), for the histogram
     template_name: str = "tokenizer"  # the chat template's name (data_prep.templates), as for SFT data
+    store_dir: Any = None  # Path of the Arrow store (<cache>/datasets/<fingerprint>/)
     packed = False  # preference rows are never packed
 
     @property
@@ -192,11 +205,21 @@ class PreferenceData:
                 for row in self.eval if "chosen" in row or row.get("label")]
 
     def to_dataset(self, split: str):
-        """A datasets.Dataset of the split in TRL's conversational shape (the trainer renders it with the
-        tokenizer's chat template, which the data stage set)."""
+        """A datasets.Dataset of the split in TRL's conversational shape (for the trainers that tokenize
+        themselves: they render it with the tokenizer's chat template, which the data stage set)."""
         from datasets import Dataset
 
         return Dataset.from_list(self.train if split == "train" else self.eval)
+
+    def tokenized(self, split: str):
+        """The split's token ids as a memory-mapped datasets.Dataset from the store: prompt_ids / chosen_ids /
+        rejected_ids for pairs (what DPOTrainer._prepare_dataset makes), prompt_ids / completion_ids / label
+        for unpaired rows."""
+        from datasets import Dataset
+
+        columns = ["prompt_ids", "chosen_ids", "rejected_ids"] if self.kind == "paired" else [
+            "prompt_ids", "completion_ids", "label"]
+        return Dataset.from_file(str(Path(self.store_dir) / f"{split}.arrow")).select_columns(columns)
 
 
 def _row(item: Pair | Unpaired) -> dict[str, Any]:
@@ -213,43 +236,131 @@ def _key(messages: Messages, *answers: str) -> str:
     return _chat_key(messages) + "".join("\x1d" + " ".join(a.lower().split()) for a in answers)
 
 
-def _lengths(tokenizer, prompt: Messages, answers: list[str]) -> tuple[int, list[int]]:
-    """(prompt tokens, prompt + answer tokens per answer) as the chat template renders them."""
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
-    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full = [tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": a}], tokenize=False)
-            for a in answers]
-    for text in full:
-        if not text.startswith(head):
-            raise RowError("template_mismatch", "the chat template renders the prompt differently once an answer "
-                                                "follows it, so the answer's tokens cannot be told apart")
-    return count(head), [count(t) for t in full]
+
+def tokenize(tokenizer, prompt: Messages, answers: list[str]) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, each answer's ids) exactly as TRL 1.16 tokenizes a conversational row
+    (DPOTrainer._prepare_dataset; KTOTrainer's for one answer): the prompt rendered with the generation
+    prompt, prompt + answer rendered whole, and the answers begin where all of them and the prompt stop
+    sharing a prefix (some templates render the prompt alone differently). tests/test_data_preference.py
+    compares these ids with TRL's own on the tiny model's and real tokenizers."""
+    def ids(messages: Messages, **kw) -> list[int]:
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, tools=None,
+                                                  **kw)["input_ids"])
+
+    head = ids(prompt, add_generation_prompt=True)
+    full = [ids(prompt + [{"role": "assistant", "content": a}]) for a in answers]
+    cut = min(_common_prefix(head, f) for f in full)
+    return head[:cut], [f[cut:] for f in full]
+
+
+def _ids_array(rows: list[list[int]]):
+    from data_prep.store import _list_array
+
+    return _list_array(rows, sum(len(r) for r in rows))
+
+
+def _write_split(path: Path, kind: str, rows: list[dict], locations: list[str], ids: list[tuple]) -> None:
+    """One split's Arrow stream file (read with datasets.Dataset.from_file, as the SFT store): the token
+    columns the trainer takes, the location, and the conversational row as JSON (the evals and the preview)."""
+    import pyarrow as pa
+
+    columns: dict[str, Any] = {"prompt_ids": _ids_array([i[0] for i in ids])}
+    if kind == "paired":
+        columns["chosen_ids"] = _ids_array([i[1][0] for i in ids])
+        columns["rejected_ids"] = _ids_array([i[1][1] for i in ids])
+    else:
+        columns["completion_ids"] = _ids_array([i[1][0] for i in ids])
+        columns["label"] = pa.array([bool(r["label"]) for r in rows], type=pa.bool_())
+    columns["location"] = pa.array(locations, type=pa.string())
+    columns["row"] = pa.array([json.dumps(r, ensure_ascii=False) for r in rows], type=pa.string())
+    table = pa.table(columns)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _load(path: Path) -> PreferenceData:
+    import numpy as np
+
+    from data_prep import store
+    from data_prep.report import DataReport
+
+    meta = store.read_meta(path)
+    report = DataReport.from_dict(json.loads((path / "report.json").read_text()))
+    splits = {}
+    for split in ("train", "eval"):
+        table = store.open_table(path / f"{split}.arrow")
+        splits[split] = ([json.loads(r) for r in table.column("row").to_pylist()],
+                         table.column("location").to_pylist())
+    return PreferenceData(report, meta["kind"], splits["train"][0], splits["eval"][0], splits["train"][1],
+                          splits["eval"][1], lengths=np.load(path / "lengths.npy"),
+                          template_name=meta["template_name"], store_dir=path)
 
 
 def prepare(dataset_cfg, tokenizer, chat_template: str | None) -> PreferenceData:
-    """Read, validate, de-duplicate, split and measure preference rows (dataset.format: preference)."""
-    from data_prep import readers, templates
-    from data_prep.prepare import _check, _Rejections, fingerprint, in_eval_split, source_specs
+    """Read, validate, de-duplicate, split and tokenize preference rows (dataset.format: preference).
+
+    As for SFT data (data_prep.prepare), the result is an Arrow store in the cache named by a fingerprint of
+    the sources' content, the tokenizer, the template and the settings; a later run with nothing changed loads
+    it (report.cache_hit). The ids are TRL's own (:func:`tokenize`): the DPO trainer takes them as they are
+    (finetune.methods), and a row longer than dataset.max_seq_len (the prompt and its longer answer) is
+    rejected here as too_long and counted, so TRL's own silent filter of over-long prompts has nothing left."""
+    import time
+
+    import numpy as np
+
+    from data_prep import readers, store, templates
+    from data_prep.prepare import (
+        _check,
+        _packing_stats,
+        _Rejections,
+        fingerprint,
+        in_eval_split,
+        source_specs,
+    )
     from data_prep.report import DataReport, SourceStats, TokenStats, percentile
     from finetune.errors import DataError
+    from finetune.paths import cache_dir
 
+    started = time.perf_counter()
     template = templates.resolve(chat_template, tokenizer)
     tokenizer.chat_template = template.jinja
     specs = source_specs(dataset_cfg)
+    listings = [readers.list_source(spec.path, "preference") for spec in specs]
+    # what the data is (contents, tokenizer, template, settings): the store's name; a resumed run refuses
+    # changed data by it
+    fp = f"pref{PREF_VERSION}-" + fingerprint(dataset_cfg, tokenizer, template, specs, listings, packed=False)
+    final = cache_dir() / "datasets" / fp
+    fixes = list(getattr(tokenizer, "finetune_fixes", []))
+    if dataset_cfg.cache and store.is_complete(final):
+        data = _load(final)
+        data.report.tokenizer_fixes = fixes
+        data.report.cache_hit = True
+        data.report.seconds = round(time.perf_counter() - started, 3)
+        log.info("data: reusing the prepared preference dataset %s (nothing changed since it was made)", final)
+        _check(data.report, dataset_cfg)
+        return data
+
     rejections = _Rejections()
     seen: set[str] = set()
     kinds: dict[str, int] = {}
-    out: dict[str, list] = {"train": [], "eval": [], "train_loc": [], "eval_loc": []}
+    out: dict[str, list] = {"train": [], "eval": [], "train_loc": [], "eval_loc": [], "train_ids": [],
+                            "eval_ids": []}
     lengths: list[int] = []
+    train_lengths: list[int] = []
     trained = train_tokens = 0
+    max_len = dataset_cfg.max_seq_len
     report = DataReport(source=", ".join(s.path for s in specs), format="preference",
                         format_detected=any(s.format == "auto" for s in specs), chat_template=template.name,
-                        masking="prefixes", max_seq_len=dataset_cfg.max_seq_len, length_policy="drop")
-    listings = [readers.list_source(spec.path, "preference") for spec in specs]
-    # what the data is (contents, tokenizer, template, settings): a resumed run refuses changed data by it
-    report.fingerprint = "pref-" + fingerprint(dataset_cfg, tokenizer, template, specs, listings, packed=False)
+                        masking="prefixes", max_seq_len=max_len, length_policy="drop")
+    report.fingerprint = fp
     for spec, listing in zip(specs, listings, strict=True):
         stats = SourceStats(path=spec.path, format="preference", weight=spec.weight)
         report.sources.append(stats)
@@ -267,10 +378,11 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None) -> PreferenceData
                     raise RowError("mixed_shapes", f"a {kind} row among {first} ones (pairs for DPO / ORPO / SimPO, "
                                                    "or completion + label rows for KTO, not both)")
                 answers = [item.chosen, item.rejected] if kind == "paired" else [item.completion]
-                prompt_len, full = _lengths(tokenizer, item.prompt, answers)
-                if max(full) > dataset_cfg.max_seq_len:
+                prompt_ids, answer_ids = tokenize(tokenizer, item.prompt, answers)
+                full = [len(prompt_ids) + len(a) for a in answer_ids]
+                if max(full) > max_len:  # counted here, never cut or dropped silently by the trainer
                     raise RowError("too_long", f"{max(full)} tokens after the template > dataset.max_seq_len="
-                                               f"{dataset_cfg.max_seq_len}")
+                                               f"{max_len}")
             except RowError as e:
                 rejections.add(raw.location, e.reason, e.detail)
                 stats.rows_rejected += 1
@@ -285,19 +397,20 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None) -> PreferenceData
             report.rows_kept += 1
             stats.rows_kept += 1
             lengths += full
-            trained += sum(n - prompt_len for n in full)
-            side_tokens = sum(full)
+            trained += sum(len(a) for a in answer_ids)
             # the prompt decides the side: pairs that answer one prompt never straddle train and eval
             side = "eval" if in_eval_split(_key(item.prompt), dataset_cfg.eval_fraction) else "train"
             out[side].append(_row(item))
             out[f"{side}_loc"].append(raw.location)
+            out[f"{side}_ids"].append((prompt_ids, answer_ids))
             if side == "eval":
                 stats.eval_rows += 1
             else:
                 stats.train_rows += 1
                 stats.train_examples += 1
-                train_tokens += side_tokens
-    report.rejected = dict(rejections.counts)
+                train_tokens += sum(full)
+                train_lengths += full
+    report.rejected = dict(sorted(rejections.counts.items()))
     report.rejected_examples = rejections.examples
     report.train_rows, report.eval_rows = len(out["train"]), len(out["eval"])
     ordered = sorted(lengths)
@@ -305,13 +418,29 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None) -> PreferenceData
         report.tokens = TokenStats(total=sum(ordered), trained=trained, p50=percentile(ordered, 50),
                                    p95=percentile(ordered, 95), p99=percentile(ordered, 99), max=ordered[-1],
                                    mean=round(sum(ordered) / len(ordered), 2), train_total=train_tokens)
+    # what packing would give and what padded batches of the sequences fill (as for unpacked SFT data)
+    report.packing = _packing_stats(train_lengths, max_len, None)
+    report.packing.reason = "preference rows are never packed (chosen and rejected share one batch)"
+    report.tokenizer_fixes = fixes
     if report.rows_read == 0:
         raise DataError(f"dataset.path: {report.source} holds no rows")
-    _check(report, dataset_cfg)  # the SFT data stage's limits: rejected share, no training rows left
-    import numpy as np
-
-    return PreferenceData(report, next(iter(kinds)), out["train"], out["eval"], out["train_loc"], out["eval_loc"],
-                          lengths=np.asarray(lengths, dtype=np.int32), template_name=template.name)
+    kind = next(iter(kinds), "paired")
+    tmp = store.new_build_dir(final)
+    try:
+        for split in ("train", "eval"):
+            _write_split(tmp / f"{split}.arrow", kind, out[split], out[f"{split}_loc"], out[f"{split}_ids"])
+        np.save(tmp / "lengths.npy", np.asarray(lengths, dtype=np.int32))
+        report.seconds = round(time.perf_counter() - started, 3)
+        report.write(tmp / "report.json")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    store.commit(tmp, final, {"pref_version": PREF_VERSION, "kind": kind, "template_name": template.name,
+                              "template": template.jinja, "masking": "prefixes", "packed": False},
+                 replace=not dataset_cfg.cache)
+    data = _load(final)
+    _check(data.report, dataset_cfg)  # the SFT data stage's limits: rejected share, no training rows left
+    return data
 
 
 def show(data: PreferenceData, tokenizer, count: int, console) -> None:

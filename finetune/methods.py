@@ -3,8 +3,13 @@ TRL config and trainer class, and its own config fields; the train and evaluate 
 
 The train stage is the same as for SFT (finetune/train/__init__.py: the plan's batch and precision, complete-only
 checkpoints, resume, signals, out-of-memory re-planning); only the TRL config and trainer class differ, chosen
-here. The data stage (data_prep/preference.py) hands over validated rows in TRL's conversational shape, which the
-trainer renders with the tokenizer's chat template (set by the data stage) and masks on the answers. With peft,
+here. The data stage (data_prep/preference.py) validates the rows and tokenizes them exactly as TRL does, into an
+Arrow cache: DPO trains on those ids (prompt_ids / chosen_ids / rejected_ids) and does not tokenize again
+(:func:`trainer_base`). ORPO, SimPO (CPO) and KTO get the rows in TRL's conversational shape and tokenize them
+themselves: ORPO's and CPO's __init__ map their own tokenize_row (prompt and answers tokenized apart, BOS/EOS
+added, truncation) over every row unconditionally, with nothing a small override could skip; KTO's
+_prepare_dataset also builds the KL completions from the training batch size, a train-time setting the data
+stage's store cannot hold. Their over-long rows are dropped and counted by the data stage all the same. With peft,
 DPO's and KTO's reference model is the base with the adapter switched off (TRL's own handling: no second copy
 of the weights); ORPO and SimPO need none.
 """
@@ -30,8 +35,33 @@ def _classes(method: str):
     return getattr(mod, config), getattr(mod, trainer)
 
 
+TOKENIZED = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def _pretokenized(base):
+    class PretokenizedDPOTrainer(base):
+        """TRL's DPOTrainer that takes the data stage's token ids as they are.
+
+        DPOTrainer._prepare_dataset tokenizes the conversational rows itself and then silently drops the rows
+        whose prompt fills max_length. The data stage (data_prep.preference) already tokenized them the same way
+        (a test compares the ids with TRL's own on real tokenizers), cached them in its Arrow store, and dropped
+        and counted the over-long rows: a dataset that holds the tokenized columns (and no conversational ones)
+        passes through, anything else goes to TRL's own preparation."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            from datasets import Dataset
+
+            if isinstance(dataset, Dataset) and set(dataset.column_names) == set(TOKENIZED):
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    PretokenizedDPOTrainer.__qualname__ = PretokenizedDPOTrainer.__name__
+    return PretokenizedDPOTrainer
+
+
 def trainer_base(method: str):
-    return _classes(method)[1]
+    base = _classes(method)[1]
+    return _pretokenized(base) if method == "dpo" else base
 
 
 def method_args(cfg) -> dict[str, Any]:
@@ -57,8 +87,12 @@ def training_args(cfg, common: dict[str, Any]):
 
 
 def datasets(cfg, data):
-    """(train, eval) datasets.Dataset for the method; KTO trains on unpaired completions, so pairs are split into
-    a desirable (chosen) and an undesirable (rejected) row each (TRL's unpair_preference_dataset)."""
+    """(train, eval) datasets.Dataset for the method: for DPO, the data stage's token ids (memory-mapped from
+    its Arrow store); for the others, the rows in TRL's conversational shape. KTO trains on unpaired
+    completions, so pairs are split into a desirable (chosen) and an undesirable (rejected) row each (TRL's
+    unpair_preference_dataset)."""
+    if cfg.train.method.value == "dpo" and data.kind == "paired":
+        return data.tokenized("train"), data.tokenized("eval") if len(data.eval) else None
     train = data.to_dataset("train")
     evaluation = data.to_dataset("eval") if len(data.eval) else None
     if cfg.train.method.value == "kto" and data.kind == "paired":

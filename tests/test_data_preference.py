@@ -132,3 +132,86 @@ def test_the_sample_pairs_are_all_kept(tokenizer):
     data = preference.prepare(cfg.dataset, tokenizer, cfg.model.chat_template)
     assert data.report.rows_rejected == 0 and data.report.rows_kept > 200
     assert all(r["chosen"] != r["rejected"] for r in data.train)
+
+
+# ---- TRL's own tokenization, cached like the SFT data -------------------------------------------------------
+
+def _trl_ids(tokenizer, rows: list[dict]) -> list[dict]:
+    """TRL 1.16's DPOTrainer._prepare_dataset on the rows (its map over a datasets.Dataset, unbound: the
+    method uses nothing of the trainer for conversational rows), without its max_length filter."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
+    out = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tokenizer), Dataset.from_list(rows), tokenizer,
+                                      args, "train")
+    return [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in out]
+
+
+def _ours(data, split: str) -> list[dict]:
+    return list(data.tokenized(split))
+
+
+def _exact(tokenizer, data) -> int:
+    compared = 0
+    for split in ("train", "eval"):
+        rows = data.train if split == "train" else data.eval
+        if rows:
+            assert _ours(data, split) == _trl_ids(tokenizer, rows)
+            compared += len(rows)
+    return compared
+
+
+def _sample_cfg(*overrides):
+    return _cfg("sample:medical-pairs", "dataset.max_seq_len=2048", *overrides)
+
+
+def test_the_ids_are_trls_own_on_the_tiny_model_and_a_second_run_reads_the_cache(tokenizer):
+    cfg = _sample_cfg()
+    data = preference.prepare(cfg.dataset, tokenizer, cfg.model.chat_template)
+    assert data.report.rows_kept > 200 and not data.report.cache_hit
+    assert _exact(tokenizer, data) == data.report.rows_kept
+    again = preference.prepare(cfg.dataset, tokenizer, cfg.model.chat_template)
+    assert again.report.cache_hit and again.store_dir == data.store_dir
+    assert again.report.fingerprint == data.report.fingerprint
+    assert again.train == data.train and again.eval_locations == data.eval_locations
+    assert list(again.lengths) == list(data.lengths)
+    assert _ours(again, "train") == _ours(data, "train")
+    # the same length fields as the SFT data's report
+    r = again.report
+    assert r.tokens.max == max(data.lengths) and r.tokens.total == int(sum(data.lengths))
+    assert 0 < r.packing.padded_efficiency <= 1 and r.packing.row_tokens_max <= r.tokens.max
+    assert not r.packing.enabled and r.truncated == 0
+
+
+REAL = {"llama3-instruct": None, "qwen3": None, "deepseek_v3": None, "llama2": "llama-2"}
+
+
+@pytest.fixture(scope="module")
+def real_dirs(tmp_path_factory):
+    import real_tokenizers
+
+    root = tmp_path_factory.mktemp("real")
+    try:
+        return {v: real_tokenizers.model_dir("llama3" if v.startswith("llama3") else v, root / v, variant=v)
+                for v in REAL}
+    except real_tokenizers.Unavailable as e:  # no cached copy and no registry
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("variant", sorted(REAL))
+def test_the_ids_are_trls_own_on_real_tokenizers(variant, real_dirs, tmp_path):
+    from finetune.config import ModelConfig
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(real_dirs[variant]), chat_template=REAL[variant]))
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, how can I help?"}]
+    rows = [{"prompt": ([{"role": "system", "content": "Answer briefly."}] if i % 3 == 0 else [])
+             + (history if i % 2 else []) + [{"role": "user", "content": f"Question {i}: what is condition {i}?"}],
+             "chosen": [{"role": "assistant", "content": f"Condition {i} is real, {'and rare' * (i % 4)}."}],
+             "rejected": [{"role": "assistant", "content": f" Condition {i} is a myth.\n"}]} for i in range(40)]
+    cfg = _cfg(_write(tmp_path / "pairs.jsonl", rows), "dataset.max_seq_len=1024", "dataset.eval_fraction=0.2")
+    data = preference.prepare(cfg.dataset, tok, REAL[variant])
+    assert data.report.rows_kept == len(rows)
+    assert _exact(tok, data) == len(rows)

@@ -37,7 +37,13 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_dpo_demo_prefers_the_chosen_answers_more_than_the_base(workdir):
+def test_dpo_demo_prefers_the_chosen_answers_more_than_the_base(workdir, monkeypatch):
+    import trl
+
+    def no_retokenizing(*args, **kwargs):  # the data stage's ids go to the trainer as they are
+        raise AssertionError("DPOTrainer tokenized the dataset again")
+
+    monkeypatch.setattr(trl.DPOTrainer, "_prepare_dataset", no_retokenizing)
     cfg = compose(["+recipe=tiny-dpo-demo", "tracking.register_model=false", "tracking.system_metrics=false"])
     result = run_pipeline(cfg, workdir / "outputs" / "tiny-dpo-demo" / "run")
     losses = [loss for _, loss in result["train"].loss_history]
@@ -111,6 +117,32 @@ def test_the_plan_counts_chosen_and_rejected_in_one_forward():
     assert dpo["predicted"]["peak_allocated_bytes"] == as_8["predicted"]["peak_allocated_bytes"]
     assert dpo["predicted"]["peak_allocated_bytes"] > sft["predicted"]["peak_allocated_bytes"]
     assert any("train.method=dpo" in line for line in dpo["explanation"])
+
+
+def test_the_dpo_trainer_passes_the_data_stages_ids_through_and_prepares_anything_else(tiny_model_dir):
+    from types import SimpleNamespace
+
+    import trl
+    from datasets import Dataset
+
+    from data_prep import preference
+    from finetune import methods
+    from finetune.models.loader import load_tokenizer
+
+    cfg = compose(["+recipe=tiny-dpo-demo"])
+    tokenizer = load_tokenizer(cfg.model)
+    data = preference.prepare(cfg.dataset, tokenizer, cfg.model.chat_template)
+    trainer = methods.trainer_base("dpo")
+    assert issubclass(trainer, trl.DPOTrainer) and methods.trainer_base("orpo") is not trainer
+    train, evaluation = methods.datasets(cfg, data)
+    assert set(train.column_names) == set(methods.TOKENIZED) and len(evaluation) == len(data.eval)
+    args = SimpleNamespace(dataset_num_proc=None, max_length=cfg.dataset.max_seq_len, truncation_mode="keep_start")
+    fake = trainer.__new__(trainer)  # only the method is under test: no model, no __init__
+    fake._tokenizer = tokenizer
+    assert trainer._prepare_dataset(fake, train, tokenizer, args, "train") is train
+    rows = Dataset.from_list(data.train[:4])  # conversational rows: TRL's own preparation, the same ids
+    assert list(trainer._prepare_dataset(fake, rows, tokenizer, args, "train").select_columns(
+        list(methods.TOKENIZED))) == list(train.select(range(4)))
 
 
 def test_a_preference_method_on_sft_data_is_one_line():
