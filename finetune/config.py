@@ -250,6 +250,11 @@ class HardwareConfig:
     internode_gbps: float = 100.0
     # Apple silicon: GPU and CPU share system RAM; vram_gib is the GPU's share, there is no CUDA context.
     unified_memory: bool = False
+    # CPU RAM per machine, in GiB, that loading the base may use (all num_gpus processes together): a plan whose
+    # load needs more is refused (exit 4). Under FSDP an unquantized base is held on the CPU while loading (once
+    # per machine, or once per process when the checkpoint's dtype is cast); null: not checked (the plan says
+    # what loading needs).
+    ram_gib: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.vram_gib > 0, "hardware.vram_gib", f"must be positive, got {self.vram_gib}")
@@ -260,6 +265,8 @@ class HardwareConfig:
         _check(self.interconnect_gbs > 0, "hardware.interconnect_gbs", f"must be positive, got {self.interconnect_gbs}")
         _check(self.num_nodes >= 1, "hardware.num_nodes", f"must be at least 1, got {self.num_nodes}")
         _check(self.internode_gbps > 0, "hardware.internode_gbps", f"must be positive, got {self.internode_gbps}")
+        _check(self.ram_gib is None or self.ram_gib > 0, "hardware.ram_gib",
+               f"must be positive or null, got {self.ram_gib}")
         # With hardware.device=cpu, num_gpus counts processes: torchrun can run DDP over gloo on the CPU
         # (the tests do), each process with the budget vram_gib.
 

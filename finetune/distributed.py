@@ -70,3 +70,71 @@ def placement(distributed: str, device: str, local_rank: int = 0, device_count: 
     if local_rank < 0:
         raise ValueError(f"local rank {local_rank}: the launcher did not set LOCAL_RANK")
     return Placement({"": local_rank % device_count})
+
+
+def expected_device(distributed: str, device: str, quantized: bool, local_rank: int = 0,
+                    device_count: int = 1) -> str | None:
+    """Where a rank's freshly loaded base must be (a device string as ``str(tensor.device)`` prints it), for
+    the placement above; None where nothing is checked (Apple's MPS).
+
+    The CPU: there. DDP and one process: the rank's own GPU. FSDP: a quantized base on the rank's own GPU
+    (bitsandbytes' quantizer puts it on the current device, which accelerate's PartialState set); an
+    unquantized one on the CPU (FSDP moves each rank's shards to its GPU when it wraps the model).
+    """
+    if device == "cpu":
+        return "cpu"
+    if device != "cuda":
+        return None
+    if distributed == "fsdp" and not quantized:
+        return "cpu"
+    return f"cuda:{local_rank % max(1, device_count)}"
+
+
+def _is_shard(param) -> bool:
+    """An FSDP2 shard: a DTensor (torch.distributed.tensor), told apart without importing torch."""
+    return hasattr(param, "device_mesh") and hasattr(param, "placements")
+
+
+def parameter_devices(model) -> dict[str, int]:
+    """Parameter count per device string (a shard counts on its local device)."""
+    counts: dict[str, int] = {}
+    for _, p in model.named_parameters():
+        local = p.to_local() if _is_shard(p) else p
+        key = str(local.device)
+        counts[key] = counts.get(key, 0) + int(local.numel())
+    return counts
+
+
+def placement_mismatch(model, expected: str, sharded: bool = False) -> str | None:
+    """What is wrong with where `model`'s parameters are, in one phrase, or None when every parameter is on
+    `expected` (and, with `sharded`, FSDP has sharded the model: after it wraps the model, its parameters are
+    shards. Parameters FSDP leaves whole on purpose (accelerate's ignored_params) are allowed; a model with no
+    shard at all did not go through FSDP).
+
+    Pure (duck-typed: anything with ``named_parameters()`` whose parameters have ``device`` and ``numel()``), so
+    the CPU tests check it with a tiny torch module.
+    """
+    devices = parameter_devices(model)
+    if not devices:
+        return "the model has no parameters"
+    elsewhere = {d: n for d, n in devices.items() if d != expected}
+    if elsewhere:
+        where = ", ".join(f"{n:,} on {d}" for d, n in sorted(elsewhere.items()))
+        return f"parameters are not on {expected}: {where}"
+    if sharded and not any(_is_shard(p) for _, p in model.named_parameters()):
+        return "no parameter is an FSDP shard: the model was not sharded, each rank holds all of it"
+    return None
+
+
+def placement_line(rank: int, world_size: int, model, sharded: bool = False) -> str:
+    """`rank R/W: device cuda:1, N parameters (...)`: the one line each rank logs once its model is placed."""
+    devices = parameter_devices(model)
+    total = sum(devices.values())
+    where = ", ".join(sorted(devices)) or "none"
+    if sharded:
+        params = [p for _, p in model.named_parameters()]
+        shards = sum(1 for p in params if _is_shard(p))
+        what = f"(this rank's FSDP shards: {shards} of {len(params)} tensors sharded)"
+    else:
+        what = "(the whole model on this rank)"
+    return f"rank {rank}/{world_size}: device {where}, {total:,} parameters {what}"

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from finetune.distributed import FSDP_LOAD_ENV, Placement, placement
+from finetune.distributed import (
+    FSDP_LOAD_ENV,
+    Placement,
+    expected_device,
+    placement,
+    placement_line,
+    placement_mismatch,
+)
 
 CHOICES = {"quantization": "nf4", "double_quant": True, "compute_dtype": "bf16", "gradient_checkpointing": True,
            "micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_seq_len": 256, "optimizer": "adamw",
@@ -46,6 +53,83 @@ def test_each_rank_gets_its_own_device_or_none_for_fsdp():
         placement("ddp", "cuda", 0, 0)
     with pytest.raises(ValueError):
         placement("ddp", "cuda", -1, 2)
+
+
+class _Param:
+    """A parameter as the placement check sees it: a device and a size (a CUDA tensor without a GPU)."""
+
+    def __init__(self, device: str, numel: int, shard: bool = False):
+        self.device, self._numel = device, numel
+        if shard:  # what a DTensor has
+            self.device_mesh, self.placements = object(), ("Shard(0)",)
+
+    def numel(self) -> int:
+        return self._numel
+
+    def to_local(self):
+        return _Param(self.device, self._numel // 2)
+
+
+class _Model:
+    def __init__(self, *params: _Param):
+        self.params = params
+
+    def named_parameters(self):
+        return ((f"layer{i}.weight", p) for i, p in enumerate(self.params))
+
+
+def test_each_rank_expects_its_model_on_its_own_device():
+    assert [expected_device("ddp", "cuda", True, r, 4) for r in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert expected_device("ddp", "cuda", True, 1, 1) == "cuda:0"  # one visible GPU per rank
+    assert expected_device("fsdp", "cuda", True, 1, 2) == "cuda:1"  # bitsandbytes quantizes on the rank's GPU
+    assert expected_device("fsdp", "cuda", False, 1, 2) == "cpu"  # FSDP moves the 16-bit shards later
+    assert expected_device("ddp", "cpu", True, 1, 1) == "cpu" and expected_device("none", "mps", False) is None
+
+
+def test_the_placement_check_finds_a_model_on_the_wrong_device():
+    import torch
+
+    tiny = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    n = sum(p.numel() for p in tiny.parameters())
+    assert placement_mismatch(tiny, "cpu") is None
+    problem = placement_mismatch(tiny, "cuda:1")
+    assert problem == f"parameters are not on cuda:1: {n:,} on cpu"
+    assert placement_line(1, 2, tiny) == f"rank 1/2: device cpu, {n:,} parameters (the whole model on this rank)"
+    with torch.device("meta"):
+        lost = torch.nn.Linear(4, 8)
+    assert "on meta" in placement_mismatch(lost, "cpu")
+    # the failure this guards against: every rank's model on the first GPU
+    on_first = _Model(_Param("cuda:0", 100), _Param("cuda:0", 20))
+    assert placement_mismatch(on_first, "cuda:0") is None
+    assert placement_mismatch(on_first, "cuda:1") == "parameters are not on cuda:1: 120 on cuda:0"
+    split = _Model(_Param("cuda:1", 100), _Param("cuda:0", 20))
+    assert placement_mismatch(split, "cuda:1") == "parameters are not on cuda:1: 20 on cuda:0"
+    # FSDP, after wrapping: shards on the rank's GPU; a model FSDP never sharded is refused
+    shards = _Model(_Param("cuda:1", 100, shard=True), _Param("cuda:1", 20, shard=True))
+    assert placement_mismatch(shards, "cuda:1", sharded=True) is None
+    assert placement_line(1, 2, shards, sharded=True) == ("rank 1/2: device cuda:1, 60 parameters (this rank's FSDP "
+                                                          "shards: 2 of 2 tensors sharded)")
+    assert "not sharded" in placement_mismatch(on_first, "cuda:0", sharded=True)
+    assert placement_mismatch(_Model(), "cpu") == "the model has no parameters"
+
+
+def test_a_rank_whose_model_is_elsewhere_stops_in_one_line(monkeypatch):
+    import torch
+
+    from finetune.errors import EnvError
+    from finetune.train import check_rank_placement
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ddp = dict(CHOICES, distributed="ddp")
+    check_rank_placement(torch.nn.Linear(4, 4), ddp, "cpu", 1)  # on the CPU the model stays there: fine
+    with torch.device("meta"):
+        misplaced = torch.nn.Linear(4, 4)
+    with pytest.raises(EnvError) as info:
+        check_rank_placement(misplaced, ddp, "cpu", 1)
+    message = str(info.value)
+    assert message.startswith("rank 1/2 (ddp plan): parameters are not on cpu: 20 on meta") and "\n" not in message
+    assert info.value.exit_code != 0
 
 
 def test_an_fsdp_plan_trains_with_fsdp2_loading_on_rank_0(tmp_path, monkeypatch):

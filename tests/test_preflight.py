@@ -356,8 +356,125 @@ def test_two_gpus_use_ddp_when_a_replica_fits_and_fsdp_when_it_does_not():
     ddp = plan("hardware=rtx4090", "hardware.num_gpus=2")
     assert ddp.choices["distributed"] == "ddp" and ddp.choices["num_gpus"] == 2
     assert ddp.choices["micro_batch_size"] * ddp.choices["gradient_accumulation_steps"] == 8
-    fsdp = plan("hardware=rtx4090", "hardware.num_gpus=4", "model.name_or_path=meta-llama/Llama-2-70b-hf")
-    assert fsdp.choices["distributed"] == "fsdp"
+    assert "load_peak" not in ddp.to_dict()  # only FSDP plans load differently from how they train
+    # a 4-bit 70B replica does not fit a 40 GB card with its activations; sharded it does, and every rank can
+    # still hold the whole 4-bit base while it loads
+    fsdp = plan("hardware=a100-40gb", "hardware.num_gpus=2", "model.name_or_path=meta-llama/Llama-2-70b-hf")
+    assert fsdp.choices["distributed"] == "fsdp" and fsdp.choices["quantization"] == "nf4"
+    assert fsdp.predicted["device_total_bytes"] < fsdp.load_peak["gpu_bytes"] <= fsdp.budget_bytes
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+def test_fsdp_on_a_quantized_base_loads_the_whole_base_on_every_gpu():
+    """Every rank loads and quantizes the whole 4-bit base before FSDP shards it: the load peak does not shrink
+    with more GPUs and holds at least the whole quantized base; an unquantized FSDP base loads on the CPU and
+    only its shard reaches each GPU, while the machine's RAM holds the 16-bit model (once when it is mapped from
+    a checkpoint of the load dtype, once per rank when each rank casts it)."""
+    spec = spec_of("meta-llama/Llama-2-70b-hf")
+    one = memory.estimate(spec, choices(), rank=16, targets=["all-linear"])
+    whole = sum(one.breakdown[k] for k in ("weights_quantized", "weights_unquantized", "quant_constants"))
+    loads = [memory.load_peak(spec, choices(distributed="fsdp", num_gpus=n), rank=16, targets=["all-linear"])
+             for n in (2, 4, 8)]
+    assert len({lp.gpu_bytes for lp in loads}) == 1 and loads[0].gpu_bytes > whole
+    assert loads[0].gpu_bytes < whole + 3 * GiB  # the 16-bit transient and the context: not a second copy
+    assert "every rank loads and quantizes the whole 4-bit base before FSDP shards it" in loads[0].why
+    steady = memory.estimate(spec, choices(distributed="fsdp", num_gpus=8), rank=16, targets=["all-linear"])
+    assert steady.device_total < loads[2].gpu_bytes / 3  # sharded training is far smaller than the load
+    # CPU RAM of a quantized load: the processes and a tensor each, not the checkpoint
+    assert loads[0].cpu_ram_bytes < 4 * GiB and loads[2].cpu_ram_bytes > loads[0].cpu_ram_bytes
+
+    bf16 = [memory.load_peak(spec, choices(quantization="none", double_quant=False, distributed="fsdp",
+                                           num_gpus=n), rank=16, targets=["all-linear"]) for n in (2, 8)]
+    model_16bit = 2 * spec.params_total
+    assert bf16[1].gpu_bytes < bf16[0].gpu_bytes < model_16bit / 2 + 3 * GiB
+    assert model_16bit < bf16[0].cpu_ram_bytes < model_16bit + 8 * GiB  # mapped once, shared by the ranks
+    cast = memory.load_peak(spec, choices(quantization="none", double_quant=False, distributed="fsdp", num_gpus=8),
+                            rank=16, targets=["all-linear"], checkpoint_dtype="float16")
+    assert cast.cpu_ram_bytes > 8 * model_16bit and "private bf16 copy" in cast.why
+    assert memory.load_peak(spec, choices(), rank=16, targets=["all-linear"], settings=Settings(device="cpu")) is None
+
+
+def test_an_fsdp_qlora_plan_whose_load_does_not_fit_is_refused_and_says_why():
+    """70B on 4 x 24 GB: sharded, training would take 15 GiB per GPU, but every rank first holds the whole 4-bit
+    base (35 GiB): refused, naming the load."""
+    seventy = ["model.name_or_path=meta-llama/Llama-2-70b-hf", "hardware=rtx4090", "hardware.num_gpus=4"]
+    spec = spec_of("meta-llama/Llama-2-70b-hf")
+    trained = memory.estimate(spec, choices(distributed="fsdp", num_gpus=4), rank=16, targets=["all-linear"])
+    assert trained.device_total < 24 * GiB * 0.9  # the step alone would fit
+    with pytest.raises(DoesNotFitError) as info:
+        plan(*seventy)
+    message = str(info.value)
+    assert info.value.exit_code == 4 and "\n" not in message
+    assert re.search(r"every rank loads and quantizes the whole 4-bit base before FSDP shards it: 3\d\.\d GiB per "
+                     r"GPU while loading", message), message
+    # the FSDP suggestion is one that loads: a 16-bit base, loaded on the CPU, sharded onto the GPUs
+    gpus = int(re.search(r"hardware\.num_gpus=(\d+) preflight\.pin\.distributed=fsdp", message).group(1))
+    assert "a 16-bit base" in message
+    sharded = plan(*seventy[:2], f"hardware.num_gpus={gpus}", "preflight.pin.distributed=fsdp")
+    assert sharded.fits and sharded.choices["quantization"] == "none"
+    assert sharded.load_peak["gpu_bytes"] <= sharded.budget_bytes
+
+
+def test_an_fsdp_qlora_plan_that_loads_is_allowed_and_plan_json_has_its_load_peak():
+    """Llama 2 13B on 2 x 12 GB: the whole 4-bit base (7 GiB) fits each card while loading; on 4 x 7 GiB the
+    sharded step would fit (5.3 GiB) but the load does not, and the plan is refused."""
+    p = plan("model.name_or_path=meta-llama/Llama-2-13b-hf", "hardware=rtx4070", "hardware.num_gpus=2",
+             "preflight.pin.distributed=fsdp", "stages=[preflight]")
+    d = p.to_dict()
+    assert p.choices["distributed"] == "fsdp" and p.choices["quantization"] == "nf4"
+    assert set(d["load_peak"]) == {"gpu_bytes", "cpu_ram_bytes", "why"}
+    assert max(d["predicted"]["device_total_bytes"], d["load_peak"]["gpu_bytes"]) <= d["budget_bytes"]
+    # the step holds this GPU's half of the frozen base, loading holds all of it
+    half = sum(d["breakdown_bytes"][k] for k in ("weights_quantized", "weights_unquantized", "quant_constants"))
+    assert d["load_peak"]["gpu_bytes"] > 2 * half
+    assert sum(d["breakdown_bytes"].values()) == d["predicted"]["device_total_bytes"]  # the load is not a part
+    text = " ".join(d["explanation"])
+    assert "loading: every rank loads and quantizes the whole 4-bit base" in text
+    assert "is not checked: set hardware.ram_gib" in text
+    with pytest.raises(DoesNotFitError, match="before FSDP shards it: 7.\\d GiB per GPU while loading"):
+        plan("model.name_or_path=meta-llama/Llama-2-13b-hf", "hardware.vram_gib=7", "hardware.num_gpus=4",
+             "preflight.pin.distributed=fsdp", "stages=[preflight]")
+
+
+def test_the_printed_fsdp_plan_shows_its_loading_line():
+    from rich.console import Console
+
+    from finetune.preflight.show import show_plan
+
+    console = Console(record=True, width=400)
+    show_plan(plan("model.name_or_path=meta-llama/Llama-2-13b-hf", "hardware=rtx4070", "hardware.num_gpus=2",
+                   "preflight.pin.distributed=fsdp"), console)
+    row = re.compile(r"│ loading\s+│ \d+\.\d\d GiB per GPU, \d+\.\d\d GiB CPU RAM per machine, before FSDP shards")
+    out = console.export_text()
+    assert len(row.findall(out)) == 1
+    assert "- loading: every rank loads and quantizes the whole 4-bit base" in out
+    console = Console(record=True, width=400)
+    show_plan(plan("hardware=rtx4090", "hardware.num_gpus=2"), console)  # DDP: no loading line
+    out = console.export_text()
+    assert "Plan for" in out and "│ loading" not in out and "- loading:" not in out
+
+
+def test_hardware_ram_gib_is_checked_when_set():
+    falcon = ["+recipe=falcon-180b"]  # 8 x H100, an unquantized (FalconLinear) base sharded by FSDP
+    free = run_preflight(compose(falcon))
+    needed = free.load_peak["cpu_ram_bytes"]
+    assert needed > 2 * 180e9  # the 16-bit model, held on the CPU while loading
+    enough = run_preflight(compose([*falcon, f"hardware.ram_gib={needed / GiB + 1:.0f}"]))
+    assert f"of hardware.ram_gib={needed / GiB + 1:.0f} per machine" in " ".join(enough.explanation)
+    with pytest.raises(DoesNotFitError, match=r"loading needs \d+\.\d GiB of CPU RAM per machine"):
+        run_preflight(compose([*falcon, "hardware.ram_gib=256"]))
+    with pytest.raises(ConfigError, match="hardware.ram_gib"):
+        compose([*falcon, "hardware.ram_gib=0"])
+
+
+def test_too_little_ram_exits_4_with_one_line(run_cli):
+    proc = run_cli("+recipe=falcon-180b", "stages=[preflight]", "hardware.ram_gib=64")
+    assert proc.returncode == 4, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert re.search(r"loading needs \d+\.\d GiB of CPU RAM per machine and hardware\.ram_gib=64", lines[0])
+    assert "correct hardware.ram_gib" in lines[0]
 
 
 def test_evaluation_logits_are_checked_against_the_card():
@@ -389,8 +506,8 @@ def test_the_cpu_plan_for_the_demo_fits_and_says_it_is_not_a_gpu_figure():
 def test_architecture_notes_reach_the_user():
     falcon = plan("model.name_or_path=tiiuae/falcon-7b", "hardware=a100-80gb", "preflight.pin.quantization=nf4")
     assert any("FalconLinear" in line for line in falcon.explanation)
-    gptj = plan("model.name_or_path=EleutherAI/gpt-j-6b", "hardware=a100-80gb")
-    assert any("eager attention" in line for line in gptj.explanation)
+    bloom = plan("model.name_or_path=bigscience/bloom-7b1", "hardware=a100-80gb")
+    assert any("eager attention" in line for line in bloom.explanation)
 
 
 # -- the GPU catalog ------------------------------------------------------------------------------------
@@ -577,3 +694,50 @@ def test_the_plans_breakdown_adds_up_to_its_device_total_for_every_catalog_model
                                             f"train.method={method}"])
             assert plan is not None, (hub_id, method)
             adds_up(plan, (hub_id, method))
+
+
+# -- GPT-J's SDPA, Gemma 3's vision tower (issue 25) -----------------------------------------------------------
+
+def test_gptj_plans_sdpa_and_no_longer_counts_eager_scores(monkeypatch):
+    """transformers 5.24's GPT-J runs SDPA (GPTJPreTrainedModel._supports_sdpa, modeling_gptj.py line 249): the plan
+    trains with it and counts it like every SDPA family, without the heads x seq x seq eager probabilities."""
+    from finetune import versions
+
+    spec = spec_of("EleutherAI/gpt-j-6b")
+    assert spec.attention == "sdpa"
+    p = plan("model.name_or_path=EleutherAI/gpt-j-6b", "hardware=a100-80gb")
+    assert p.choices["attention"] in ("sdpa", "flash2")
+    assert not any("eager attention" in line for line in p.explanation)
+    seq = 2048
+    est = {att: memory.estimate(spec, choices(max_seq_len=seq, gradient_checkpointing=False, attention=att), rank=16,
+                                targets=["all-linear"]) for att in ("eager", "sdpa")}
+    dropped = est["eager"].breakdown["activations"] - est["sdpa"].breakdown["activations"]
+    scores = spec.layers * seq * spec.heads * seq * 6  # the fp32 softmax and its bf16 cast, every layer
+    assert dropped == pytest.approx(scores, rel=0.03)
+    assert est["eager"].peak_allocated - est["sdpa"].peak_allocated == dropped
+    # transformers 5.23's GPT-J had eager and flash paths only: there the plan keeps eager
+    monkeypatch.setattr(versions, "release", lambda name: "5.23.0")
+    assert arch.from_config(catalog.model_config("EleutherAI/gpt-j-6b")[0]).attention == "eager"
+
+
+def test_the_gemma3_4b_plan_counts_the_vision_tower_the_checkpoint_loads():
+    """AutoModelForCausalLM loads gemma-3-4b as Gemma3ForConditionalGeneration, SigLIP tower and projector
+    included: the plan counts them as frozen weights, the tower's linear layers quantized."""
+    import dataclasses
+
+    spec = spec_of("google/gemma-3-4b-pt")
+    assert spec.params_total == pytest.approx(4.3e9, rel=0.02)  # gemma-3-4b-it's published total
+    assert spec.params_total == 4_300_079_472  # transformers' count of Gemma3ForConditionalGeneration
+    assert spec.vision_params == 416_866_032 + 2_950_272  # SigLIP so400m (27 layers) + the projector
+    assert spec.vision_weight_params == 27 * (4 * 1152 * 1152 + 2 * 1152 * 4304)
+    text_only = dataclasses.replace(spec, vision_params=0, vision_linears=())
+    for quant, weight_bytes in (("nf4", 0.5), ("int8", 1), ("none", 2)):
+        c = choices(quantization=quant, double_quant=quant == "nf4")
+        b, t = (memory.estimate(s, c, rank=16, targets=["all-linear"]).breakdown for s in (spec, text_only))
+        weights = sum(b[k] - t[k] for k in ("weights_quantized", "weights_unquantized", "quant_constants"))
+        quantized = spec.vision_weight_params * weight_bytes
+        rest = (spec.vision_params - spec.vision_weight_params) * 2  # bf16
+        assert weights == pytest.approx(quantized + rest, rel=0.1 if quant == "nf4" else 0.01), quant
+        assert b["activations"] == t["activations"]  # text batches never run the tower
+    assert spec_of("google/gemma-3-1b-pt").vision_params == 0  # the 1B is text-only
+

@@ -16,6 +16,7 @@ transformers 5.23, peft 0.21 and bitsandbytes 0.50 really build and keep:
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import tempfile
 import warnings
@@ -71,6 +72,10 @@ def _config(d: dict):
     c = dict(d)
     model_type = c.pop("model_type")
     c.pop("architectures", None)
+    vision = c.pop("_vision_config", None)
+    if vision is not None:  # the multimodal checkpoint whose text tower the catalog lists (Gemma 3 4B/12B/27B)
+        c.pop("_text_tower_of", None)
+        return transformers.Gemma3Config(text_config={"model_type": model_type, **c}, vision_config=vision)
     return transformers.AutoConfig.for_model(model_type, **c)
 
 
@@ -230,3 +235,67 @@ def test_architectures_csv_agrees_with_the_catalog():
             assert "tie_word_embeddings" not in catalog.model_config(hub_id)[0] and spec.tied_embeddings
             continue
         assert spec.tied_embeddings == (r["tied_embeddings"] == "true"), name
+
+
+def test_the_loader_runs_gptj_with_the_attention_the_plan_counts():
+    """transformers 5.24's GPT-J has an SDPA path (GPTJPreTrainedModel._supports_sdpa): the plan counts SDPA
+    and the project's loader passes it, so what trains is what was planned."""
+    from finetune.config import compose
+    from finetune.models.loader import load_model
+    from finetune.preflight import run_preflight
+
+    spec = spec_of(TINY["gptj"])
+    assert transformers.GPTJPreTrainedModel._supports_sdpa and spec.attention == "sdpa"
+    cfg = compose(["+recipe=tiny-demo", f"model.name_or_path={_saved_dir(TINY['gptj'])}"])
+    plan = run_preflight(cfg)
+    assert plan.choices["attention"] == "sdpa"
+    model = load_model(cfg.model, plan.choices, "cpu")
+    assert type(model).__name__ == "GPTJForCausalLM"
+    assert model.config._attn_implementation == "sdpa"
+
+
+TINY_GEMMA3_TEXT = dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300, sliding_window=16,
+                        max_position_embeddings=256)
+TINY_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, patch_size=14, image_size=56, vision_use_head=False)
+
+
+def test_a_gemma3_multimodal_checkpoint_loads_its_vision_tower_quantized(tmp_path):
+    """AutoModelForCausalLM on a gemma3 checkpoint builds Gemma3ForConditionalGeneration (transformers 5.24's
+    MODEL_FOR_CAUSAL_LM_MAPPING): the vision tower and projector load too, and bitsandbytes quantizes the tower's
+    nn.Linear layers. arch.vision_tower counts exactly that, from the catalog's flattened config."""
+    import bitsandbytes as bnb
+
+    from finetune.config import ModelConfig
+    from finetune.models.loader import load_model
+
+    text = {k: v for k, v in TINY_GEMMA3_TEXT.items() if k != "model_type"}
+    hf = transformers.Gemma3Config(text_config=text, vision_config=TINY_SIGLIP, mm_tokens_per_image=4,
+                                   image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    transformers.Gemma3ForConditionalGeneration(hf).save_pretrained(tmp_path)
+    choices = {"quantization": "nf4", "double_quant": True, "compute_dtype": "fp32"}
+    model = load_model(ModelConfig(name_or_path=str(tmp_path)), choices, "cpu")
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+
+    flattened = {"_text_tower_of": "Gemma3ForConditionalGeneration", "_vision_config": TINY_SIGLIP, **TINY_GEMMA3_TEXT}
+    params, linears = arch.vision_tower(flattened)
+    tower = [(n, p) for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
+    assert params == sum(p.numel() for _, p in tower) - sum(p.numel() for _, p in tower if p.dtype == torch.uint8) \
+        + sum(p.numel() * 2 for _, p in tower if p.dtype == torch.uint8)  # packed 4-bit: two weights a byte
+    quantized = [m for n, m in model.named_modules() if "vision_tower" in n and isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == sum(k for *_, k in linears)
+    assert sum(m.out_features * m.in_features for m in quantized) == sum(o * i * k for o, i, k in linears)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in model.named_modules() if "multi_modal_projector" in n)
+
+    # LoRA goes on the language model only: text batches never reach the tower
+    from peft import get_peft_model
+
+    from finetune.config import compose
+    from finetune.train import lora_config
+
+    cfg = compose(["+recipe=tiny-demo", f"model.name_or_path={tmp_path}"])
+    peft_model = get_peft_model(model, lora_config(cfg, json.loads((tmp_path / "config.json").read_text())))
+    adapted = [n for n, _ in peft_model.named_parameters() if "lora_A" in n]
+    assert adapted and all("language_model" in n for n in adapted), adapted
+

@@ -63,7 +63,7 @@ def _config(hub_id: str) -> dict:
 def test_traced_inventory_agrees_with_the_hand_written_rules(hub_id):
     config = _config(hub_id)
     hand = arch.from_config(config)  # hand-written rules only
-    # the same attention as the hand-written rules (GPT-J's SDPA path, new in transformers 5.24, is not in them)
+    # the same attention as the hand-written rules (the tracer reads what transformers picks, the rules what we plan)
     traced = dataclasses.replace(trace.derive(config), attention=hand.attention)
     assert traced.traced is not None and hand.traced is None
 

@@ -135,9 +135,9 @@ def test_rule_linear_subclasses_decides_falcon_quantization(monkeypatch):
 
 
 def test_rule_eager_attention_families_and_reloads_use_the_plans_attention():
-    """BLOOM plans eager attention because transformers has no SDPA path for it; GPT-J because the memory
-    model counts its eager path (transformers 5.24 added SDPA). A reload passes the plan's choice, so it
-    computes as training did whatever transformers' default is."""
+    """BLOOM plans eager attention because transformers has no SDPA path for it; GPT-J SDPA from transformers
+    5.24 (its SDPA path), eager before. A reload passes the plan's choice, so it computes as training did
+    whatever transformers' default is."""
     import transformers
 
     from finetune.architectures import catalog
@@ -149,5 +149,7 @@ def test_rule_eager_attention_families_and_reloads_use_the_plans_attention():
     assert not transformers.BloomPreTrainedModel._supports_sdpa, (
         f"rule drifted: transformers {versions.installed('transformers')} has an SDPA path for BLOOM "
         f"(none through {versions.VERIFIED['transformers']}); the memory model could plan it")
-    assert spec_of(catalog.model_config("EleutherAI/gpt-j-6b")[0]).attention == "eager"
+    # GPT-J's SDPA path is new in transformers 5.24 (GPTJPreTrainedModel._supports_sdpa); eager before
+    gptj = "sdpa" if versions.parse(versions.installed("transformers")) >= (5, 24) else "eager"
+    assert spec_of(catalog.model_config("EleutherAI/gpt-j-6b")[0]).attention == gptj
     assert ATTENTION["eager"] == "eager" and ATTENTION["flash2"] == "flash_attention_2"

@@ -17,7 +17,7 @@ transformers on the meta device and holds these counts to the real model's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from finetune import versions
@@ -95,6 +95,12 @@ class ArchSpec:
     # (name under the block, the two dimensions LoRA's factors span), and the measured activation profile
     expert_param_count: int | None = None
     expert_shapes: tuple[tuple[str, int, int], ...] = ()
+    # a multimodal checkpoint planned as its text tower (the catalog's _text_tower_of, Gemma 3 4B/12B/27B):
+    # AutoModelForCausalLM still loads its vision tower and projector (frozen; text-only batches never run
+    # them). All their parameters, and the encoder's nn.Linear layers (which bitsandbytes quantizes) as
+    # (out_features, in_features, how many). See vision_tower().
+    vision_params: int = 0
+    vision_linears: tuple[tuple[int, int, int], ...] = ()
     traced: Any = field(default=None, compare=False, repr=False)
 
     # -- parameter counts -------------------------------------------------------------------
@@ -134,6 +140,11 @@ class ArchSpec:
         return self.layers * sum(a * b for a, b in self.expert_matrices())
 
     @property
+    def vision_weight_params(self) -> int:
+        """The vision tower's nn.Linear weights (a multimodal checkpoint's; 0 for a text model)."""
+        return sum(out_f * in_f * n for out_f, in_f, n in self.vision_linears)
+
+    @property
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
 
@@ -154,7 +165,7 @@ class ArchSpec:
     @property
     def params_total(self) -> int:
         return (self.linear_params + self.expert_params + self.embedding_params + self.lm_head_params
-                + self.norm_params + self.extra_params)
+                + self.norm_params + self.extra_params + self.vision_params)
 
     @property
     def max_linear_elements(self) -> int:
@@ -379,11 +390,23 @@ def _bloom(config: dict[str, Any]) -> ArchSpec:
     )
 
 
+# The first transformers release whose GPT-J runs SDPA: 5.24's models/gptj/modeling_gptj.py sets
+# `_supports_sdpa = True` on GPTJPreTrainedModel (line 249) and GPTJAttention.forward dispatches through
+# `ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)` (line 168);
+# 5.23's had only GPTJAttention (eager) and GPTJFlashAttention2 (GPTJ_ATTENTION_CLASSES).
+GPTJ_SDPA_SINCE = "5.24"
+
+
+def gptj_has_sdpa() -> bool:
+    """Whether the installed transformers (or, not installed, the verified release) runs GPT-J with SDPA."""
+    return versions.parse(versions.release("transformers")) >= versions.parse(GPTJ_SDPA_SINCE)
+
+
 def _gptj(config: dict[str, Any]) -> ArchSpec:
     """GPT-J: one LayerNorm feeding attention and MLP in parallel, partial rotary (rotary_dim),
-    lm_head with bias. Trained with eager attention: transformers 5.23 had eager and flash paths only; 5.24
-    added SDPA, which this memory model does not count yet, so the plan keeps eager (and every reload of the
-    model for evaluation, merge or chat uses the plan's attention, finetune/models/loader.py)."""
+    lm_head with bias. Trained with SDPA from transformers 5.24 (see GPTJ_SDPA_SINCE), counted as every other
+    SDPA family (no seq x seq scores); eager on 5.23, whose GPT-J had eager and flash paths only. The loader
+    passes the plan's attention (finetune/models/loader.py), so training and every reload run what was planned."""
     h = _get(config, "n_embd", "hidden_size")
     heads = _get(config, "n_head", "num_attention_heads")
     inner = config.get("n_inner") or 4 * h
@@ -402,7 +425,7 @@ def _gptj(config: dict[str, Any]) -> ArchSpec:
         vocab=_get(config, "vocab_size"),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         linears=linears, norm="layer", norms_per_layer=1, shared_norm=True, parallel=True,
-        gated_mlp=False, act_saved=4, attention="eager", lm_head_bias=True,
+        gated_mlp=False, act_saved=4, attention="sdpa" if gptj_has_sdpa() else "eager", lm_head_bias=True,
     )
 
 
@@ -523,7 +546,41 @@ def from_config(config: dict[str, Any]) -> ArchSpec:
         raise ConfigError("model config: config.json has no model_type")
     if model_type not in FAMILIES:
         raise NotHandWritten(f"model config: '{model_type}' has no hand-written rules (finetune.probes traces it)")
-    return checked(FAMILIES[model_type](config))
+    return checked(with_vision_tower(FAMILIES[model_type](config), config))
+
+
+def vision_tower(config: dict[str, Any]) -> tuple[int, tuple[tuple[int, int, int], ...]]:
+    """(parameters, nn.Linear layers as (out, in, how many)) of the vision tower and projector that a multimodal
+    checkpoint loads with its text tower; (0, ()) for a config without the catalog's ``_vision_config``.
+
+    transformers 5.24 maps model_type gemma3 to Gemma3ForConditionalGeneration in MODEL_FOR_CAUSAL_LM_MAPPING
+    (models/auto/modeling_auto.py line 840), so AutoModelForCausalLM (finetune/models/loader.py) builds the
+    SigLIP vision tower and the multimodal projector too. SigLIP (vision_use_head false, as in every Gemma 3
+    checkpoint): a patch Conv2d and learned position embeddings, per layer two LayerNorms, q/k/v/out_proj and
+    fc1/fc2 with biases, a post LayerNorm. Its Linear layers are exact nn.Linear, which load_in_4bit/8bit
+    replaces (transformers' default skips are only the tied/output embeddings and the last parameter);
+    Gemma3MultiModalProjector's mm_input_projection_weight is a bare parameter and stays in the compute dtype,
+    with its RMSNorm weight. tests/test_preflight_arch.py holds the count to the real model's."""
+    vc = config.get("_vision_config")
+    if not vc:
+        return 0, ()
+    h, inner, n = int(vc["hidden_size"]), int(vc["intermediate_size"]), int(vc["num_hidden_layers"])
+    patch, image, channels = int(vc["patch_size"]), int(vc["image_size"]), int(vc.get("num_channels", 3))
+    linears = ((h, h, 4 * n), (inner, h, n), (h, inner, n))  # q, k, v, out_proj; fc1; fc2
+    weights = sum(out_f * in_f * k for out_f, in_f, k in linears)
+    biases = sum(out_f * k for out_f, _, k in linears)
+    norms = (2 * n + 1) * 2 * h  # two LayerNorms per layer and the post LayerNorm, weight and bias
+    embeddings = channels * patch * patch * h + h + (image // patch) ** 2 * h
+    projector = h * _get(config, "hidden_size") + h  # mm_input_projection_weight, mm_soft_emb_norm
+    return weights + biases + norms + embeddings + projector, linears
+
+
+def with_vision_tower(spec: ArchSpec, config: dict[str, Any]) -> ArchSpec:
+    """`spec` with the vision tower its checkpoint loads (see :func:`vision_tower`), if any."""
+    params, linears = vision_tower(config)
+    if not params:
+        return spec
+    return replace(spec, vision_params=params, vision_linears=linears)
 
 
 def checked(spec: ArchSpec) -> ArchSpec:

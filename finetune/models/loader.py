@@ -688,8 +688,8 @@ def _quantized_overrides(model_cfg) -> dict[str, Any]:
 
 def load_model(model_cfg, choices: dict[str, Any], device: str, placement=None, params_total: int | None = None):
     """The frozen base model, quantized as the plan chose, on `device` ("cuda" or "cpu"), with the plan's
-    attention implementation (a model reloaded for evaluation, merge or chat computes as it trained:
-    transformers' default can differ, e.g. SDPA for GPT-J since 5.24).
+    attention implementation (a model reloaded for evaluation, merge or chat computes as it trained,
+    whatever transformers' default is; GPT-J plans SDPA from transformers 5.24, eager before).
 
     `placement` (finetune.distributed.Placement) says where this rank's model goes; the train stage
     passes the one its training arguments' process group gives (finetune.train.rank_placement). By

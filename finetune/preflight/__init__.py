@@ -45,7 +45,10 @@ def run_preflight(cfg, data_report: Any | None = None, model: catalog.ResolvedMo
         from finetune.probes import spec_of
 
         spec = spec_of(config)
-        return make_plan(cfg, spec, seq_len, source, data_report=data_report, extra_notes=notes)
+        # what loading reads: the checkpoint's stored dtype (an fp16 checkpoint loaded in bf16 is cast)
+        stored = config.get("torch_dtype") or config.get("dtype")
+        return make_plan(cfg, spec, seq_len, source, data_report=data_report, extra_notes=notes,
+                         checkpoint_dtype=stored if isinstance(stored, str) else None)
     except Untraceable as e:  # no memory model for it: runs only as fully pinned, unpredicted
         return unpredicted_plan(cfg, str(config.get("model_type")), seq_len, source, str(e))
 

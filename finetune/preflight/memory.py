@@ -40,8 +40,8 @@ Activations (what autograd keeps for backward, per token and layer; see ``_layer
   (GPT-J, GPT-NeoX, Phi, BLOOM) the fp32 LayerNorm output makes the quantized MLP and
   the residual stream fp32. SDPA/flash keep q, k, v, the output and an fp32
   log-sum-exp per head; transformers repeats k/v heads (a copy) when SDPA gets a
-  mask (padded batches). Eager attention (BLOOM, GPT-J) keeps the fp32 softmax and its
-  bf16 cast: 6 bytes per head and (query, key) pair.
+  mask (padded batches). Eager attention (BLOOM; GPT-J before transformers 5.24) keeps the
+  fp32 softmax and its bf16 cast: 6 bytes per head and (query, key) pair.
   Gradient checkpointing (transformers' default: non-reentrant torch.utils.checkpoint
   around each decoder layer) keeps each layer's input and rebuilds one layer at a
   time in backward.
@@ -254,7 +254,25 @@ def weight_bytes(spec: ArchSpec, quant: str, double_quant: bool, weight_dtype_by
         consts += c
         lm_head -= spec.vocab * spec.hidden
     unq += (others + lm_head) * weight_dtype_bytes
-    return wq, unq, consts
+    vq, vu, vc = _vision_tower_bytes(spec, quant, double_quant, weight_dtype_bytes)
+    return wq + vq, unq + vu, consts + vc
+
+
+def _vision_tower_bytes(spec: ArchSpec, quant: str, double_quant: bool, weight_dtype_bytes: int) -> tuple[int, int, int]:
+    """(quantized, unquantized, constants) of a multimodal checkpoint's vision tower and projector (Gemma 3
+    4B/12B/27B; see arch.vision_tower): loaded by AutoModelForCausalLM, frozen, never run on text. Its encoder's
+    nn.Linear weights are quantized like the decoder's; biases, norms, the patch convolution, the position
+    embeddings and the projector stay in the compute dtype."""
+    if not spec.vision_params:
+        return 0, 0, 0
+    weights = spec.vision_weight_params
+    unq = (spec.vision_params - weights) * weight_dtype_bytes
+    if quant == "none":
+        return 0, unq + weights * weight_dtype_bytes, 0
+    if quant == "nf4":
+        w, c = _nf4_bytes(weights, sum(n for *_, n in spec.vision_linears), double_quant)
+        return w, unq, c
+    return weights, unq, sum(out_f * n for out_f, _, n in spec.vision_linears) * 4  # int8 + fp32 row scales
 
 
 def optimizer_bytes(optimizer: str, tensor_sizes: list[int], param_bytes: int) -> int:
@@ -460,6 +478,18 @@ def layer_bytes_per_token(spec: ArchSpec, ctx: _Ctx, seq_len: int, r_in: int) ->
 
 # -- the estimate ---------------------------------------------------------------------------
 
+def lora_tensor_sizes(spec: ArchSpec, targets: list[str], rank: int, settings: Settings) -> list[int]:
+    """Element counts of every LoRA tensor (lora_A and lora_B of each adapted module and expert parameter)."""
+    sizes = []
+    for lin in spec.lora_targets(targets):
+        sizes += [rank * lin.in_features] * spec.layers + [rank * lin.out_features] * spec.layers
+    for _, r, fan_in, fan_out in spec.lora_param_targets(targets, rank):
+        sizes += [r * fan_in] * spec.layers + [r * fan_out] * spec.layers
+    if settings.lora_on_lm_head:
+        sizes += [rank * spec.hidden, rank * spec.vocab]
+    return sizes
+
+
 def estimate(spec: ArchSpec, choices: dict[str, Any], *, rank: int, targets: list[str],
              settings: Settings | None = None, on_gpu: bool | None = None) -> Estimate:
     """Peak memory of a training step under `choices` (the plan.json `choices` dict), per GPU."""
@@ -499,14 +529,8 @@ def estimate(spec: ArchSpec, choices: dict[str, Any], *, rank: int, targets: lis
         lora_b = 2  # TRL casts trainable parameters of a quantized model to bf16
     else:
         lora_b = 4 if weight_b == 2 else weight_b  # peft's autocast_adapter_dtype: fp32 adapters
-    sizes = []
-    for lin in lora_targets:
-        sizes += [rank * lin.in_features] * spec.layers + [rank * lin.out_features] * spec.layers
+    sizes = lora_tensor_sizes(spec, targets, rank, s)
     param_targets = spec.lora_param_targets(targets, rank)
-    for _, r, fan_in, fan_out in param_targets:
-        sizes += [r * fan_in] * spec.layers + [r * fan_out] * spec.layers
-    if s.lora_on_lm_head:
-        sizes += [rank * spec.hidden, rank * spec.vocab]
     lora_n = sum(sizes)
     lora_params = lora_n * lora_b + (lora_n * 4 if s.reference_adapter else 0)
     lora_grads = lora_n * lora_b
@@ -646,3 +670,114 @@ def eval_peak(spec: ArchSpec, choices: dict[str, Any], *, batch_size: int, seq_l
     layer = tokens * (4 * spec.hidden + 3 * spec.intermediate) * b
     logits = tokens * spec.vocab * MATERIALIZED_LOGIT_BYTES
     return int(weights + train.breakdown["workspace"] + layer + logits + train.breakdown["cuda_context"])
+
+
+# -- loading --------------------------------------------------------------------------------
+
+# config.json's torch_dtype (or dtype) -> our dtype names: what the checkpoint stores
+CHECKPOINT_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "fp16": "fp16", "bf16": "bf16",
+                     "fp32": "fp32", "half": "fp16", "float": "fp32"}
+
+
+@dataclass(frozen=True)
+class LoadPeak:
+    """What loading the base takes before training starts (plan.json ``load_peak``): per GPU (what nvidia-smi
+    would show at its peak) and in CPU RAM per machine; `why` says how the stack loads this plan."""
+
+    gpu_bytes: int
+    cpu_ram_bytes: int
+    why: str
+    gpu_why: str = ""  # the GPU half of `why`, for one-line messages (not in plan.json)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gpu_bytes": self.gpu_bytes, "cpu_ram_bytes": self.cpu_ram_bytes, "why": self.why}
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def load_peak(spec: ArchSpec, choices: dict[str, Any], *, rank: int, targets: list[str],
+              settings: Settings | None = None, checkpoint_dtype: str | None = None) -> LoadPeak | None:
+    """The memory peak of loading the base for a CUDA plan (None elsewhere), read off transformers 5.24 /
+    accelerate 1.16 / safetensors 0.8 (see finetune.train._fsdp_args):
+
+    * transformers' loader (modeling_utils ``_load_pretrained_model``, core_model_loading) has no rank-0-only
+      path outside DeepSpeed: every rank reads the whole checkpoint. safetensors maps the files: a tensor is a
+      view of the mapped pages until something casts or moves it.
+    * A quantized base (on-the-fly bitsandbytes) loads one tensor at a time (no thread pool then): each goes
+      to the rank's GPU in 16-bit and is quantized there. Under FSDP every rank therefore holds the *whole*
+      quantized base on its own GPU before FSDP shards it (accelerate's fsdp2_prepare_model skips
+      cpu_ram_efficient_loading for Params4bit). Counted per GPU: the whole quantized base (packed weights,
+      constants, the 16-bit embeddings / norms / lm_head), the CUDA context, and the larger of two transients
+      that follow each other: twice the largest quantized matrix in 16-bit (the one being quantized, and the
+      freed block of the previous one that the caching allocator keeps), and LoRA as peft then creates it on
+      the whole model (fp32, before TRL casts it to bf16), whose tensors reuse those cached blocks.
+    * An unquantized FSDP base loads on the CPU (no device_map); accelerate moves the other ranks to meta and
+      broadcasts rank 0's tensors one at a time, each rank keeping its shard: per GPU, the shards of the base
+      and LoRA, twice the largest tensor (the broadcast copy and its shard), the CUDA context.
+    * DDP and one GPU: each rank loads the whole base straight onto its own GPU (device_map), which the
+      steady state already holds.
+
+    CPU RAM per machine (hardware.num_gpus ranks on it): each process itself (~1 GiB of RSS), and what a rank
+    keeps of the checkpoint. Reading through the map puts the checkpoint's pages in the page cache, shared by
+    every rank reading the same files and evictable (clean file pages): for a quantized base, which streams
+    through the map to the GPU, they are not counted, only one tensor per rank in flight (a copy when the
+    checkpoint's dtype is cast). For an unquantized FSDP base the CPU model *is* the mapped checkpoint until
+    FSDP takes over: counted once per machine when the checkpoint's dtype is the plan's compute dtype (the
+    ranks share the pages), once per rank when it is not (transformers casts every tensor into a private copy:
+    an fp16 checkpoint loaded in bf16); plus each rank's fp32 LoRA on the CPU model.
+    `checkpoint_dtype`: config.json's torch_dtype; None: assumed to be the compute dtype.
+    """
+    s = settings or Settings()
+    if s.device != "cuda":
+        return None
+    quant = choices["quantization"]
+    quantized = quant != "none"
+    compute = choices["compute_dtype"]
+    weight_b = 4 if compute == "fp32" else 2
+    n = max(1, int(choices.get("num_gpus", 1)))
+    per_machine = max(1, n // max(1, int(choices.get("num_nodes", 1))))
+    fsdp = choices.get("distributed") == "fsdp" and n > 1
+    quantized_experts = quantized and bool(choices.get("quantized_experts")) and spec.experts > 0
+    wq, unq, consts = weight_bytes(spec, quant, bool(choices.get("double_quant")), weight_b, s, quantized_experts)
+    whole = wq + unq + consts
+    lora_fp32 = sum(lora_tensor_sizes(spec, targets, rank, s)) * 4
+    largest = max(spec.max_linear_elements, spec.max_expert_elements if quantized_experts else 0)
+    stored = CHECKPOINT_DTYPES.get(str(checkpoint_dtype or "").removeprefix("torch."), compute)
+    cast = stored != compute
+    context = s.cuda_context
+    processes = per_machine * CPU_PROCESS_BASELINE
+    ranks = f"{per_machine} rank{'s' if per_machine > 1 else ''}"
+    if quantized:
+        gpu = whole + max(2 * largest * weight_b, lora_fp32) + context
+        cpu = processes + per_machine * largest * BYTES[stored]
+        ram = (f"CPU RAM {_gib(cpu)} per machine ({ranks} reading the checkpoint one tensor at a time through "
+               "mmap; its pages sit in the page cache, shared and evictable, and are not counted)")
+        bits = "4-bit" if quant == "nf4" else "8-bit"
+        if fsdp:
+            short = (f"every rank loads and quantizes the whole {bits} base before FSDP shards it: {_gib(gpu)} per "
+                     "GPU while loading")
+            why = (f"{short} (the {bits} base {_gib(whole)}, the largest weight in 16-bit while it is quantized or "
+                   f"LoRA in fp32 as peft creates it, the CUDA context); {ram}")
+        else:
+            short = f"each rank loads and quantizes the whole {bits} base on its own GPU: {_gib(gpu)} while loading"
+            why = f"{short}; {ram}"
+    elif fsdp:
+        biggest = max(spec.max_linear_elements, spec.vocab * spec.hidden)
+        gpu = whole // n + lora_fp32 // n + 2 * biggest * weight_b + context
+        copies = per_machine if cast else 1
+        cpu = processes + copies * whole + per_machine * lora_fp32
+        held = (f"a private {compute} copy of the whole base in each of the {ranks} (the checkpoint is {stored}: "
+                f"transformers casts every tensor)" if cast and per_machine > 1 else
+                f"the {compute} base mapped from the checkpoint once, shared by the {ranks}")
+        short = (f"every rank loads the {compute} base on the CPU and FSDP moves only its shard to the GPU: "
+                 f"{_gib(gpu)} per GPU while loading")
+        why = (f"{short} (cpu_ram_efficient_loading: rank 0's tensors are broadcast one at a time); CPU RAM "
+               f"{_gib(cpu)} per machine: {held}, LoRA in fp32 and the process of each rank")
+    else:
+        gpu = whole + lora_fp32 + context
+        cpu = processes + per_machine * largest * BYTES[stored]
+        short = f"each rank loads the whole {compute} base onto its own GPU: {_gib(gpu)} while loading"
+        why = f"{short}; CPU RAM {_gib(cpu)} per machine ({ranks} reading the checkpoint through mmap)"
+    return LoadPeak(gpu_bytes=int(gpu), cpu_ram_bytes=int(cpu), why=why, gpu_why=short)

@@ -63,6 +63,9 @@ class Plan:
     alternatives: list[dict[str, Any]] = field(default_factory=list)
     explanation: list[str] = field(default_factory=list)
     measured: dict[str, Any] | None = None
+    # FSDP plans: what loading takes before FSDP shards the base (memory.LoadPeak.to_dict(); not in the breakdown,
+    # which is the training step's peak); written to plan.json only when set
+    load_peak: dict[str, Any] | None = None
     # the library versions the memory model was verified on, the installed ones, and which differ
     versions: dict[str, Any] = field(default_factory=versions.record)
     schema_version: int = SCHEMA_VERSION
@@ -70,9 +73,9 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        order = ["schema_version", "model", "choices", "predicted", "breakdown_bytes", "budget_bytes", "fits",
-                 "alternatives", "explanation", "measured", "versions"]
-        return {k: d[k] for k in order}
+        order = ["schema_version", "model", "choices", "predicted", "breakdown_bytes", "budget_bytes", "load_peak",
+                 "fits", "alternatives", "explanation", "measured", "versions"]
+        return {k: d[k] for k in order if k != "load_peak" or d[k] is not None}
 
 
 @dataclass
@@ -80,10 +83,21 @@ class Candidate:
     choices: dict[str, Any]
     est: memory.Estimate
     thr: speed.Throughput
+    load: memory.LoadPeak | None = None
 
     @property
     def total(self) -> int:
         return self.est.device_total
+
+    @property
+    def need(self) -> int:
+        """What the card must hold: the training step's device total, or loading's peak where it is higher (an
+        FSDP plan on a quantized base: every rank holds the whole quantized base before FSDP shards it)."""
+        return max(self.total, self.load.gpu_bytes if self.load is not None else 0)
+
+    @property
+    def load_bound(self) -> bool:
+        return self.load is not None and self.load.gpu_bytes > self.total
 
 
 def _gib(n: float) -> str:
@@ -262,8 +276,9 @@ def kernels_note(attention: str) -> str:
 class _Scorer:
     """Memory and speed of candidates for one recipe (reused by the what-would-fit searches)."""
 
-    def __init__(self, cfg, spec: ArchSpec):
+    def __init__(self, cfg, spec: ArchSpec, checkpoint_dtype: str | None = None):
         self.cfg, self.spec = cfg, spec
+        self.checkpoint_dtype = checkpoint_dtype  # config.json's torch_dtype: what loading reads
         self.rank, self.targets = cfg.adapter.rank, list(cfg.adapter.targets)
         self.settings = settings_for(cfg)
         self.lora_features = sum(lin.in_features + lin.out_features for lin in spec.lora_targets(self.targets)) \
@@ -283,11 +298,20 @@ class _Scorer:
         return memory.estimate(self.spec, self._forward(c), rank=self.rank, targets=self.targets,
                                settings=self.settings)
 
+    def load(self, c: dict[str, Any]) -> memory.LoadPeak | None:
+        return memory.load_peak(self.spec, c, rank=self.rank, targets=self.targets, settings=self.settings,
+                                checkpoint_dtype=self.checkpoint_dtype)
+
+    def need(self, c: dict[str, Any]) -> int:
+        """Candidate.need without the speed model."""
+        load = self.load(c)
+        return max(self.estimate(c).device_total, load.gpu_bytes if load is not None else 0)
+
     def score(self, c: dict[str, Any]) -> Candidate:
         if self._best is None:
             self._best = speed.ceiling(self.spec, self._forward(c), **self.speed_kwargs)
         thr = speed.throughput(self.spec, self._forward(c), best=self._best, **self.speed_kwargs)
-        return Candidate(c, self.estimate(c), thr)
+        return Candidate(c, self.estimate(c), thr, self.load(c))
 
 
 def sequences_per_example(cfg) -> int:
@@ -315,6 +339,8 @@ def _choose(fitting: list[Candidate]) -> Candidate:
 
 def _why_not(alt: Candidate, chosen: Candidate, budget: int) -> str:
     a, c = alt.choices, chosen.choices
+    if alt.need > budget and alt.load_bound:
+        return f"does not fit while loading ({alt.load.gpu_why}) > budget {_gib(budget)}"
     if alt.total > budget:
         return f"does not fit: {_gib(alt.total)} > budget {_gib(budget)}"
     reasons = []
@@ -363,7 +389,7 @@ def _alternatives(scored: list[Candidate], chosen: Candidate, budget: int) -> li
     error, finetune/train/oom.py, without changing the model under the adapter); then the fastest that do
     not fit (what more memory would buy)."""
     pool = [c for c in _distinct(scored) if c.choices != chosen.choices]
-    fitting = sorted((c for c in pool if c.total <= budget), key=lambda c: (-merit(c), c.total))
+    fitting = sorted((c for c in pool if c.need <= budget), key=lambda c: (-merit(c), c.total))
     out: list[Candidate] = fitting[:2]
     base = ("quantization", "double_quant", "compute_dtype", "distributed", "num_gpus")
     same = [c for c in fitting if all(c.choices[k] == chosen.choices[k] for k in base)]
@@ -377,18 +403,20 @@ def _alternatives(scored: list[Candidate], chosen: Candidate, budget: int) -> li
         limit = pick.total
     others = [c for c in fitting if c not in out and c.total < chosen.total]
     out += others[:1]
-    too_big = sorted((c for c in pool if c.total > budget), key=lambda c: (-c.thr.tokens_per_s, c.total))
+    too_big = sorted((c for c in pool if c.need > budget), key=lambda c: (-c.thr.tokens_per_s, c.total))
     faster = [c for c in too_big if c.thr.tokens_per_s > chosen.thr.tokens_per_s]
     out += faster[: max(0, N_ALTERNATIVES - len(out))][:2]
     return out[:N_ALTERNATIVES]
 
 
-def _minimal(cfg, spec: ArchSpec, seq_len: int, source: str, *, pins: bool, **overrides: Any) -> dict[str, Any]:
-    """The plan with the least memory the recipe allows (pins respected unless pins=False)."""
+def _minimal(cfg, spec: ArchSpec, seq_len: int, source: str, *, pins: bool, checkpoint_dtype: str | None = None,
+             **overrides: Any) -> dict[str, Any]:
+    """The plan with the least memory the recipe allows (pins respected unless pins=False): the least the card
+    must hold, training step or loading (Candidate.need)."""
     cands = candidates(cfg, spec, seq_len, source, pins=pins)
-    scorer = _Scorer(cfg, spec)
+    scorer = _Scorer(cfg, spec, checkpoint_dtype)
     pool = [dict(c, **overrides) for c in cands]
-    return min(pool, key=lambda c: scorer.estimate(c).device_total)
+    return min(pool, key=lambda c: (scorer.need(c), scorer.estimate(c).device_total))
 
 
 def _longest_seq(cfg, spec: ArchSpec, c: dict[str, Any], budget: int) -> int:
@@ -403,16 +431,20 @@ def _longest_seq(cfg, spec: ArchSpec, c: dict[str, Any], budget: int) -> int:
     return lo
 
 
-def does_not_fit_message(cfg, spec: ArchSpec, seq_len: int, source: str, budget: int) -> str:
+def does_not_fit_message(cfg, spec: ArchSpec, seq_len: int, source: str, budget: int,
+                         checkpoint_dtype: str | None = None) -> str:
     hw, margin = cfg.hardware, cfg.preflight.margin
-    scorer = _Scorer(cfg, spec)
-    smallest = _minimal(cfg, spec, seq_len, source, pins=True)
-    need = scorer.estimate(smallest).device_total
+    scorer = _Scorer(cfg, spec, checkpoint_dtype)
+    smallest = _minimal(cfg, spec, seq_len, source, pins=True, checkpoint_dtype=checkpoint_dtype)
+    need = scorer.need(smallest)
+    load = scorer.load(smallest)
     parts = [f"{cfg.model.name_or_path} does not fit hardware.vram_gib={hw.vram_gib:g} ({hw.name}"
              f"{f' x{hw.world_size}' if hw.world_size > 1 else ''}): the smallest plan ({describe(smallest)}) needs "
              f"{_gib(need)} per GPU, the budget is {_gib(budget)} ({hw.vram_gib:g} GiB x (1 - margin {margin:g}))"]
     fixed = scorer.estimate(dict(smallest, max_seq_len=1, micro_batch_size=1))
-    if fixed.device_total > budget:
+    if load is not None and load.gpu_bytes > budget and load.gpu_bytes >= scorer.estimate(smallest).device_total:
+        parts.append(f"{load.gpu_why}, so no dataset.max_seq_len helps")
+    elif fixed.device_total > budget:
         parts.append(f"the frozen weights and fixed costs alone take {_gib(fixed.device_total)}, so no "
                      "dataset.max_seq_len helps")
     else:
@@ -422,8 +454,8 @@ def does_not_fit_message(cfg, spec: ArchSpec, seq_len: int, source: str, budget:
     # the pins' cost
     pinned = [k for k, v in vars(cfg.preflight.pin).items() if v is not None]
     if pinned:
-        free = _minimal(cfg, spec, seq_len, source, pins=False)
-        free_total = scorer.estimate(free).device_total
+        free = _minimal(cfg, spec, seq_len, source, pins=False, checkpoint_dtype=checkpoint_dtype)
+        free_total = scorer.need(free)
         if free_total <= budget:
             parts.append(f"without {', '.join('preflight.pin.' + k for k in pinned)} it fits "
                          f"({describe(free)}: {_gib(free_total)})")
@@ -438,16 +470,30 @@ def does_not_fit_message(cfg, spec: ArchSpec, seq_len: int, source: str, budget:
                      f"({cards[[k for k, _ in cards].index(fitting_cards[0])][1]['vram_gib']:g} GiB)")
     else:
         parts.append(f"no single card of the catalog holds it ({_gib(single_total)} needed)")
-    # FSDP on this card
+    # FSDP on this card: on the smallest plan's base, or, where every rank cannot hold the whole quantized base
+    # while loading, on a 16-bit one (loaded on the CPU, only its shard on each GPU)
     if hw.device.value == "cuda":
+        quant = smallest["quantization"] if smallest["quantization"] != "int8" else "nf4"
+        bases = [quant] + (["none"] if quant != "none" else [])
+        found = False
         for n in FSDP_GPU_COUNTS:
-            if n <= hw.world_size and hw.world_size > 1:
+            if (n <= hw.world_size and hw.world_size > 1) or found:
                 continue
-            trial = dict(unpinned_single, distributed="fsdp", num_gpus=n,
-                         quantization=smallest["quantization"] if smallest["quantization"] != "int8" else "nf4")
-            if scorer.estimate(trial).device_total <= budget:
-                parts.append(f"or {n} x {hw.name} with FSDP sharding the frozen weights (hardware.num_gpus={n} "
-                             f"preflight.pin.distributed=fsdp: {_gib(scorer.estimate(trial).device_total)} per GPU)")
+            quantized_load = None
+            for q in bases:
+                trial = dict(unpinned_single, distributed="fsdp", num_gpus=n, quantization=q,
+                             double_quant=q == "nf4" and smallest["double_quant"])
+                trial.pop("num_nodes", None)
+                if q == quant:
+                    quantized_load = scorer.load(trial)
+                if scorer.need(trial) > budget:
+                    continue
+                what = "the frozen weights" if q == quant else "a 16-bit base"
+                why = "" if q == quant or quantized_load is None else (
+                    f"; not the {quant} base: {quantized_load.gpu_why}")
+                parts.append(f"or {n} x {hw.name} with FSDP sharding {what} (hardware.num_gpus={n} "
+                             f"preflight.pin.distributed=fsdp: {_gib(scorer.need(trial))} per GPU{why})")
+                found = True
                 break
     return "; ".join(parts)
 
@@ -472,8 +518,10 @@ def _tokens_to_train(cfg, seq_len: int, mb: int, data_report: Any | None) -> tup
 
 
 def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_report: Any | None = None,
-              extra_notes: list[str] | None = None) -> Plan:
-    """The plan for recipe `cfg`; raises DoesNotFitError (exit 4) when no candidate fits."""
+              extra_notes: list[str] | None = None, checkpoint_dtype: str | None = None) -> Plan:
+    """The plan for recipe `cfg`; raises DoesNotFitError (exit 4) when no candidate fits: the card, while loading
+    or training, or hardware.ram_gib while loading. `checkpoint_dtype`: config.json's torch_dtype (what loading
+    reads; None: the compute dtype)."""
     _check_pins(cfg)
     if spec.lora_param_targets(list(cfg.adapter.targets), cfg.adapter.rank) and cfg.adapter.dropout > 0:
         raise ConfigError(
@@ -484,9 +532,9 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
     budget = _budget(hw.vram_gib, cfg.preflight.margin)
     rank, targets = cfg.adapter.rank, list(cfg.adapter.targets)
     lora_targets = spec.lora_targets(targets)
-    scorer = _Scorer(cfg, spec)
+    scorer = _Scorer(cfg, spec, checkpoint_dtype)
     scored = [scorer.score(c) for c in candidates(cfg, spec, seq_len, seq_len_source)]
-    fitting = [c for c in scored if c.total <= budget]
+    fitting = [c for c in scored if c.need <= budget]
     model = {
         "name": cfg.model.name_or_path,
         "architecture": spec.architecture,
@@ -497,7 +545,13 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
         + [name for name, *_ in spec.lora_param_targets(targets, rank)],
     }
     if not fitting:
-        raise DoesNotFitError(does_not_fit_message(cfg, spec, seq_len, seq_len_source, budget))
+        raise DoesNotFitError(does_not_fit_message(cfg, spec, seq_len, seq_len_source, budget, checkpoint_dtype))
+    if hw.ram_gib is not None:
+        ram = int(hw.ram_gib * GiB)
+        in_ram = [c for c in fitting if c.load is None or c.load.cpu_ram_bytes <= ram]
+        if not in_ram:
+            raise DoesNotFitError(ram_message(cfg, min(fitting, key=lambda c: c.load.cpu_ram_bytes), ram))
+        fitting = in_ram
     chosen = _choose(fitting)
     c = chosen.choices
 
@@ -548,10 +602,11 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
         f"model; {wall} — an estimate from the cost model in finetune/preflight/speed.py, not a measurement",
         eval_line,
     ]
-    faster = [s for s in scored if s.total > budget and s.thr.tokens_per_s > TIE * tps]
+    faster = [s for s in scored if s.need > budget and s.thr.tokens_per_s > TIE * tps]
     if faster:
         f = max(faster, key=lambda s: s.thr.tokens_per_s)
-        explanation.append(f"a faster plan ({describe(f.choices)}, {f.thr.relative:.0%}) needs {_gib(f.total)}")
+        explanation.append(f"a faster plan ({describe(f.choices)}, {f.thr.relative:.0%}) needs {_gib(f.need)}"
+                           + (f" while loading: {f.load.gpu_why}" if f.load_bound else ""))
     explanation += _method_notes(cfg) + _architecture_notes(spec, c, seq_len, extra_notes)
     pinned = [k for k, v in vars(cfg.preflight.pin).items() if v is not None]
     if pinned:
@@ -565,6 +620,14 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
     elif c["distributed"] == "fsdp":
         explanation.append(f"fsdp: the frozen weights, LoRA and optimizer state are sharded over {hw.world_size} "
                            "GPUs; two layers are gathered at a time")
+        if chosen.load is not None:
+            explanation.append(f"loading: {chosen.load.why} — within the {_gib(budget)} budget per GPU")
+            if hw.ram_gib is None:
+                explanation.append(f"CPU RAM while loading (~{_gib(chosen.load.cpu_ram_bytes)} per machine) is not "
+                                   "checked: set hardware.ram_gib to the machine's RAM to check it")
+            else:
+                explanation.append(f"CPU RAM while loading: {_gib(chosen.load.cpu_ram_bytes)} of "
+                                   f"hardware.ram_gib={hw.ram_gib:g} per machine")
     if hw.world_size > 1:
         explanation.append(_network_note(hw, chosen.thr, c["distributed"]))
     if hw.device.value == "cpu":
@@ -586,8 +649,27 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
         model["trace"] = spec.traced.summary()
     details = {"tokens_per_s": tps, "relative_speed": chosen.thr.relative, "phase": chosen.est.phase,
                "paged": chosen.est.paged, "eval_total": eval_total, "wall": wall}
+    load_peak = chosen.load.to_dict() if chosen.load is not None and c["distributed"] == "fsdp" else None
     return Plan(model=model, choices=c, predicted=predicted, breakdown_bytes=chosen.est.breakdown,
-                budget_bytes=budget, fits=True, alternatives=alternatives, explanation=explanation, details=details)
+                budget_bytes=budget, fits=True, alternatives=alternatives, explanation=explanation, details=details,
+                load_peak=load_peak)
+
+
+def ram_message(cfg, best: Candidate, ram: int) -> str:
+    """hardware.ram_gib is too small for loading even the plan that needs the least CPU RAM: one line."""
+    hw = cfg.hardware
+    load = best.load
+    c = best.choices
+    per_machine = hw.num_gpus
+    if c["quantization"] == "none" and c["distributed"] == "fsdp":
+        fix = ("a 4-bit base needs far less (preflight.pin.quantization=nf4, where the card holds the whole 4-bit "
+               "base), or a machine with more RAM")
+    else:
+        fix = (f"fewer processes per machine (hardware.num_gpus={max(1, per_machine // 2)}, hardware.num_nodes="
+               f"{hw.num_nodes * 2})" if per_machine > 1 else "a machine with more RAM")
+    return (f"{cfg.model.name_or_path}: loading needs {_gib(load.cpu_ram_bytes)} of CPU RAM per machine and "
+            f"hardware.ram_gib={hw.ram_gib:g} ({_gib(ram)}) is less, with the plan that needs the least "
+            f"({describe(c)}): {load.why}; use {fix}, or correct hardware.ram_gib")
 
 
 def unpredicted_plan(cfg, model_type: str, seq_len: int, seq_len_source: str, reason: str) -> Plan:

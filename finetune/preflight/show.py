@@ -68,6 +68,10 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
     head.add_row("predicted", f"{_gib(p['device_total_bytes'])} GiB on the device of a {_gib(plan.budget_bytes)} "
                               f"GiB budget: {verdict} (peak allocated {_gib(p['peak_allocated_bytes'])}, "
                               f"reserved {_gib(p['peak_reserved_bytes'])})")
+    load = plan.load_peak
+    if load and c.get("distributed") == "fsdp":
+        head.add_row("loading", f"{_gib(load['gpu_bytes'])} GiB per GPU, {_gib(load['cpu_ram_bytes'])} GiB CPU RAM "
+                                "per machine, before FSDP shards the base (how: the loading line below)")
     d = plan.details
     if d:
         head.add_row("speed (estimate)", f"~{d['tokens_per_s']:,.0f} tokens/s; {d['wall']}")

@@ -236,15 +236,18 @@ def derive(config: dict[str, Any]):
             fields = dict(hit)
             fields["linears"] = tuple(arch.Linear(**lin) for lin in fields["linears"])
             fields["expert_shapes"] = tuple(tuple(x) for x in fields["expert_shapes"])
-            return arch.ArchSpec(**fields, traced=Profile(config, 0.0, structure_cached=True))
+            fields["vision_linears"] = tuple(tuple(x) for x in fields.get("vision_linears", ()))
+            spec = arch.ArchSpec(**fields, traced=Profile(config, 0.0, structure_cached=True))
+            return arch.with_vision_tower(spec, config)
         except (KeyError, TypeError):
             pass  # an entry from another layout of the cache: derive it again
-    spec = _derive(config)
+    spec = _derive(config)  # the text tower only (_hf_config drops the catalog's _vision_config)
     record = {f.name: getattr(spec, f.name) for f in fields_of(spec) if f.name != "traced"}
     record["linears"] = [lin.__dict__ for lin in spec.linears]
     record["expert_shapes"] = [list(x) for x in spec.expert_shapes]
     _store(key, record)
-    return spec
+    # a multimodal checkpoint's vision tower, which AutoModelForCausalLM loads with it (arch.vision_tower)
+    return arch.with_vision_tower(spec, config)
 
 
 def _derive(config: dict[str, Any]):

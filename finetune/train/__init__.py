@@ -166,7 +166,12 @@ def lora_config(cfg, model_config: dict[str, Any], resolved=None):
     except Untraceable:
         spec = None  # no picture of its layers: peft's own all-linear, or the module names given
     targets = resolve(spec, list(cfg.adapter.targets), str(planned.get("model_type")))
+    # A multimodal checkpoint (Gemma 3 4B-27B loads as Gemma3ForConditionalGeneration) has q/k/v_proj and fc1/2
+    # in its vision tower too: text batches never reach it, so LoRA there would only add untrained weights to
+    # the adapter (and parameters the plan does not count). peft matches exclude_modules' regex on full names.
+    multimodal = "vision_config" in planned or "_vision_config" in planned
     return LoraConfig(
+        exclude_modules=r".*\b(vision_tower|vision_model|multi_modal_projector)\b.*" if multimodal else None,
         r=cfg.adapter.rank,
         lora_alpha=cfg.adapter.alpha,
         lora_dropout=cfg.adapter.dropout,
@@ -288,6 +293,41 @@ def rank_placement(choices: dict[str, Any], device: str, args):
                            f"model of a {distributed} plan is placed")
     on_gpu = device == "cuda"
     return placement(distributed, device, args.local_process_index, torch.cuda.device_count() if on_gpu else 1)
+
+
+def check_rank_placement(model, choices: dict[str, Any], device: str, local_rank: int, sharded: bool = False) -> None:
+    """Multi-GPU QLoRA never silently runs on one GPU: each rank checks that its model is where its placement put
+    it (finetune.distributed.expected_device: DDP on cuda:LOCAL_RANK; FSDP after wrapping, its own shards), logs
+    one line, and stops with an EnvError (one line) when it is not (e.g. every rank on cuda:0)."""
+    import torch
+
+    from finetune.distributed import expected_device, placement_line, placement_mismatch
+
+    rank, world_size = world()
+    count = torch.cuda.device_count() if device == "cuda" else 1
+    quantized = choices.get("quantization", "none") != "none"
+    expected = expected_device("fsdp" if sharded else choices.get("distributed", "none"), device,
+                               quantized or sharded, local_rank, count)
+    if expected is None:
+        return
+    log.info(placement_line(rank, world_size, model, sharded))
+    problem = placement_mismatch(model, expected, sharded)
+    if problem:
+        raise EnvError(f"rank {rank}/{world_size} ({choices.get('distributed', 'none')} plan): {problem}, the "
+                       f"device this rank was given; launch one process per GPU with torchrun (make train-multi) "
+                       "and do not narrow CUDA_VISIBLE_DEVICES to one GPU for all ranks")
+
+
+def _placement_callback(choices: dict[str, Any], device: str, local_rank: int):
+    """FSDP: the same check once the Trainer has wrapped (sharded) the model, at the start of training."""
+    from transformers import TrainerCallback
+
+    class PlacementCheck(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None:
+                check_rank_placement(model, choices, device, local_rank, sharded=True)
+
+    return PlacementCheck()
 
 
 def _peak_memory(device: str) -> dict[str, Any]:
@@ -447,6 +487,7 @@ class _Attempt:
         self.placement = rank_placement(choices, device, args)
         # params_total: the plan's count sizes the disk check before a download (traced families too)
         model = load_model(cfg.model, choices, device, placement=self.placement, params_total=params_total)
+        check_rank_placement(model, choices, device, args.local_process_index)
         if init_adapter is not None:  # train.init_adapter: continue those weights (TRL trains a PeftModel as given)
             model, peft_config = with_init_adapter(cfg, model, init_adapter), None
         else:
@@ -455,6 +496,8 @@ class _Attempt:
         self.metrics = MetricsCallback(tracker)
         self.progress = RichProgressCallback()
         callbacks = [self.metrics, self.progress, CheckpointMarkerCallback(), StopOnSignalCallback(stop)]
+        if choices.get("distributed") == "fsdp" and device == "cuda":
+            callbacks.append(_placement_callback(choices, device, args.local_process_index))
         if args.load_best_model_at_end and cfg.train.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
         self.trainer = trainer_class(
