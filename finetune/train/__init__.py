@@ -487,7 +487,8 @@ class _Attempt:
         self.placement = rank_placement(choices, device, args)
         # params_total: the plan's count sizes the disk check before a download (traced families too)
         model = load_model(cfg.model, choices, device, placement=self.placement, params_total=params_total)
-        check_rank_placement(model, choices, device, args.local_process_index)
+        if choices.get("distributed") != "fsdp":  # FSDP: checked once wrapped (a rank may load onto meta first)
+            check_rank_placement(model, choices, device, args.local_process_index)
         if init_adapter is not None:  # train.init_adapter: continue those weights (TRL trains a PeftModel as given)
             model, peft_config = with_init_adapter(cfg, model, init_adapter), None
         else:
