@@ -323,6 +323,7 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None) -> PreferenceData
         _Rejections,
         fingerprint,
         in_eval_split,
+        reuse,
         source_specs,
     )
     from data_prep.report import DataReport, SourceStats, TokenStats, percentile
@@ -339,14 +340,9 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None) -> PreferenceData
     fp = f"pref{PREF_VERSION}-" + fingerprint(dataset_cfg, tokenizer, template, specs, listings, packed=False)
     final = cache_dir() / "datasets" / fp
     fixes = list(getattr(tokenizer, "finetune_fixes", []))
-    if dataset_cfg.cache and store.is_complete(final):
-        data = _load(final)
-        data.report.tokenizer_fixes = fixes
-        data.report.cache_hit = True
-        data.report.seconds = round(time.perf_counter() - started, 3)
-        log.info("data: reusing the prepared preference dataset %s (nothing changed since it was made)", final)
-        _check(data.report, dataset_cfg)
-        return data
+    reused = reuse(final, _load, dataset_cfg, fixes, started, "prepared preference dataset")
+    if reused is not None:
+        return reused
 
     rejections = _Rejections()
     seen: set[str] = set()

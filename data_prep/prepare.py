@@ -644,6 +644,20 @@ def _load(path: Path) -> PreparedData:
                         store_dir=path, packed=bool(meta["packed"]))
 
 
+def reuse(final: Path, load, dataset_cfg, fixes: list[str], started: float, what: str):
+    """The complete store at `final` loaded with `load` (SFT's or preference data's), marked a cache hit and held
+    to the recipe's limits, when dataset.cache allows; None when there is none to reuse."""
+    if not (dataset_cfg.cache and store.is_complete(final)):
+        return None
+    data = load(final)
+    data.report.tokenizer_fixes = fixes
+    data.report.cache_hit = True
+    data.report.seconds = round(time.perf_counter() - started, 3)
+    log.info("data: reusing the %s %s (nothing changed since it was made)", what, final)
+    _check(data.report, dataset_cfg)
+    return data
+
+
 def _check(report: DataReport, cfg) -> None:
     rejected, read = report.rows_rejected, report.rows_read
     if read and rejected / read > cfg.max_rejected_fraction:
@@ -682,14 +696,9 @@ def prepare(dataset_cfg, tokenizer, chat_template: str | None, model_type: str |
     final = cache_dir() / "datasets" / fp
 
     fixes = list(getattr(tokenizer, "finetune_fixes", []))
-    if dataset_cfg.cache and store.is_complete(final):
-        data = _load(final)
-        data.report.tokenizer_fixes = fixes
-        data.report.cache_hit = True
-        data.report.seconds = round(time.perf_counter() - started, 3)
-        log.info("data: reusing the prepared dataset %s (nothing changed since it was made)", final)
-        _check(data.report, dataset_cfg)
-        return data
+    reused = reuse(final, _load, dataset_cfg, fixes, started, "prepared dataset")
+    if reused is not None:
+        return reused
 
     tmp = store.new_build_dir(final)
     bar = _Progress(sum(li.total_bytes for li in listings), progress)
