@@ -78,6 +78,11 @@ class Plan:
         return {k: d[k] for k in order if k != "load_peak" or d[k] is not None}
 
 
+def _need(device_total: int, load: memory.LoadPeak | None) -> int:
+    """What the card must hold: the training step's device total, or loading's peak where that is higher."""
+    return max(device_total, load.gpu_bytes if load is not None else 0)
+
+
 @dataclass
 class Candidate:
     choices: dict[str, Any]
@@ -93,7 +98,7 @@ class Candidate:
     def need(self) -> int:
         """What the card must hold: the training step's device total, or loading's peak where it is higher (an
         FSDP plan on a quantized base: every rank holds the whole quantized base before FSDP shards it)."""
-        return max(self.total, self.load.gpu_bytes if self.load is not None else 0)
+        return _need(self.total, self.load)
 
     @property
     def load_bound(self) -> bool:
@@ -304,8 +309,7 @@ class _Scorer:
 
     def need(self, c: dict[str, Any]) -> int:
         """Candidate.need without the speed model."""
-        load = self.load(c)
-        return max(self.estimate(c).device_total, load.gpu_bytes if load is not None else 0)
+        return _need(self.estimate(c).device_total, self.load(c))
 
     def score(self, c: dict[str, Any]) -> Candidate:
         if self._best is None:
