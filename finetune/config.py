@@ -36,6 +36,7 @@ class DatasetFormat(Enum):
     messages = "messages"
     text = "text"
     preference = "preference"  # pairs (prompt / chosen / rejected) or KTO's completion + label: data_prep/preference.py
+    prompts = "prompts"  # prompts with optional reference columns (answer, ...) for GRPO: data_prep/prompts.py
     auto = "auto"
 
 
@@ -45,6 +46,17 @@ class TrainMethod(Enum):
     orpo = "orpo"  # odds-ratio preference optimization: SFT + preference in one loss, no reference model
     kto = "kto"  # Kahneman-Tversky optimization on unpaired completions labelled desirable or not
     simpo = "simpo"  # simple preference optimization: length-normalized, no reference model (TRL's CPO)
+    grpo = "grpo"  # group relative policy optimization on prompts and reward functions (TRL GRPOTrainer)
+
+
+PREFERENCE_METHODS = ("dpo", "orpo", "kto", "simpo")
+
+
+class Generation(Enum):
+    """How GRPO samples its completions."""
+
+    transformers = "transformers"  # the policy's own generate() (LoRA on the quantized base), any device
+    vllm = "vllm"  # a colocated vLLM engine on the same GPU (CUDA only; pip install -e .[vllm])
 
 
 class LengthPolicy(Enum):
@@ -350,17 +362,28 @@ class TrainConfig:
     overwrite: bool = False
     logging_steps: int = 1
     # sft, or a preference method on dataset.format: preference data: dpo, orpo, kto (unpaired completion + label
-    # rows), simpo
+    # rows), simpo; or grpo on dataset.format: prompts with reward.functions
     method: TrainMethod = TrainMethod.sft
     # Preference methods: the strength of the preference term (DPO / KTO: the KL weight; ORPO: lambda; SimPO:
-    # the reward scale); null: TRL's default for the method (DPO 0.1, ORPO 0.1, KTO 0.1, SimPO 2.0).
+    # the reward scale); GRPO: the KL weight to the reference (the base, adapter off); null: TRL's default for the
+    # method (DPO 0.1, ORPO 0.1, KTO 0.1, SimPO 2.0, GRPO 0: no reference model).
     beta: float | None = None
-    # DPO: TRL's loss_type (sigmoid, ipo, hinge, robust, ...); null: sigmoid.
+    # DPO: TRL's loss_type (sigmoid, ipo, hinge, robust, ...); null: sigmoid. GRPO: dapo (null), grpo, dr_grpo, bnpo.
     loss_type: str | None = None
     # Start from an existing adapter instead of a new one: an earlier run's directory (or its adapter/), or an
     # MLflow URI (runs:/<run id>/adapter, models:/<name>/<version>). Its LoRA shape replaces adapter.*; DPO and
     # KTO then train against it as the reference (SFT, then DPO); the run is linked to the one that trained it.
     init_adapter: str | None = None
+    # GRPO: completions sampled per prompt, the group whose rewards are compared with each other;
+    # train.effective_batch_size counts completions and must be a multiple of it.
+    num_generations: int = 8
+    # GRPO: the longest completion sampled, in tokens (the prompt's length is the data's, up to dataset.max_seq_len).
+    max_completion_length: int = 256
+    # GRPO: the sampling temperature of the completions.
+    temperature: float = 1.0
+    # GRPO: transformers (the policy's own generate, any device) or vllm (a colocated vLLM engine; CUDA only, the
+    # vllm extra).
+    generation: Generation = Generation.transformers
 
     def __post_init__(self) -> None:
         _check(self.max_steps == -1 or self.max_steps > 0, "train.max_steps",
@@ -394,8 +417,61 @@ class TrainConfig:
             _check(bool(str(self.init_adapter).strip()), "train.init_adapter",
                    "must be a run or adapter directory, an MLflow runs:/ or models:/ URI, or null")
         if self.loss_type is not None:
-            _check(self.method == TrainMethod.dpo, "train.loss_type",
-                   f"is DPO's (TRL DPOConfig.loss_type); train.method={self.method.value} has its own loss")
+            _check(self.method in (TrainMethod.dpo, TrainMethod.grpo), "train.loss_type",
+                   f"is DPO's and GRPO's (TRL's loss_type); train.method={self.method.value} has its own loss")
+        _check(self.num_generations >= 2, "train.num_generations",
+               f"must be at least 2 (GRPO compares each completion with the others of its prompt), got "
+               f"{self.num_generations}")
+        _check(self.max_completion_length >= 1, "train.max_completion_length",
+               f"must be at least 1 token, got {self.max_completion_length}")
+        _check(self.temperature > 0, "train.temperature", f"must be positive, got {self.temperature}")
+        if self.method == TrainMethod.grpo:
+            _check(self.effective_batch_size % self.num_generations == 0, "train.effective_batch_size",
+                   f"is {self.effective_batch_size} completions per step, which must be a multiple of "
+                   f"train.num_generations={self.num_generations} (whole groups of one prompt's completions): use "
+                   f"{max(self.num_generations, self.effective_batch_size // self.num_generations * self.num_generations)}"
+                   f" or {(self.effective_batch_size // self.num_generations + 1) * self.num_generations}")
+
+
+@dataclass
+class RewardFunction:
+    """One reward function of GRPO (reward.functions): a built-in by name, or your own as module:function. Each
+    built-in takes only its own options (finetune/rewards.py checks which)."""
+
+    # exact_match, numeric_match (a reference column: the math answer), regex (a format check), length (in a range),
+    # json (valid JSON, optionally against `schema`), or module:function (your own, from the recipe's directory,
+    # the working directory or an installed package)
+    name: str = MISSING
+    # Its share of the reward: the total is the weighted sum of every function's reward.
+    weight: float = 1.0
+    # The name its metrics go by (train/rewards/<label>/mean, eval/adapter_reward/<label>); null: the built-in's or
+    # the function's name (a second regex: regex_2).
+    label: str | None = None
+    # exact_match / numeric_match: the reference column of the prompt data (GSM8K's text after ####: answer).
+    column: str | None = None
+    # regex: what a completion must match (Python re, searched; ^...$ for the whole completion). exact_match /
+    # numeric_match: where the answer is in the completion (its first group, e.g. <answer>(.*?)</answer>); null: the
+    # whole completion (numeric_match: its last number).
+    pattern: str | None = None
+    # numeric_match: the largest difference still counted as equal.
+    tolerance: float | None = None
+    # length: the range rewarded (1.0 inside, less the further outside), in `unit`s; either may be null.
+    min: int | None = None
+    max: int | None = None
+    # length: words, characters or tokens (the model's tokenizer).
+    unit: str | None = None
+    # json: a JSON schema the completion's JSON must satisfy; null: any valid JSON.
+    schema: Any = None
+    # module:function: keyword arguments handed to your function with every call.
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    """GRPO's rewards, validated before anything loads (finetune/rewards.py)."""
+
+    # The reward functions, each a `name` plus its own options: [{name: exact_match, column: answer}, ...]
+    functions: list[RewardFunction] = field(default_factory=list)
 
 
 @dataclass
@@ -465,15 +541,32 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
         _check(len(self.stages) > 0, "stages", "must list at least one of data, preflight, train, eval")
         self.dataset.check_source()
         formats = {self.dataset.format} | {s.format for s in self.dataset.sources if s.format is not None}
-        if self.train.method == TrainMethod.sft:
+        method = self.train.method
+        if method == TrainMethod.grpo:
+            other = sorted(f.value for f in formats - {DatasetFormat.prompts, DatasetFormat.auto})
+            _check(not other, "dataset.format",
+                   f"is {', '.join(other)}, but train.method=grpo samples its own completions of prompts: set "
+                   "dataset.format=prompts (a prompt or messages column, optional reference columns; Alpaca and "
+                   "GSM8K rows map onto it)")
+            _check(bool(self.reward.functions), "reward.functions",
+                   "is empty, but train.method=grpo learns from rewards: list at least one, e.g. "
+                   "reward.functions=[{name: exact_match, column: answer}]")
+        elif self.reward.functions:
+            _check(False, "reward.functions", f"are GRPO's (train.method=grpo); train.method={method.value} "
+                   "learns from the data's answers: remove reward.functions, or set train.method=grpo")
+        if method != TrainMethod.grpo and DatasetFormat.prompts in formats:
+            _check(False, "dataset.format", f"is prompts, which only train.method=grpo trains on (it samples the "
+                   f"answers itself); train.method={method.value} needs the answers in the data")
+        if method == TrainMethod.sft:
             _check(DatasetFormat.preference not in formats, "train.method",
                    "is sft, but dataset.format is preference: set train.method to dpo, orpo, kto or simpo")
-        else:
+        elif method != TrainMethod.grpo:
             other = sorted(f.value for f in formats - {DatasetFormat.preference, DatasetFormat.auto})
             _check(not other, "dataset.format",
                    f"is {', '.join(other)}, but train.method={self.train.method.value} trains on preference data: "
@@ -482,7 +575,12 @@ class RunConfig:
     @property
     def preference(self) -> bool:
         """The run trains a preference method on preference data (data_prep/preference.py)."""
-        return self.train.method != TrainMethod.sft
+        return self.train.method.value in PREFERENCE_METHODS
+
+    @property
+    def grpo(self) -> bool:
+        """The run trains GRPO on prompts and reward functions (data_prep/prompts.py, finetune/rewards.py)."""
+        return self.train.method == TrainMethod.grpo
 
 
 def register_configs() -> None:

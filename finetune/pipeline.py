@@ -136,9 +136,16 @@ def run_data_stage(cfg: RunConfig, run_dir: Path, model: ResolvedModel | None = 
     builtin = BUILTIN.get(cfg.model.chat_template or "")
     tokenizer = load_tokenizer(cfg.model, model.vocab_size, builtin.jinja if builtin else None)
     _remove_orphaned_builds()
-    model_config = _model_config(cfg, model) if cfg.dataset.packing and not cfg.preference else None
+    model_config = _model_config(cfg, model) if cfg.dataset.packing and not (cfg.preference or cfg.grpo) else None
     try:
-        if cfg.preference:  # pairs (or KTO's labelled completions) for a preference method
+        if cfg.grpo:  # prompts and their reference columns, for GRPO's sampled completions
+            from data_prep import prompts
+            from finetune import rewards
+
+            functions = rewards.build(cfg.reward, tokenizer)  # every declaration checked before the data is read
+            data = prompts.prepare(cfg.dataset, tokenizer, cfg.model.chat_template)
+            rewards.check_columns(functions, set(data.columns), cfg.dataset.path or "dataset.sources")
+        elif cfg.preference:  # pairs (or KTO's labelled completions) for a preference method
             from data_prep import preference
 
             data = preference.prepare(cfg.dataset, tokenizer, cfg.model.chat_template)
@@ -178,7 +185,9 @@ def run_data_stage(cfg: RunConfig, run_dir: Path, model: ResolvedModel | None = 
     if r.packing.requested and not r.packing.enabled:
         log.warning("data: dataset.packing is on but %s", r.packing.reason)
     if cfg.dataset.preview:
-        if cfg.preference:
+        if cfg.grpo:
+            from data_prep.prompts import show
+        elif cfg.preference:
             from data_prep.preference import show
         else:
             from data_prep.preview import show
@@ -531,7 +540,20 @@ def _train_and_eval(cfg: RunConfig, plan, data, tokenizer, run_dir: Path, tracke
     tracker.log_artifact(charts.loss_curves(result.loss_history, result.eval_history, run_dir / "loss_curves.png"))
     tracker.log_metrics({"train/tokens_per_s": result.tokens_per_s})
 
-    if Stage.eval.value in stages and cfg.preference:
+    if result.reward_history:  # GRPO: the mean reward per step, the total and each function's
+        tracker.log_artifact(charts.reward_curves(result.reward_history, run_dir / "reward_curves.png"))
+
+    if Stage.eval.value in stages and cfg.grpo:
+        from finetune.evaluate import rewards as reward_eval
+
+        report = reward_eval.evaluate(cfg, data, model, tokenizer)
+        report.write(run_dir / "eval.json")
+        tracker.log_metrics(report.metrics())
+        tracker.log_artifact(run_dir / "eval.json")
+        if report.rows:
+            tracker.log_table(report.rows, "eval/completions.json")
+        out["eval"] = report
+    elif Stage.eval.value in stages and cfg.preference:
         from finetune.evaluate import preference
 
         report = preference.evaluate(cfg, data, model, tokenizer, init_adapter=init_path,

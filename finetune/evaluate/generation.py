@@ -103,13 +103,15 @@ def prompts_and_references(conversations: list[list[dict[str, str]]]) -> tuple[l
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int,
-             stop_ids: list[int], label: str = "generate") -> list[str]:
-    """Greedy answers to chat prompts, rendered with the tokenizer's (the adapter's) chat template."""
+             stop_ids: list[int], label: str = "generate", template_kwargs: dict | None = None) -> list[str]:
+    """Greedy answers to chat prompts, rendered with the tokenizer's (the adapter's) chat template
+    (`template_kwargs`: dataset.template_kwargs, as training rendered them)."""
     import torch
     from rich.progress import track
 
     device = next(model.parameters()).device
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False, **(template_kwargs or {}))
+             for p in prompts]
     answers: list[str] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues the end of every row

@@ -23,12 +23,13 @@ __all__ = ["Plan", "run_preflight", "write_plan"]
 
 
 def run_preflight(cfg, data_report: Any | None = None, model: catalog.ResolvedModel | None = None) -> Plan:
-    """Plan recipe `cfg`. With the data stage's report, plan for the longest example actually kept. `model`: the
+    """Plan recipe `cfg`. With the data stage's report, plan for the longest example actually kept (GRPO: the
+    longest prompt, rendered with the generation prompt; the plan adds train.max_completion_length). `model`: the
     run's model as the pipeline resolved it (resolved here when not given)."""
     config = (model or catalog.resolve_model(cfg.model.name_or_path)).require()
     tokens = getattr(data_report, "tokens", None) if data_report is not None else None
     packing = getattr(data_report, "packing", None) if data_report is not None else None
-    if packing is not None and packing.enabled and packing.row_tokens_max > 0:
+    if packing is not None and packing.enabled and packing.row_tokens_max > 0 and not cfg.grpo:
         # Packed rows: a training row holds several examples, up to max_seq_len tokens.
         seq_len, source = min(cfg.dataset.max_seq_len, packing.row_tokens_max), "data"
     elif tokens is not None and tokens.max > 0:
@@ -37,8 +38,9 @@ def run_preflight(cfg, data_report: Any | None = None, model: catalog.ResolvedMo
         seq_len, source = cfg.dataset.max_seq_len, "recipe"
     notes = []
     max_pos = config.get("max_position_embeddings") or config.get("n_positions") or config.get("seq_length")
-    if isinstance(max_pos, int) and seq_len > max_pos:
-        notes.append(f"sequence length {seq_len} exceeds the model's max_position_embeddings ({max_pos}): "
+    longest = seq_len + (cfg.train.max_completion_length if cfg.grpo else 0)  # GRPO: prompt + completion
+    if isinstance(max_pos, int) and longest > max_pos:
+        notes.append(f"sequence length {longest} exceeds the model's max_position_embeddings ({max_pos}): "
                      "quality degrades past what it was trained on")
     try:
         # hand-written rules where the family has them (no torch), traced otherwise (finetune.probes)

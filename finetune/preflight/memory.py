@@ -173,6 +173,7 @@ class Estimate:
     persistent: int = 0  # weights + LoRA + grads + optimizer state (what stays across steps)
     paged: int = 0  # paged optimizer state (outside torch's allocator)
     notes: list[str] = field(default_factory=list)
+    generation: Any = None  # GRPO: the generation phase (GenerationPeak), counted by with_generation
 
     def predicted(self) -> dict[str, int]:
         return {"peak_allocated_bytes": self.peak_allocated, "peak_reserved_bytes": self.peak_reserved,
@@ -697,6 +698,11 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
+def _size(n: float) -> str:
+    """GiB, or MiB below 1 GiB (the generation phase's parts are often small)."""
+    return _gib(n) if n >= GiB or n == 0 else f"{n / MiB:.0f} MiB"
+
+
 def load_peak(spec: ArchSpec, choices: dict[str, Any], *, rank: int, targets: list[str],
               settings: Settings | None = None, checkpoint_dtype: str | None = None) -> LoadPeak | None:
     """The memory peak of loading the base for a CUDA plan (None elsewhere), read off transformers 5.24 /
@@ -781,3 +787,154 @@ def load_peak(spec: ArchSpec, choices: dict[str, Any], *, rank: int, targets: li
         short = f"each rank loads the whole {compute} base onto its own GPU: {_gib(gpu)} while loading"
         why = f"{short}; CPU RAM {_gib(cpu)} per machine ({ranks} reading the checkpoint through mmap)"
     return LoadPeak(gpu_bytes=int(gpu), cpu_ram_bytes=int(cpu), why=why, gpu_why=short)
+
+
+# -- GRPO's generation phase ------------------------------------------------------------------
+
+# Sampling one token per sequence and step (transformers' generate with logits_to_keep=1): the bf16 last-token
+# logits (2), their fp32 copy (4), the temperature-scaled / softmax probabilities (4), and top-k / top-p's sort
+# (values 4, int64 indices 8) -> ~22 bytes per vocabulary entry and sequence, at once.
+GENERATION_LOGIT_BYTES = 22
+# vLLM's share beyond its weights and KV cache: its activation profile for max_num_batched_tokens, the
+# sampler's logits, CUDA graphs for the batch sizes it captures. Rounded, not measured here.
+VLLM_OVERHEAD = 2 * GiB
+VLLM_FRACTION_STEP = 0.05  # the fraction recorded is rounded up to this
+
+
+@dataclass(frozen=True)
+class GenerationPeak:
+    """GRPO's generation phase (plan.json ``generation``): what one generate() call over the local generation
+    batch holds on top of the persistent state, its device total (what nvidia-smi would show then), and `why`."""
+
+    engine: str  # transformers | vllm
+    sequences: int  # completions generated at once on this GPU
+    tokens: int  # per sequence: the longest prompt + max_completion_length
+    kv_cache_bytes: int
+    logits_bytes: int
+    prefill_bytes: int
+    reference_bytes: int  # beta > 0: the reference forward's working set (adapter off, no graph); else 0
+    total_bytes: int  # the phase's device total (transformers) or the vLLM engine's share of the card (vllm)
+    allocated_bytes: int = 0
+    reserved_bytes: int = 0
+    weights_bytes: int = 0  # vllm: its 16-bit copy of the weights
+    fraction: float | None = None  # vllm: vllm_gpu_memory_utilization
+    why: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"engine": self.engine, "sequences": self.sequences, "tokens": self.tokens,
+             "kv_cache_bytes": self.kv_cache_bytes, "logits_bytes": self.logits_bytes,
+             "prefill_bytes": self.prefill_bytes, "reference_bytes": self.reference_bytes,
+             "total_bytes": self.total_bytes}
+        if self.engine == "vllm":
+            d.update(weights_bytes=self.weights_bytes, vllm_gpu_memory_utilization=self.fraction)
+        d["why"] = self.why
+        return d
+
+
+def kv_cache_bytes(spec: ArchSpec, sequences: int, tokens: int, dtype_bytes: int) -> int:
+    """transformers' DynamicCache (and vLLM's paged cache) for `sequences` x `tokens`: per layer a key and a
+    value of kv_heads x head_dim per token in the compute dtype. A model without attention keeps none."""
+    if spec.attention == "none":
+        return 0
+    return 2 * spec.layers * sequences * tokens * spec.kv_heads * spec.head_dim * dtype_bytes
+
+
+def vllm_fraction(spec: ArchSpec, sequences: int, tokens: int, vram_bytes: int) -> tuple[float, int, int]:
+    """(vllm_gpu_memory_utilization, 16-bit weights, KV cache) for a colocated vLLM engine that holds the whole
+    generation batch's KV cache at once."""
+    weights = spec.params_total * 2
+    kv = kv_cache_bytes(spec, sequences, tokens, 2)
+    need = (weights + kv + VLLM_OVERHEAD) / max(1, vram_bytes)
+    fraction = math.ceil(need / VLLM_FRACTION_STEP - 1e-9) * VLLM_FRACTION_STEP
+    return round(min(fraction, 1.0), 2), int(weights), int(kv)
+
+
+def generation_peak(spec: ArchSpec, choices: dict[str, Any], train: Estimate, *, settings: Settings | None = None,
+                    beta: float = 0.0, vram_bytes: int = 0) -> GenerationPeak:
+    """GRPO's generation phase for `choices` (a GRPO plan's: generation_batch_size, num_gpus, max_prompt_length,
+    max_completion_length, micro_batch_size), read off TRL 1.16 / transformers 5.24:
+
+    * transformers engine: GRPOTrainer._generate_single_turn calls the policy's generate() once on the local
+      generation batch (generation_batch_size / GPUs sequences), left-padded prompts plus up to
+      max_completion_length new tokens, without a graph and with gradient checkpointing off. On top of the
+      persistent state of the training step (weights, LoRA, optimizer state; LoRA gradients are freed between
+      steps) and its workspace (bitsandbytes dequantizes one weight per matmul for batches > 1): the KV cache
+      (DynamicCache grows by concatenation: a transient second copy of one layer's cache); at the prefill one
+      layer's working set for sequences x prompt tokens (and SDPA's additive mask of the padded prompts); at each
+      decoding step the last-token logits and the sampler's fp32 temporaries (GENERATION_LOGIT_BYTES). With
+      beta > 0, after generating, the reference forward (the adapter disabled: no second copy of the weights) on
+      micro-batch x (prompt + completion) tokens without a graph: one layer's working set and the chunked LM head.
+    * vllm engine (TRL's colocate mode): a vLLM engine on the same GPU, its share of the card bounded by
+      vllm_gpu_memory_utilization: a 16-bit copy of the weights, the whole generation batch's KV cache, and
+      VLLM_OVERHEAD (activations, sampler, CUDA graphs); the share is the fraction x the card.
+    """
+    s = settings or Settings()
+    gpu = s.device != "cpu"
+    b = BYTES[choices["compute_dtype"]]
+    n = max(1, int(choices.get("num_gpus", 1)))
+    seqs = max(1, int(choices["generation_batch_size"]) // n)
+    prompt, completion = int(choices["max_prompt_length"]), int(choices["max_completion_length"])
+    tokens = prompt + completion
+    kv = kv_cache_bytes(spec, seqs, tokens, b)
+    if choices.get("generation") == "vllm":
+        fraction, weights, kv16 = vllm_fraction(spec, seqs, tokens, vram_bytes)
+        share = int(fraction * vram_bytes)
+        why = (f"a colocated vLLM engine (vllm_gpu_memory_utilization={fraction:g}: {_gib(share)} of the card) holds "
+               f"a 16-bit copy of the weights ({_size(weights)}) and the KV cache of {seqs} sequences x {tokens} "
+               f"tokens ({_size(kv16)}), beside the training step's own memory")
+        return GenerationPeak(engine="vllm", sequences=seqs, tokens=tokens, kv_cache_bytes=kv16, logits_bytes=0,
+                              prefill_bytes=0, reference_bytes=0, total_bytes=share, allocated_bytes=share,
+                              reserved_bytes=share, weights_bytes=weights, fraction=fraction, why=why)
+    bd = train.breakdown
+    persistent = train.persistent - bd["lora_grads"]  # gradients are freed (set_to_none) before generating
+    in_allocator = persistent - train.paged
+    workspace = bd["workspace"] - (CPU_PROCESS_BASELINE if not gpu else 0)
+    layer_kv = kv // max(1, spec.layers)
+    kv_prompt = kv_cache_bytes(spec, seqs, prompt, b)
+    attention = choices.get("attention", spec.attention)
+    mask = seqs * prompt * prompt * (1 + b) if attention not in ("flash2", "none") else 0
+    prefill = seqs * prompt * (4 * spec.hidden + 3 * spec.intermediate) * b + mask
+    logits = seqs * spec.vocab * GENERATION_LOGIT_BYTES
+    working_prefill = kv_prompt + kv_prompt // max(1, spec.layers) + prefill
+    working_decode = kv + layer_kv + logits
+    reference = 0
+    if beta > 0:
+        ref_tokens = int(choices["micro_batch_size"]) * tokens
+        labelled = int(choices["micro_batch_size"]) * completion
+        tile = min(labelled, LM_TOKEN_CHUNK) * min(spec.vocab, LM_VOCAB_CHUNK) * 4
+        reference = ref_tokens * (4 * spec.hidden + 3 * spec.intermediate) * b + labelled * spec.hidden * b + tile
+    working = max(working_prefill, working_decode, reference)
+    allocated = in_allocator + workspace + working
+    # the cache grows token by token (a new, slightly larger block per layer and step): its blocks count as
+    # transient working set for the allocator's slack, like the training step's
+    slack = int(FRAGMENTATION * (working + workspace)) + RESERVED_FIXED if gpu else 0
+    reserved = allocated + slack
+    context = s.cuda_context if s.device == "cuda" else 0
+    total = reserved + train.paged + context + (0 if gpu else CPU_PROCESS_BASELINE)
+    ref_text = f"; the reference forward (beta={beta:g}, adapter off) {_size(reference)}" if beta > 0 else ""
+    why = (f"generate() on {seqs} sequences x {tokens} tokens ({prompt} prompt + {completion} completion) at once: "
+           f"KV cache {_size(kv)}, last-token logits and sampling {_size(logits)}, prefill {_size(prefill)}{ref_text}, "
+           f"beside the weights, LoRA and optimizer state (no gradients, no graph): {_gib(total)} on the device")
+    return GenerationPeak(engine="transformers", sequences=seqs, tokens=tokens, kv_cache_bytes=int(kv),
+                          logits_bytes=int(logits), prefill_bytes=int(prefill), reference_bytes=int(reference),
+                          total_bytes=int(total), allocated_bytes=int(allocated), reserved_bytes=int(reserved), why=why)
+
+
+def with_generation(train: Estimate, gen: GenerationPeak) -> Estimate:
+    """The GRPO step's estimate: the training step's, with breakdown ``generation`` = how much more the generation
+    phase needs than the training step (0 when training is the peak; with vLLM its whole share, which sits beside
+    the training step), so the parts still sum to the device total."""
+    bd = dict(train.breakdown)
+    if gen.engine == "vllm":
+        extra = gen.total_bytes
+        allocated, reserved = train.peak_allocated + extra, train.peak_reserved + extra
+        total, phase = train.device_total + extra, train.phase
+    else:
+        extra = max(0, gen.total_bytes - train.device_total)
+        allocated = max(train.peak_allocated, gen.allocated_bytes)
+        reserved = max(train.peak_reserved, gen.reserved_bytes)
+        total = train.device_total + extra
+        phase = "generation" if extra > 0 else train.phase
+    bd["generation"] = int(extra)
+    return replace(train, breakdown=bd, peak_allocated=int(allocated), peak_reserved=int(reserved),
+                   device_total=int(total), phase=phase, generation=gen)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,9 @@ class Plan:
     # FSDP plans: what loading takes before FSDP shards the base (memory.LoadPeak.to_dict(); not in the breakdown,
     # which is the training step's peak); written to plan.json only when set
     load_peak: dict[str, Any] | None = None
+    # GRPO plans: the generation phase (memory.GenerationPeak.to_dict(); its excess over the training step is the
+    # breakdown's "generation"); written to plan.json only when set
+    generation: dict[str, Any] | None = None
     # the library versions the memory model was verified on, the installed ones, and which differ
     versions: dict[str, Any] = field(default_factory=versions.record)
     schema_version: int = SCHEMA_VERSION
@@ -74,8 +77,8 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         order = ["schema_version", "model", "choices", "predicted", "breakdown_bytes", "budget_bytes", "load_peak",
-                 "fits", "alternatives", "explanation", "measured", "versions"]
-        return {k: d[k] for k in order if k != "load_peak" or d[k] is not None}
+                 "generation", "fits", "alternatives", "explanation", "measured", "versions"]
+        return {k: d[k] for k in order if k not in ("load_peak", "generation") or d[k] is not None}
 
 
 def _need(device_total: int, load: memory.LoadPeak | None) -> int:
@@ -114,8 +117,13 @@ def describe(c: dict[str, Any]) -> str:
     q = c["quantization"] + ("+dq" if c["quantization"] == "nf4" and c["double_quant"] else "")
     ckpt = "checkpointing" if c["gradient_checkpointing"] else "no checkpointing"
     dist = f", {c['distributed']} x{c['num_gpus']}" if c.get("distributed") not in (None, "none") else ""
+    gen = ""
+    if c.get("generation_batch_size"):
+        gen = f", generating {c['generation_batch_size']} at once"
+        if c.get("generation") == "vllm":
+            gen += f" (vLLM, {c['vllm_gpu_memory_utilization']:g} of the card)"
     return (f"{q}, {ckpt}, micro-batch {c['micro_batch_size']} x{c['gradient_accumulation_steps']}, "
-            f"{c['optimizer']}{dist}")
+            f"{c['optimizer']}{dist}{gen}")
 
 
 @cache
@@ -160,6 +168,9 @@ def _check_pins(cfg) -> None:
         if pin.quantization is not None and pin.quantization.value == "int8":
             raise ConfigError(f"preflight.pin.quantization=int8 needs a CUDA GPU (LLM.int8 kernels); "
                               f"hardware.device is {device}: use nf4, none or null")
+    if cfg.train.method.value == "grpo" and cfg.train.generation.value == "vllm" and device != "cuda":
+        raise ConfigError(f"train.generation=vllm needs a CUDA GPU (vLLM's colocated engine); hardware.device is "
+                          f"{device}: use train.generation=transformers")
     if pin.distributed is not None and pin.distributed.value != "none" and cfg.hardware.world_size == 1:
         raise ConfigError(f"preflight.pin.distributed={pin.distributed.value} needs hardware.num_gpus > 1 (or "
                           "hardware.num_nodes > 1)")
@@ -220,7 +231,49 @@ def candidates(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, *, pins: 
                 # bitsandbytes' llm_int8_skip_modules for the load (finetune/probes/trace.py found the family
                 # reads these layers' weights directly)
                 out[-1]["keep_unquantized"] = keep
+    if cfg.train.method.value == "grpo":
+        # every generation batch TRL accepts that keeps whole optimizer steps (GRPOConfig.__post_init__)
+        vram = int(cfg.hardware.vram_gib * GiB)
+        out = [grpo_choice(c, spec, vram, generation_batch_size=g) for c in out
+               for g in generation_batch_sizes(c)]
     return out
+
+
+def generation_batch_sizes(c: dict[str, Any]) -> list[int]:
+    """The generation batches (completions generated at once, all GPUs) a GRPO plan may use: TRL 1.16 requires a
+    multiple of num_generations and of micro-batch x GPUs (GRPOConfig.__post_init__); we also keep it a divisor of
+    the effective batch (micro-batch x accumulation x GPUs), so steps_per_generation divides the accumulation steps:
+    generation stays aligned with the optimizer step (TRL then needs no old-policy forward). Smallest first."""
+    g, n = int(c["num_generations"]), int(c["num_gpus"])
+    unit = math.lcm(g, int(c["micro_batch_size"]) * n)
+    eff = int(c["micro_batch_size"]) * int(c["gradient_accumulation_steps"]) * n
+    sizes = [k * unit for k in range(1, eff // unit + 1) if eff % (k * unit) == 0]
+    return sizes or [unit]
+
+
+def grpo_choice(c: dict[str, Any], spec: ArchSpec, vram_bytes: int, *, generation_batch_size: int | None = None,
+                num_generations: int | None = None, completion: int | None = None, prompt: int | None = None,
+                effective_batch_size: int | None = None) -> dict[str, Any]:
+    """A GRPO plan's choices with its generation fields set (or changed: what-would-fit searches): max_seq_len is
+    prompt + completion, the generation batch the given one (else the smallest valid), and with vLLM the fraction of
+    the card its engine gets."""
+    c = dict(c)
+    if num_generations is not None:
+        c["num_generations"] = int(num_generations)
+    if completion is not None:
+        c["max_completion_length"] = int(completion)
+    if prompt is not None:
+        c["max_prompt_length"] = int(prompt)
+    if effective_batch_size is not None:
+        n = int(c["num_gpus"])
+        c["gradient_accumulation_steps"] = max(1, math.ceil(math.ceil(effective_batch_size / n)
+                                                            / c["micro_batch_size"]))
+    c["max_seq_len"] = int(c["max_prompt_length"]) + int(c["max_completion_length"])
+    c["generation_batch_size"] = int(generation_batch_size or generation_batch_sizes(c)[0])
+    if c.get("generation") == "vllm":
+        seqs = c["generation_batch_size"] // max(1, int(c["num_gpus"]))
+        c["vllm_gpu_memory_utilization"] = memory.vllm_fraction(spec, seqs, c["max_seq_len"], vram_bytes)[0]
+    return c
 
 
 def _choice(cfg, quant: str, dq: bool, ckpt: bool, mb: int, opt: str, dist: str, seq_len: int, seq_len_source: str,
@@ -237,13 +290,28 @@ def _choice(cfg, quant: str, dq: bool, ckpt: bool, mb: int, opt: str, dist: str,
         "gradient_accumulation_steps": max(1, math.ceil(_per_gpu_batch(cfg) / mb)),
         "max_seq_len": int(seq_len),
         "seq_len_source": seq_len_source,
-        "packing": bool(getattr(cfg.dataset, "packing", False)),
+        "packing": bool(getattr(cfg.dataset, "packing", False)) and cfg.train.method.value != "grpo",
         "optimizer": opt,
         "attention": attention,
         "distributed": dist if n > 1 else "none",
         "num_gpus": n,
         **nodes,
+        **_grpo_keys(cfg, seq_len),
     }
+
+
+def _grpo_keys(cfg, prompt_len: int) -> dict[str, Any]:
+    """GRPO's own choices: the longest prompt (the data's, or dataset.max_seq_len), the completion, the group;
+    max_seq_len becomes prompt + completion in grpo_choice, which also sets the generation batch."""
+    if cfg.train.method.value != "grpo":
+        return {}
+    t = cfg.train
+    keys = {"num_generations": int(t.num_generations), "max_prompt_length": int(prompt_len),
+            "max_completion_length": int(t.max_completion_length), "generation": t.generation.value,
+            "generation_batch_size": None}
+    if t.generation.value == "vllm":
+        keys["vllm_gpu_memory_utilization"] = None
+    return keys
 
 
 def flash_attention_installed() -> bool:
@@ -293,6 +361,9 @@ class _Scorer:
                                  bandwidth_gbs=hw.memory_bandwidth_gbs, interconnect_gbs=hw.interconnect_gbs,
                                  internode_gbs=hw.internode_gbps / 8)
         self._best: float | None = None
+        self.grpo = cfg.train.method.value == "grpo"
+        self.beta = float(cfg.train.beta or 0.0)
+        self.vram = int(hw.vram_gib * GiB)
 
     def _forward(self, c: dict[str, Any]) -> dict[str, Any]:
         """The choices as the model sees them: a pair method's micro-batch runs chosen and rejected together."""
@@ -300,8 +371,21 @@ class _Scorer:
         return c if n == 1 else dict(c, micro_batch_size=c["micro_batch_size"] * n)
 
     def estimate(self, c: dict[str, Any]) -> memory.Estimate:
-        return memory.estimate(self.spec, self._forward(c), rank=self.rank, targets=self.targets,
-                               settings=self.settings)
+        if not self.grpo:
+            return memory.estimate(self.spec, self._forward(c), rank=self.rank, targets=self.targets,
+                                   settings=self.settings)
+        train = self.training(c)
+        gen = memory.generation_peak(self.spec, c, train, settings=self.settings, beta=self.beta,
+                                     vram_bytes=self.vram)
+        return memory.with_generation(train, gen)
+
+    def training(self, c: dict[str, Any]) -> memory.Estimate:
+        """The training step alone (for GRPO: micro-batch x (prompt + completion) tokens, labels on the completion
+        only: TRL's fused LM head projects those)."""
+        settings = self.settings
+        if self.grpo:
+            settings = replace(settings, labelled_fraction=c["max_completion_length"] / max(1, c["max_seq_len"]))
+        return memory.estimate(self.spec, self._forward(c), rank=self.rank, targets=self.targets, settings=settings)
 
     def load(self, c: dict[str, Any]) -> memory.LoadPeak | None:
         return memory.load_peak(self.spec, c, rank=self.rank, targets=self.targets, settings=self.settings,
@@ -424,11 +508,19 @@ def _minimal(cfg, spec: ArchSpec, seq_len: int, source: str, *, pins: bool, chec
 
 
 def _longest_seq(cfg, spec: ArchSpec, c: dict[str, Any], budget: int) -> int:
+    """The longest dataset.max_seq_len that fits with plan `c` (GRPO: the longest prompt, the completion kept)."""
     scorer = _Scorer(cfg, spec)
-    lo, hi = 0, c["max_seq_len"]
+    grpo = c.get("max_prompt_length") is not None
+
+    def with_len(n: int) -> dict[str, Any]:
+        if grpo:
+            return grpo_choice(c, spec, scorer.vram, prompt=n, generation_batch_size=c["generation_batch_size"])
+        return dict(c, max_seq_len=n)
+
+    lo, hi = 0, c["max_prompt_length"] if grpo else c["max_seq_len"]
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if scorer.estimate(dict(c, max_seq_len=mid)).device_total <= budget:
+        if scorer.estimate(with_len(mid)).device_total <= budget:
             lo = mid
         else:
             hi = mid - 1
@@ -445,7 +537,13 @@ def does_not_fit_message(cfg, spec: ArchSpec, seq_len: int, source: str, budget:
     parts = [f"{cfg.model.name_or_path} does not fit hardware.vram_gib={hw.vram_gib:g} ({hw.name}"
              f"{f' x{hw.world_size}' if hw.world_size > 1 else ''}): the smallest plan ({describe(smallest)}) needs "
              f"{_gib(need)} per GPU, the budget is {_gib(budget)} ({hw.vram_gib:g} GiB x (1 - margin {margin:g}))"]
-    fixed = scorer.estimate(dict(smallest, max_seq_len=1, micro_batch_size=1))
+    if scorer.grpo and need > budget and _need(scorer.training(smallest).device_total, load) <= budget:
+        return generation_message(cfg, spec, scorer, smallest, budget)
+    if scorer.grpo:
+        fixed = scorer.training(grpo_choice(dict(smallest, micro_batch_size=1), spec, scorer.vram, prompt=1,
+                                            completion=1))
+    else:
+        fixed = scorer.estimate(dict(smallest, max_seq_len=1, micro_batch_size=1))
     if load is not None and load.gpu_bytes > budget and load.gpu_bytes >= scorer.estimate(smallest).device_total:
         parts.append(f"{load.gpu_why}, so no dataset.max_seq_len helps")
     elif fixed.device_total > budget:
@@ -453,7 +551,8 @@ def does_not_fit_message(cfg, spec: ArchSpec, seq_len: int, source: str, budget:
                      "dataset.max_seq_len helps")
     else:
         longest = _longest_seq(cfg, spec, smallest, budget)
-        parts.append(f"dataset.max_seq_len={longest} would fit with that plan" if longest >= 8
+        what = " (the longest prompt)" if scorer.grpo else ""
+        parts.append(f"dataset.max_seq_len={longest}{what} would fit with that plan" if longest >= 8
                      else "not even 8 tokens per sequence fit")
     # the pins' cost
     pinned = [k for k, v in vars(cfg.preflight.pin).items() if v is not None]
@@ -466,12 +565,10 @@ def does_not_fit_message(cfg, spec: ArchSpec, seq_len: int, source: str, budget:
     # the smallest card of the catalog
     unpinned_single = dict(smallest, distributed="none", num_gpus=1)
     single_total = scorer.estimate(unpinned_single).device_total
-    cards = sorted(((k, v) for k, v in hardware_catalog().items()
-                    if v.get("device") == hw.device.value and v.get("vram_gib")), key=lambda kv: kv[1]["vram_gib"])
-    fitting_cards = [k for k, v in cards if _budget(float(v["vram_gib"]), margin) >= single_total]
+    fitting_cards = _fitting_cards(cfg, scorer, smallest)
     if fitting_cards:
-        parts.append(f"the smallest card of the catalog that fits one copy is hardware={fitting_cards[0]} "
-                     f"({cards[[k for k, _ in cards].index(fitting_cards[0])][1]['vram_gib']:g} GiB)")
+        parts.append(f"the smallest card of the catalog that fits one copy is hardware={fitting_cards[0][0]} "
+                     f"({fitting_cards[0][1]:g} GiB)")
     else:
         parts.append(f"no single card of the catalog holds it ({_gib(single_total)} needed)")
     # FSDP on this card: on the smallest plan's base, or, where every rank cannot hold the whole quantized base
@@ -502,6 +599,92 @@ def does_not_fit_message(cfg, spec: ArchSpec, seq_len: int, source: str, budget:
     return "; ".join(parts)
 
 
+def _fitting_cards(cfg, scorer: _Scorer, c: dict[str, Any]) -> list[tuple[str, float]]:
+    """(card, GiB) of the catalog's cards of this device whose budget holds plan `c` on one GPU, smallest first
+    (a GRPO plan with vLLM gets the fraction of that card its engine needs)."""
+    margin = scorer.cfg.preflight.margin
+    single = dict(c, distributed="none", num_gpus=1)
+    single.pop("num_nodes", None)
+    cards = sorted(((k, v) for k, v in hardware_catalog().items()
+                    if v.get("device") == cfg.hardware.device.value and v.get("vram_gib")),
+                   key=lambda kv: kv[1]["vram_gib"])
+    out = []
+    vram = scorer.vram
+    try:
+        for name, card in cards:
+            if scorer.grpo:
+                scorer.vram = int(float(card["vram_gib"]) * GiB)
+                trial = grpo_choice(single, scorer.spec, scorer.vram, generation_batch_size=c["generation_batch_size"])
+            else:
+                trial = single
+            if scorer.estimate(trial).device_total <= _budget(float(card["vram_gib"]), margin):
+                out.append((name, float(card["vram_gib"])))
+    finally:
+        scorer.vram = vram
+    return out
+
+
+def generation_message(cfg, spec: ArchSpec, scorer: _Scorer, smallest: dict[str, Any], budget: int) -> str:
+    """GRPO: the training step fits but the generation phase does not, with the smallest plan: one line, with the
+    largest train.num_generations and the longest train.max_completion_length that fit with that plan, and the
+    smallest card of the catalog that holds it."""
+    hw, t = cfg.hardware, cfg.train
+    est = scorer.estimate(smallest)
+    gen = est.generation
+    train_total = scorer.training(smallest).device_total
+    if gen.engine == "vllm":
+        what = (f"the colocated vLLM engine's share (vllm_gpu_memory_utilization={gen.fraction:g}: a 16-bit copy of "
+                f"the weights {_gib(gen.weights_bytes)}, the KV cache of {gen.sequences} completions x {gen.tokens} "
+                f"tokens {_gib(gen.kv_cache_bytes)}) beside the training step ({_gib(train_total)}) needs "
+                f"{_gib(est.device_total)}")
+    else:
+        what = (f"generating {gen.sequences} completions of {smallest['max_prompt_length']} + "
+                f"{smallest['max_completion_length']} tokens at once needs {_gib(gen.total_bytes)} (KV cache "
+                f"{_gib(gen.kv_cache_bytes)}, logits {_gib(gen.logits_bytes)}, prefill {_gib(gen.prefill_bytes)}"
+                + (f", reference forward {_gib(gen.reference_bytes)}" if gen.reference_bytes else "")
+                + f"; the training step {_gib(train_total)})")
+    parts = [f"{cfg.model.name_or_path}: the GRPO generation phase does not fit hardware.vram_gib={hw.vram_gib:g} "
+             f"({hw.name}): with the smallest plan ({describe(smallest)}) {what}, the budget is {_gib(budget)}"]
+    eff, g = t.effective_batch_size, t.num_generations
+    fixes = []
+    # the largest group that fits (with the effective batch it needs: a multiple of it), and the largest that
+    # divides the recipe's effective batch where that is another one
+    for divisors_only in (False, True):
+        for g2 in range(g - 1, 1, -1):
+            if divisors_only and eff % g2:
+                continue
+            eff2 = eff if eff % g2 == 0 else max(g2, eff // g2 * g2)
+            trial = grpo_choice(smallest, spec, scorer.vram, num_generations=g2, effective_batch_size=eff2)
+            if scorer.need(trial) <= budget:
+                fix = f"train.num_generations={g2}" + (f" train.effective_batch_size={eff2}" if eff2 != eff else "")
+                if fix not in fixes:
+                    fixes.append(fix)
+                break
+        if fixes and "effective_batch_size" not in fixes[-1]:
+            break
+    lo, hi = 0, t.max_completion_length - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if scorer.need(grpo_choice(smallest, spec, scorer.vram, completion=mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo >= 1:
+        fixes.append(f"train.max_completion_length={lo}")
+    if gen.engine == "vllm":
+        fixes.append("train.generation=transformers (generate through the 4-bit policy itself, no 16-bit copy)")
+    if fixes:
+        parts.append("fits with that plan: " + ", or ".join(fixes))
+    else:
+        parts.append("no smaller group or completion fits with that plan")
+    cards = _fitting_cards(cfg, scorer, smallest)
+    if cards:
+        parts.append(f"or hardware={cards[0][0]} ({cards[0][1]:g} GiB) holds it as it is")
+    else:
+        parts.append("no single card of the catalog holds it as it is")
+    return "; ".join(parts)
+
+
 def _tokens_to_train(cfg, seq_len: int, mb: int, data_report: Any | None) -> tuple[float | None, str]:
     """Tokens the run processes (padding included), and where the figure comes from."""
     eff = cfg.train.effective_batch_size
@@ -519,6 +702,26 @@ def _tokens_to_train(cfg, seq_len: int, mb: int, data_report: Any | None) -> tup
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps * eff * seq_len, f"{cfg.train.max_steps} steps x {eff} sequences of {seq_len}"
     return None, "unknown until the data stage has counted the dataset"
+
+
+def _grpo_tokens_to_train(cfg, c: dict[str, Any], data_report: Any | None) -> tuple[float | None, str]:
+    """GRPO: every completion trains on its padded prompt + completion (completions padded to the longest of the
+    micro-batch; counted at max_completion_length: an upper bound)."""
+    eff, completion = cfg.train.effective_batch_size, c["max_completion_length"]
+    g = cfg.train.num_generations
+    tokens = getattr(data_report, "tokens", None) if data_report is not None else None
+    rows = getattr(data_report, "rows_kept", 0) if data_report is not None else 0
+    if cfg.train.max_steps > 0:
+        per = (getattr(tokens, "p95", 0) or c["max_prompt_length"]) if tokens is not None else c["max_prompt_length"]
+        return (cfg.train.max_steps * eff * (per + completion),
+                f"{cfg.train.max_steps} steps x {eff} completions of up to {per} + {completion} tokens")
+    if tokens is not None and rows:
+        train_rows = getattr(data_report, "train_rows", rows) or rows
+        per = max(getattr(tokens, "p95", 0), getattr(tokens, "mean", 0.0) or tokens.total / rows)
+        return (cfg.train.epochs * train_rows * g * (per + completion),
+                f"{cfg.train.epochs:g} epoch(s) of {train_rows} prompts x {g} completions of up to "
+                f"{per:.0f} + {completion} tokens")
+    return None, "unknown until the data stage has counted the prompts"
 
 
 def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_report: Any | None = None,
@@ -559,6 +762,10 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
     chosen = _choose(fitting)
     c = chosen.choices
 
+    grpo = cfg.train.method.value == "grpo"
+    prompt_len = seq_len
+    if grpo:
+        seq_len = c["max_seq_len"]  # prompt + completion: what the training step and the evaluation run
     # evaluation: a plain forward materializes batch x seq x vocab logits
     eval_total = memory.eval_peak(spec, c, batch_size=cfg.eval.batch_size, seq_len=seq_len, rank=rank,
                                   targets=targets, settings=scorer.settings)
@@ -586,7 +793,10 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
                      "relative_speed": round(a.thr.relative, 4), "why_not": _why_not(a, chosen, budget)}
                     for a in _alternatives(scored, chosen, budget)]
 
-    tokens, source = _tokens_to_train(cfg, seq_len, c["micro_batch_size"], data_report)
+    if grpo:
+        tokens, source = _grpo_tokens_to_train(cfg, c, data_report)
+    else:
+        tokens, source = _tokens_to_train(cfg, seq_len, c["micro_batch_size"], data_report)
     if tokens is not None and sequences_per_example(cfg) > 1:
         tokens, source = tokens * sequences_per_example(cfg), source + ", chosen and rejected each"
     tps = chosen.thr.tokens_per_s
@@ -599,7 +809,9 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
         f"{spec.architecture}: {spec.params_total:,} parameters, LoRA rank {rank} on "
         f"{', '.join(model['lora_targets'])}: {model['params_trainable']:,} trainable",
         f"budget {_gib(budget)} per GPU = {hw.vram_gib:g} GiB ({hw.name}) x (1 - margin {cfg.preflight.margin:g})",
-        f"sequence length {seq_len} from the {seq_len_source}",
+        f"sequence length {seq_len} from the {seq_len_source}" if not grpo else
+        f"sequence length {seq_len}: prompts up to {prompt_len} tokens (from the {seq_len_source}) + completions up "
+        f"to train.max_completion_length={c['max_completion_length']}",
         f"chose {describe(c)}: {_gib(chosen.total)} on the device (peak at the {chosen.est.phase}), the fastest "
         f"of {len(fitting)} plans that fit ({len(scored)} tried)",
         f"throughput ~{tps:,.0f} tokens/s on {card}, {chosen.thr.relative:.0%} of this card's ceiling for this "
@@ -611,7 +823,7 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
         f = max(faster, key=lambda s: s.thr.tokens_per_s)
         explanation.append(f"a faster plan ({describe(f.choices)}, {f.thr.relative:.0%}) needs {_gib(f.need)}"
                            + (f" while loading: {f.load.gpu_why}" if f.load_bound else ""))
-    explanation += _method_notes(cfg) + _architecture_notes(spec, c, seq_len, extra_notes)
+    explanation += _method_notes(cfg, chosen) + _architecture_notes(spec, c, seq_len, extra_notes)
     pinned = [k for k, v in vars(cfg.preflight.pin).items() if v is not None]
     if pinned:
         explanation.append(f"pinned by the recipe: {', '.join('preflight.pin.' + k for k in pinned)}")
@@ -654,9 +866,10 @@ def make_plan(cfg, spec: ArchSpec, seq_len: int, seq_len_source: str, data_repor
     details = {"tokens_per_s": tps, "relative_speed": chosen.thr.relative, "phase": chosen.est.phase,
                "paged": chosen.est.paged, "eval_total": eval_total, "wall": wall}
     load_peak = chosen.load.to_dict() if chosen.load is not None and c["distributed"] == "fsdp" else None
+    generation = chosen.est.generation.to_dict() if chosen.est.generation is not None else None
     return Plan(model=model, choices=c, predicted=predicted, breakdown_bytes=chosen.est.breakdown,
                 budget_bytes=budget, fits=True, alternatives=alternatives, explanation=explanation, details=details,
-                load_peak=load_peak)
+                load_peak=load_peak, generation=generation)
 
 
 def ram_message(cfg, best: Candidate, ram: int) -> str:
@@ -699,6 +912,10 @@ def unpredicted_plan(cfg, model_type: str, seq_len: int, seq_len_source: str, re
                 pin.optimizer.value if pin.optimizer is not None else ("paged_adamw_8bit" if cuda else "adamw"),
                 pin.distributed.value if pin.distributed is not None else "ddp", seq_len, seq_len_source,
                 "")  # attention: transformers' default for the family
+    if cfg.train.method.value == "grpo":  # no memory model: the smallest valid generation batch, TRL's vLLM default
+        c = dict(c, max_seq_len=seq_len + cfg.train.max_completion_length)
+        c["generation_batch_size"] = generation_batch_sizes(c)[0]
+        c.pop("vllm_gpu_memory_utilization", None)
     model = {"name": cfg.model.name_or_path, "architecture": model_type, "params_total": None,
              "params_trainable": None, "lora_targets": list(cfg.adapter.targets), "architecture_source": "unknown"}
     explanation = [
@@ -727,10 +944,12 @@ def _network_note(hw, thr, distributed: str) -> str:
                                        if distributed == "fsdp" else "the LoRA gradients' all-reduce"))
 
 
-def _method_notes(cfg) -> list[str]:
+def _method_notes(cfg, chosen: Candidate | None = None) -> list[str]:
     method = cfg.train.method.value
     if method == "sft":
         return []
+    if method == "grpo":
+        return _grpo_notes(cfg, chosen)
     what = {"dpo": "chosen and rejected run through the model together (2 x micro-batch sequences with "
                    "gradients); the reference is the base with the adapter off, a forward without a graph and no "
                    "second copy of the weights",
@@ -744,6 +963,38 @@ def _method_notes(cfg) -> list[str]:
         what = what.replace("the base with the adapter off", "the adapter training starts from (train.init_adapter), "
                             "a frozen copy counted with the LoRA weights")
     return [f"train.method={method}: {what}"]
+
+
+def _grpo_notes(cfg, chosen: Candidate | None) -> list[str]:
+    t = cfg.train
+    ref = (f"beta={t.beta:g}: the reference (the base with the adapter off, no second copy of the weights) runs a "
+           "forward without a graph on each micro-batch" if t.beta else "beta 0 (TRL's default): no reference model")
+    lines = [f"train.method=grpo: {t.num_generations} completions per prompt (train.num_generations), up to "
+             f"{t.max_completion_length} tokens each, sampled by the policy itself "
+             + ("(generate() through the LoRA on the base)" if t.generation.value == "transformers"
+                else "(a colocated vLLM engine on the same GPU)")
+             + f"; train.effective_batch_size={t.effective_batch_size} counts completions "
+             f"({t.effective_batch_size // t.num_generations} prompts per optimizer step); each micro-batch trains "
+             f"on its completions (labels on the completion only); {ref}"]
+    gen = chosen.est.generation if chosen is not None else None
+    if gen is None:
+        return lines
+    c = chosen.choices
+    calls = c["micro_batch_size"] * c["gradient_accumulation_steps"] * c["num_gpus"] // c["generation_batch_size"]
+    extra = chosen.est.breakdown.get("generation", 0)
+    if gen.engine == "vllm":
+        lines.append(f"generation: {gen.why}; the plan adds that share ({_gib(gen.total_bytes)}) to the training "
+                     f"step; not modelled: vLLM's sleep mode, its profiling run, prefix caching, CUDA graphs beyond "
+                     f"a fixed {_gib(memory.VLLM_OVERHEAD)}")
+    else:
+        peak = ("it is the peak, {_gib(extra)} above the training step" if extra > 0
+                else "the training step is the peak").replace("{_gib(extra)}", _gib(extra))
+        lines.append(f"generation: {gen.why} ({peak}); generation_batch_size={c['generation_batch_size']}: "
+                     f"{calls} generate() call(s) per optimizer step")
+    lines.append("the speed estimate counts generation simply (each decoding step reads every weight once, 4-bit "
+                 "dequantized, and the KV cache at the card's bandwidth; the prefill as compute); not measured; the "
+                 "relative speed compares with the training step's ceiling, generation excluded")
+    return lines
 
 
 def _architecture_notes(spec: ArchSpec, c: dict[str, Any], seq_len: int, extra: list[str] | None) -> list[str]:

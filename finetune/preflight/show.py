@@ -20,6 +20,7 @@ PARTS = {
     "workspace": "workspace (dequantized weight, cuBLAS)",
     "allocator_cache": "allocator cache (reserved - allocated)",
     "cuda_context": "CUDA context",
+    "generation": "generation (GRPO)",
 }
 
 
@@ -35,6 +36,30 @@ def count(n: int) -> str:
         if n >= size:
             return f"{n / size:.3g}{unit}" if unit != "B" else f"{n / size:.2f}B"
     return str(n)
+
+
+def generation_text(gen: dict, c: dict) -> str:
+    """The plan's generation line: how many completions at once, and what the phase holds."""
+    at_once = f"{gen['sequences']} completions x {gen['tokens']} tokens at once (generation_batch_size " \
+              f"{c.get('generation_batch_size')})"
+    if gen["engine"] == "vllm":
+        return (f"vLLM colocated, vllm_gpu_memory_utilization={gen['vllm_gpu_memory_utilization']:g}: "
+                f"{_gib(gen['total_bytes'])} GiB beside training (16-bit weights {_gib(gen['weights_bytes'])}, KV "
+                f"cache {_gib(gen['kv_cache_bytes'])}); {at_once}")
+    ref = f", reference forward {_gib(gen['reference_bytes'])}" if gen.get("reference_bytes") else ""
+    return (f"{_gib(gen['total_bytes'])} GiB on the device: KV cache {_gib(gen['kv_cache_bytes'])}, logits "
+            f"{_gib(gen['logits_bytes'])}, prefill {_gib(gen['prefill_bytes'])}{ref} GiB; {at_once}")
+
+
+def generation_part(gen: dict) -> str:
+    """The breakdown's generation row: what the phase holds, and how it relates to the training step."""
+    if gen["engine"] == "vllm":
+        return (f"generation: vLLM engine (16-bit weights {_gib(gen['weights_bytes'])}, KV cache "
+                f"{_gib(gen['kv_cache_bytes'])})")
+    ref = f", reference {_gib(gen['reference_bytes'])}" if gen.get("reference_bytes") else ""
+    return (f"generation above the training step (KV cache {_gib(gen['kv_cache_bytes'])}, logits "
+            f"{_gib(gen['logits_bytes'])}, prefill {_gib(gen['prefill_bytes'])}{ref}; phase total "
+            f"{_gib(gen['total_bytes'])})")
 
 
 def show_plan(plan: Plan, console: Console | None = None) -> None:
@@ -72,6 +97,9 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
     if load and c.get("distributed") == "fsdp":
         head.add_row("loading", f"{_gib(load['gpu_bytes'])} GiB per GPU, {_gib(load['cpu_ram_bytes'])} GiB CPU RAM "
                                 "per machine, before FSDP shards the base (how: the loading line below)")
+    gen = plan.generation
+    if gen:
+        head.add_row("generation", generation_text(gen, c))
     d = plan.details
     if d:
         head.add_row("speed (estimate)", f"~{d['tokens_per_s']:,.0f} tokens/s; {d['wall']}")
@@ -81,7 +109,9 @@ def show_plan(plan: Plan, console: Console | None = None) -> None:
     parts.add_column("part")
     parts.add_column("GiB", justify="right")
     for name, value in sorted(plan.breakdown_bytes.items(), key=lambda kv: -kv[1]):
-        if value:
+        if name == "generation" and gen:
+            parts.add_row(generation_part(gen), _gib(value))
+        elif value:
             parts.add_row(PARTS.get(name, name), _gib(value))
     parts.add_row("[bold]total (what nvidia-smi would show)[/bold]", f"[bold]{_gib(p['device_total_bytes'])}[/bold]")
     console.print(parts)

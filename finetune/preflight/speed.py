@@ -124,15 +124,45 @@ def throughput(spec: ArchSpec, choices: dict[str, Any], *, rank: int, n_lora_fea
         grad_bytes = rank * n_lora_features * (2 if quant != "none" else 4)
         comm_s += 2 * grad_bytes * (n - 1) / n / link / max(1, int(choices.get("gradient_accumulation_steps", 1)))
     step_s = compute_s + dequant_s + overhead_s + comm_s
+    if choices.get("generation_batch_size"):
+        step_s += generation_s(spec, choices, tf=tf, bw=bw)
     tps = tokens / step_s * max(1, n)
     rel = tps / best if best else 1.0
     return Throughput(tokens_per_s=tps, step_s=step_s, relative=rel, comm_s=comm_s)
 
 
+def generation_s(spec: ArchSpec, choices: dict[str, Any], *, tf: float, bw: float) -> float:
+    """GRPO: the share of one micro-batch step spent generating, in a simple model: one generate() call per
+    generation batch (generation_batch_size / GPUs sequences per GPU) decodes max_completion_length steps, each
+    reading every weight once (4-bit: dequantized, DEQUANT_BYTES per weight; 16-bit: 2 bytes) and the KV cache,
+    plus the layer overhead, or computing 2 FLOPs per weight per sequence where that is slower; the prefill is
+    compute. An optimizer step makes effective batch / generation batch calls over gradient_accumulation_steps
+    micro-batches. vLLM (train.generation=vllm) is modelled as the same decode on 16-bit weights without the
+    Python overhead: an optimistic figure for neither."""
+    n = max(1, int(choices.get("num_gpus", 1)))
+    seqs = max(1, int(choices["generation_batch_size"]) // n)
+    prompt, completion = int(choices["max_prompt_length"]), int(choices["max_completion_length"])
+    weights = spec.params_total
+    vllm = choices.get("generation") == "vllm"
+    per_weight = DEQUANT_BYTES if choices["quantization"] == "nf4" and not vllm else (
+        1.0 if choices["quantization"] == "int8" and not vllm else 2.0)
+    kv_mean = 2 * spec.layers * seqs * (prompt + completion / 2) * spec.kv_heads * spec.head_dim * 2
+    read_s = (weights * per_weight + kv_mean) / bw
+    flop_s = 2.0 * weights * seqs / (tf * MFU_MAX * seqs / (seqs + M_HALF))
+    overhead = 0.0 if vllm else spec.layers * LAYER_OVERHEAD_S
+    decode_s = completion * (max(read_s, flop_s) + overhead)
+    prefill_s = 2.0 * weights * seqs * prompt / (tf * MFU_MAX)
+    call_s = decode_s + prefill_s
+    mb, accum = int(choices["micro_batch_size"]), max(1, int(choices.get("gradient_accumulation_steps", 1)))
+    calls = mb * accum * n / int(choices["generation_batch_size"])  # generate() calls per optimizer step
+    return call_s * calls / accum
+
+
 def ceiling(spec: ArchSpec, choices: dict[str, Any], **kwargs: Any) -> float:
     """Tokens/s of the best plan this model could have on this card: unquantized, no checkpointing,
     a micro-batch large enough to saturate the GPU."""
-    ideal = dict(choices, quantization="none", gradient_checkpointing=False,
+    ideal = {k: v for k, v in choices.items() if k != "generation_batch_size"}  # the training step alone
+    ideal = dict(ideal, quantization="none", gradient_checkpointing=False,
                  micro_batch_size=max(1, 16384 // max(1, choices["max_seq_len"])), distributed="none", num_gpus=1,
                  num_nodes=1)
     per_gpu = throughput(spec, ideal, **kwargs).tokens_per_s

@@ -61,3 +61,20 @@ def loss_curves(train: list[tuple[int, float]], evals: list[tuple[int, float]], 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def reward_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """GRPO: the mean reward of each step's sampled completions, the weighted total and each function's."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for name, points in sorted(history.items(), key=lambda kv: kv[0] != "reward"):
+        ax.plot([s for s, _ in points], [v for _, v in points], label="total" if name == "reward" else name,
+                linewidth=2 if name == "reward" else 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

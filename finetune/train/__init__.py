@@ -47,6 +47,8 @@ class TrainResult:
     train_loss: float  # mean over this invocation's steps, as the Trainer reports it
     loss_history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss), the whole run
     eval_history: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss) during training
+    # GRPO: the mean reward of each step's completions, the weighted total ("reward") and each function's, by name
+    reward_history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     runtime_s: float = 0.0
     tokens_per_s: float = 0.0  # input tokens per second in this invocation (approximate: mean example length)
     peak_memory: dict[str, Any] = field(default_factory=dict)
@@ -425,6 +427,22 @@ def _trainer_class(base=None):
     return Trainer
 
 
+def reward_history(logs: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """GRPO's per-step rewards from the Trainer's log history (TRL logs `reward`, the weighted total, and
+    `rewards/<function>/mean`): {"reward": [(step, mean)], "<function>": [...]}; {} for the other methods."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for entry in logs:
+        if "step" not in entry:
+            continue
+        for key, value in entry.items():
+            name = "reward" if key == "reward" else (
+                key.removeprefix("rewards/").removesuffix("/mean") if key.startswith("rewards/")
+                and key.endswith("/mean") else None)
+            if name is not None and isinstance(value, int | float):
+                out.setdefault(name, []).append((int(entry["step"]), float(value)))
+    return out
+
+
 def with_init_adapter(cfg, model, path: Path):
     """The base `model` wrapped with the saved adapter at `path`, trainable (train.init_adapter).
 
@@ -471,13 +489,18 @@ class _Attempt:
 
         # The training arguments before the model: building them starts the process group and sets this
         # rank's device, which decide where this rank's model goes (rank_placement).
-        if cfg.preference:  # DPO / ORPO / KTO / SimPO: TRL's trainer for the method (finetune/methods.py)
+        extra: dict[str, Any] = {}
+        if cfg.preference or cfg.grpo:  # DPO / ORPO / KTO / SimPO / GRPO: TRL's trainer for it (finetune/methods.py)
             from finetune import methods
 
             train_ds, eval_ds = methods.datasets(cfg, data)
             args = methods.training_args(cfg, common_args(cfg, choices, run_dir / resume_mod.CHECKPOINTS, device,
-                                                          has_eval=eval_ds is not None))
+                                                          has_eval=eval_ds is not None), choices)
             trainer_class = _trainer_class(methods.trainer_base(cfg.train.method.value))
+            if cfg.grpo:  # the recipe's reward functions, checked before anything loaded (finetune/rewards.py)
+                from finetune import rewards
+
+                extra["reward_funcs"] = rewards.trl_functions(rewards.build(cfg.reward, tokenizer))
         else:
             train_ds = data.to_dataset("train")  # memory-mapped Arrow from the data stage (packed rows when packed)
             eval_ds = data.to_dataset("eval") if len(data.eval) else None
@@ -509,6 +532,7 @@ class _Attempt:
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=callbacks,
+            **extra,
         )
         self.trainer.remove_callback(PrinterCallback)
         fix_trainable_dtype(self.trainer.model, choices["compute_dtype"])
@@ -673,8 +697,12 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
     # Tokens this invocation fed through the model (all input tokens, the usual throughput measure),
     # from the data report's statistics (a packed row holds efficiency x max_seq_len tokens).
     report = data.report
+    rewards = reward_history(logs)
     if data.packed:
         mean_tokens = report.packing.efficiency * cfg.dataset.max_seq_len
+    elif cfg.grpo:  # a prompt and its sampled completion (TRL logs the completions' mean length per step)
+        lengths = [float(e["completions/mean_length"]) for e in logs if "completions/mean_length" in e]
+        mean_tokens = (report.tokens.mean or 0.0) + (sum(lengths) / len(lengths) if lengths else 0.0)
     else:
         mean_tokens = report.tokens.mean or report.tokens.total / max(report.rows_kept, 1)
     steps_run = trainer.state.global_step - (resume_point.step if resume_point is not None else 0)
@@ -687,6 +715,7 @@ def train(cfg, plan, data, tokenizer, run_dir: Path, tracker=None, resume_point=
         train_loss=float(output.training_loss),
         loss_history=history,
         eval_history=evals,
+        reward_history=rewards,
         runtime_s=runtime,
         tokens_per_s=tokens / runtime if runtime > 0 else 0.0,
         peak_memory=_peak_memory(device),
