@@ -21,6 +21,8 @@ def test_the_shipped_dataset_configs():
 @pytest.mark.parametrize("name", DATASETS)
 def test_every_dataset_config_composes(name):
     preference = ["train.method=dpo"] if name in ("medical-pairs", "ultrafeedback") else []  # preference methods
+    if name in ("medical-prompts", "gsm8k"):  # GRPO's prompts: its method and a reward
+        preference = ["train.method=grpo", "train.effective_batch_size=16", "reward.functions=[{name: regex, pattern: x}]"]
     cfg = compose(["+recipe=tiny-demo", f"dataset={name}", *preference])
     assert cfg.dataset.path or cfg.dataset.sources
     text = (recipes_dir() / "dataset" / f"{name}.yaml").read_text()
