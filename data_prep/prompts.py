@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_prep.formats import ROLE_ALIASES, RowError, check_text
+from data_prep.formats import RowError, aliased_turns, check_text
 
 Messages = list[dict[str, Any]]
 
@@ -51,18 +51,10 @@ def _text(value: Any, key: str) -> str:
 
 
 def _turns(turns: Any, key: str) -> Messages:
+    """The turns as messages (ShareGPT's or OpenAI's names), as the chat formats read them."""
     if not isinstance(turns, list) or not turns:
         raise RowError("not_a_list", f"field '{key}' must be a non-empty list of turns")
-    out = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RowError("bad_turn", f"{key}[{i}] is {type(turn).__name__}, not an object")
-        role = turn.get("role", turn.get("from"))
-        content = turn.get("content", turn.get("value"))
-        if role not in ROLE_ALIASES:
-            raise RowError("bad_role", f"{key}[{i}] has role {role!r} (user, assistant or system)")
-        out.append({"role": ROLE_ALIASES[role], "content": _text(content, f"{key}[{i}].content")})
-    return out
+    return aliased_turns(key, turns)
 
 
 def _prompt_of(messages: Messages, key: str) -> tuple[Messages, str | None]:
